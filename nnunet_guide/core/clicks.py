@@ -1,0 +1,212 @@
+"""Which clicks: objects of a guided class and simulated clicks on them.
+
+Conventions (for every function here):
+- ``seg`` is an integer label map over the spatial axes only (no channel axis), in the array
+  axis order nnU-Net uses (SimpleITK's array order: z, y, x for 3D; for 2D, the two axes).
+  Negative values (nnU-Net's "outside the non-zero region") count as background.
+- ``spacing`` is the voxel size in mm per array axis, same order.
+- A click position is a voxel coordinate (float) per array axis, in the same order.
+- Randomness comes only from the ``rng`` argument (``numpy.random.Generator``): same seed, same clicks.
+
+No nnU-Net import: this module is pure numpy/scipy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class Click:
+    """One click.
+
+    Attributes:
+        target: index of the guided class (position in the layout's ``targets``).
+        position: voxel coordinate per array axis (floats allowed; rendering is sub-voxel exact).
+        positive: True for "this is the class", False for "this is not the class".
+        sigma: per-axis Gaussian sigma in voxels for the ``object_gaussian`` encoding; None otherwise.
+    """
+    target: int
+    position: Tuple[float, ...]
+    positive: bool = True
+    sigma: Optional[Tuple[float, ...]] = None
+
+
+def label_objects(mask: np.ndarray, connectivity: int = 2, slice_axis: Optional[int] = None
+                  ) -> Tuple[np.ndarray, int]:
+    """Connected components of a boolean mask.
+
+    Args:
+        mask: boolean array (any number of spatial axes).
+        connectivity: as in ``scipy.ndimage.generate_binary_structure`` (clipped to mask.ndim).
+        slice_axis: if given, components are found per slice along this axis (2D configurations
+            of 3D volumes): a 3D structure element without links along that axis.
+    Returns:
+        (labels, n): int32 label array (0 = no object, 1..n objects) and the object count.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    conn = int(min(max(connectivity, 1), mask.ndim if slice_axis is None else mask.ndim - 1))
+    if slice_axis is None:
+        structure = ndimage.generate_binary_structure(mask.ndim, conn)
+    else:
+        inner = ndimage.generate_binary_structure(mask.ndim - 1, conn)
+        structure = np.expand_dims(inner, slice_axis)
+        pad = [(0, 0)] * mask.ndim
+        pad[slice_axis] = (1, 1)
+        structure = np.pad(structure, pad)
+    labels, n = ndimage.label(mask, structure=structure, output=np.int32)
+    return labels, int(n)
+
+
+def robust_center(coords: np.ndarray, min_sigma: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """Median coordinate and 1.4826 * MAD per axis (the original work's robust centre and sigma).
+
+    Args:
+        coords: (n_voxels, ndim) voxel coordinates of one object.
+    Returns:
+        (center, sigma), each shape (ndim,), sigma at least ``min_sigma``.
+    """
+    center = np.median(coords, axis=0)
+    sigma = MAD_TO_SIGMA * np.median(np.abs(coords - center), axis=0)
+    return center, np.maximum(sigma, min_sigma)
+
+
+def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, float]:
+    """The object's interior-most voxel: maximum of the Euclidean distance (mm) to its outside.
+
+    Ties resolve to the first voxel in C order, so the choice is deterministic.
+    Returns (coordinate (ndim,), distance in mm).
+    """
+    padded = np.pad(obj_mask.astype(bool), 1)
+    dist = ndimage.distance_transform_edt(padded, sampling=spacing)
+    flat = int(np.argmax(dist))
+    idx = np.array(np.unravel_index(flat, padded.shape)) - 1
+    return idx.astype(float), float(dist.flat[flat])
+
+
+def _object_slices(labels: np.ndarray, n: int):
+    return ndimage.find_objects(labels, max_label=n)
+
+
+def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, spacing: Sequence[float],
+                  policy: str, rng: Optional[np.random.Generator] = None, perturb: bool = False,
+                  min_sigma: float = 2.0, slices=None) -> List[Click]:
+    """One positive click per listed object (ids of ``labels``), placed by ``policy``.
+
+    ``center``: median coordinate (with the original perturbation if ``perturb``);
+    ``interior``: distance-transform maximum; ``random``: uniform object voxel (needs ``rng``).
+    Each click carries the object's robust sigma (voxels) for the ``object_gaussian`` encoding.
+    """
+    if slices is None:
+        slices = _object_slices(labels, int(labels.max()) if labels.size else 0)
+    clicks: List[Click] = []
+    shape = np.array(labels.shape)
+    for oid in object_ids:
+        sl = slices[oid - 1]
+        if sl is None:
+            continue
+        offset = np.array([s.start for s in sl])
+        obj = labels[sl] == oid
+        coords = np.argwhere(obj)
+        center, sigma = robust_center(coords, min_sigma)
+        if policy == "center":
+            pos = center
+            if perturb:
+                if rng is None:
+                    raise ValueError("perturb=True needs an rng")
+                raw_sigma = np.maximum(MAD_TO_SIGMA * np.median(np.abs(coords - center), axis=0), 0.5)
+                pos = center + raw_sigma * rng.uniform(-0.2, 0.2, size=center.shape)
+                sigma = np.maximum(sigma * rng.uniform(1 / 1.4, 1.4, size=sigma.shape), min_sigma)
+        elif policy == "interior":
+            pos, _ = interior_point(obj, spacing)
+        elif policy == "random":
+            if rng is None:
+                raise ValueError("policy 'random' needs an rng")
+            pos = coords[rng.integers(len(coords))].astype(float)
+        else:
+            raise ValueError(f"unknown click policy {policy!r}")
+        pos = np.clip(pos + offset, 0, shape - 1)
+        clicks.append(Click(target, tuple(float(p) for p in pos), True, tuple(float(s) for s in sigma)))
+    return clicks
+
+
+def target_mask(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """Voxels belonging to a guided class (one label, or a region's set of labels)."""
+    if len(labels) == 1:
+        return seg == labels[0]
+    return np.isin(seg, labels)
+
+
+def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
+                           settings, rng: np.random.Generator, ignore_label: Optional[int] = None,
+                           slice_axis: Optional[int] = None) -> List[Click]:
+    """Simulate the clicks of one training sample (the random half of guide simulation).
+
+    With probability ``settings.p_drop`` there is no guide at all (empty list: automatic mode).
+    Otherwise, per guided class with objects, a random subset of k ~ U{1..n} objects gets one
+    positive click each (``settings.click_policy``; centre perturbed as in the original work), and
+    with probability ``settings.p_negative`` U{1..max_negative_clicks} negative clicks land on
+    other foreground classes (confusable, probability ``p_confusable``) or on background.
+
+    Args:
+        seg: label map (spatial axes only); values < 0 count as background.
+        targets: per guided class, its label value(s).
+        settings: a ``GuideSettings``.
+        ignore_label: voxels with this value are never clicked and never part of an object.
+    """
+    if rng.random() < settings.p_drop:
+        return []
+    seg = np.asarray(seg)
+    valid = np.ones(seg.shape, bool) if ignore_label is None else seg != ignore_label
+    fg_any = (seg > 0) & valid
+    clicks: List[Click] = []
+    for t, labels in enumerate(targets):
+        mask = target_mask(seg, labels) & valid
+        if mask.any():
+            lab, n = label_objects(mask, settings.connectivity, slice_axis)
+            k = int(rng.integers(1, n + 1))
+            chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
+            clicks += object_clicks(lab, chosen, t, spacing, settings.click_policy, rng,
+                                    perturb=settings.perturb_center, min_sigma=settings.min_object_sigma)
+        if settings.negatives and settings.max_negative_clicks > 0 and rng.random() < settings.p_negative:
+            n_neg = int(rng.integers(1, settings.max_negative_clicks + 1))
+            confusable = fg_any & ~mask
+            background = (seg <= 0) & valid
+            for _ in range(n_neg):
+                pool = confusable if (rng.random() < settings.p_confusable and confusable.any()) else background
+                if not pool.any():
+                    pool = confusable
+                if not pool.any():
+                    break
+                flat = np.flatnonzero(pool)
+                pos = np.unravel_index(flat[rng.integers(len(flat))], seg.shape)
+                clicks.append(Click(t, tuple(float(p) for p in pos), False,
+                                    (settings.min_object_sigma,) * seg.ndim))
+    return clicks
+
+
+def validation_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
+                      settings, seed: int, ignore_label: Optional[int] = None,
+                      slice_axis: Optional[int] = None) -> List[Click]:
+    """The simulated user of guided validation: one positive click on every object of every
+    guided class, at the place ``settings.click_policy`` chooses, without perturbation.
+
+    Deterministic for a given (seg, seed): the seed only matters for the ``random`` policy.
+    """
+    rng = np.random.default_rng(seed)
+    seg = np.asarray(seg)
+    valid = np.ones(seg.shape, bool) if ignore_label is None else seg != ignore_label
+    clicks: List[Click] = []
+    for t, labels in enumerate(targets):
+        mask = target_mask(seg, labels) & valid
+        if not mask.any():
+            continue
+        lab, n = label_objects(mask, settings.connectivity, slice_axis)
+        clicks += object_clicks(lab, range(1, n + 1), t, spacing, settings.click_policy, rng,
+                                perturb=False, min_sigma=settings.min_object_sigma)
+    return clicks

@@ -1,0 +1,192 @@
+"""Density trainers: intensity-histogram and texture inputs, with or without guide channels.
+
+All of them read the class-conditional histograms that ``nnUNetv2_guide_plan`` wrote into a
+derived plans file (train with ``-p nnUNetPlans_density``) and record them, with the density
+options, in the model's channel layout (plans.json key ``nnunet_guide`` and
+guide_settings.json). The network computes the channels itself from the image (and guide)
+channels it receives (see :mod:`nnunet_guide.density_network`), so training, nnU-Net's
+validation, stock ``nnUNetv2_predict`` and guided prediction compute them identically.
+
+* ``nnUNetTrainerDensity``: density maps (dataset prior) + texture maps, no guides.
+* ``nnUNetTrainerGuideDensity``: guides + dataset prior + case-specific maps + texture.
+* ``nnUNetTrainerGuideDensityFiLM``: guides + the original FiLM conditioning (histogram vector
+  -> MLP -> encoder-stage scales), no density maps.
+* ``nnUNetTrainerDensityFiLM``: FiLM from the patch histogram only, no guides.
+* ``...Short`` variants: the short CPU schedule of ``nnUNetTrainerGuideShort`` (tests, benchmarks).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+from ..core.density import DensityError, DensityOptions, density_channels, validate_histograms
+from ..core.texture import window_from_spacing
+from ..density_network import EXTRA_KEY, DensityFeatures, FiLMConditioner, film_stage_plan
+from ..settings import ChannelLayout, GuideSettings, resolve_targets
+from .guide import nnUNetTrainerGuide
+from .variants import _short_schedule
+
+#: key of the planned histograms in a derived plans file (written by nnUNetv2_guide_plan)
+PLANS_DENSITY_KEY = "nnunet_guide_density"
+
+
+def planned_histograms(plans: dict, configuration: str, plans_file: str) -> Dict[str, Any]:
+    """The histograms planned for ``configuration`` (or for another configuration with the same
+    preprocessed data), checked. DensityError naming ``plans_file`` if there are none."""
+    entry = plans.get(PLANS_DENSITY_KEY)
+    hint = (f"run `nnUNetv2_guide_plan -d {plans.get('dataset_name', 'DATASET')} -c {configuration} "
+            f"-p nnUNetPlans` after nnU-Net's planning and preprocessing, then train with "
+            f"`-p nnUNetPlans_density`")
+    if not isinstance(entry, dict) or not isinstance(entry.get("configurations"), dict):
+        raise DensityError(
+            f"{plans_file} (plans {plans.get('plans_name')!r}) has no planned density histograms (key "
+            f"{PLANS_DENSITY_KEY!r}); density trainers need them: {hint}")
+    cfgs = entry["configurations"]
+    h = cfgs.get(configuration)
+    if h is None:
+        ident = plans.get("configurations", {}).get(configuration, {}).get("data_identifier")
+        h = next((v for v in cfgs.values() if ident is not None and v.get("data_identifier") == ident), None)
+    if h is None:
+        raise DensityError(
+            f"{plans_file}: density histograms were planned for configuration(s) {sorted(cfgs)}, not for "
+            f"{configuration!r}: {hint}")
+    validate_histograms(h, source=f"{plans_file} [{PLANS_DENSITY_KEY}][{configuration}]")
+    return h
+
+
+class nnUNetTrainerDensity(nnUNetTrainerGuide):
+    """Dataset-prior density maps and texture maps as extra input channels; no guide channels."""
+
+    guide_settings: Optional[GuideSettings] = None
+    density_options: DensityOptions = DensityOptions()
+
+    # ---- layout ---------------------------------------------------------------------------
+    def _plans_file(self) -> str:
+        base = os.environ.get("nnUNet_preprocessed", "$nnUNet_preprocessed")
+        return os.path.join(base, self.plans_manager.dataset_name, self.plans_manager.plans_name + ".json")
+
+    def feature_channels(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        plans_file = self._plans_file()
+        hist = planned_histograms(self.plans_manager.plans, self.configuration_name, plans_file)
+        if self.configuration_manager.previous_stage_name is not None:
+            raise DensityError(
+                f"{type(self).__name__}: configuration {self.configuration_name!r} is a cascade stage; density "
+                f"channels are only planned for the dataset's own image channels (use a non-cascade configuration)")
+        n_img = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+        names = [str(v) for v in self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})).values()]
+        if n_img != len(hist["channels"]):
+            raise DensityError(
+                f"{plans_file}: histograms were planned for {len(hist['channels'])} input channel(s) "
+                f"({[c['name'] for c in hist['channels']]}), but dataset.json gives {n_img} ({names}); "
+                f"re-run nnUNetv2_guide_plan on this dataset")
+        opts = self.density_options
+        targets = []
+        if self.guide_settings is not None and opts.case:
+            targets = [(t.name, t.labels) for t in resolve_targets(
+                self.dataset_json, self.guide_settings.guided_labels, self.label_manager.ignore_label)]
+        patch = list(self.configuration_manager.patch_size)
+        spacing = [float(s) for s in self.configuration_manager.spacing][-len(patch):]
+        extra = {
+            "options": opts.to_dict(),
+            "histograms": hist,
+            "spacing": spacing,
+            "texture_window": window_from_spacing(spacing, opts.texture_window_mm),
+            "source": {"plans_name": self.plans_manager.plans_name, "plans_file": plans_file,
+                       "configuration": self.configuration_name},
+        }
+        if opts.film:
+            arch = self.configuration_manager.network_arch_init_kwargs
+            extra["film"] = film_stage_plan(arch["features_per_stage"], opts.film_skip_first)
+        return density_channels(opts, hist, names, targets), {EXTRA_KEY: extra}
+
+    @staticmethod
+    def build_feature_module(layout: ChannelLayout) -> Optional[nn.Module]:
+        ex = layout.extra.get(EXTRA_KEY)
+        if ex is None:
+            return None
+        if DensityOptions.from_dict(ex["options"]).film:
+            return FiLMConditioner(layout)
+        return DensityFeatures(layout)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        net = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                 num_output_channels, enable_deep_supervision)
+        if isinstance(net.feature_module, FiLMConditioner):
+            net.feature_module.attach(net.base)
+        return net
+
+    def _do_i_compile(self):
+        # FiLM works through forward hooks and per-forward state, which torch.compile does not trace
+        if self.density_options.film:
+            return False
+        return super()._do_i_compile()
+
+
+class nnUNetTrainerGuideDensity(nnUNetTrainerDensity):
+    """Guide channels (nnUNetTrainerGuide's defaults) + prior, case-specific and texture maps."""
+    guide_settings: Optional[GuideSettings] = GuideSettings()
+
+
+class nnUNetTrainerGuideDensityFiLM(nnUNetTrainerDensity):
+    """Guide channels + the original FiLM density branch (patch and guide histograms -> MLP ->
+    per-channel scales of encoder stages 2..n, starting as identity); no density maps."""
+    guide_settings: Optional[GuideSettings] = GuideSettings()
+    density_options = DensityOptions(film=True, prior=False, case=False, texture=False)
+
+
+class nnUNetTrainerDensityFiLM(nnUNetTrainerDensity):
+    """FiLM conditioning by the patch histogram only; no guides, no density maps."""
+    density_options = DensityOptions(film=True, prior=False, case=False, texture=False)
+
+
+class nnUNetTrainerDensityNoTexture(nnUNetTrainerDensity):
+    """Dataset-prior maps only (ablation: is texture needed?)."""
+    density_options = DensityOptions(texture=False)
+
+
+class nnUNetTrainerGuideDensityNoTexture(nnUNetTrainerGuideDensity):
+    """Guides + prior and case maps, no texture (ablation)."""
+    density_options = DensityOptions(texture=False)
+
+
+# ---- short schedules (CPU tests, benchmarks) --------------------------------------------------
+class nnUNetTrainerDensityShort(nnUNetTrainerDensity):
+    """nnUNetTrainerDensity with the short schedule (NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self)
+
+
+class nnUNetTrainerGuideDensityShort(nnUNetTrainerGuideDensity):
+    """nnUNetTrainerGuideDensity with the short schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self)
+
+
+class nnUNetTrainerGuideDensityFiLMShort(nnUNetTrainerGuideDensityFiLM):
+    """nnUNetTrainerGuideDensityFiLM with the short schedule."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _short_schedule(self)
+
+
+__all__ = [
+    "PLANS_DENSITY_KEY", "planned_histograms",
+    "nnUNetTrainerDensity", "nnUNetTrainerGuideDensity", "nnUNetTrainerGuideDensityFiLM",
+    "nnUNetTrainerDensityFiLM", "nnUNetTrainerDensityNoTexture", "nnUNetTrainerGuideDensityNoTexture",
+    "nnUNetTrainerDensityShort", "nnUNetTrainerGuideDensityShort", "nnUNetTrainerGuideDensityFiLMShort",
+]

@@ -1,0 +1,222 @@
+"""nnUNetTrainerGuide: one model that segments automatically and also takes clicks.
+
+The trainer is nnU-Net's own, with four small changes:
+- its channel layout (image channels, then guide channels, then computed channels) is resolved
+  against the dataset in ``__init__`` and stored in its copy of the plans (key ``nnunet_guide``),
+  so the model folder's plans.json lets stock ``nnUNetv2_predict`` rebuild the network;
+- ``build_network_architecture`` wraps nnU-Net's network in a :class:`GuidedNetwork`;
+- the training/validation pipelines get a :class:`GuideChannelsTransform` before region
+  conversion and deep-supervision downsampling;
+- validation runs twice: ``validation/`` automatic (for find_best_configuration and ensembling)
+  and ``validation_guided/`` with seeded simulated clicks.
+
+Variants set one class attribute (``guide_settings``), like nnU-Net's own variants.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from os.path import isdir, isfile, join
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from ..core.clicks import validation_clicks
+from ..core.encoding import render_guides
+from ..network import GuidedNetwork
+from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
+                        layout_from_plans, resolve_targets, save_layout)
+from ..transforms import GuideChannelsTransform
+
+try:  # these transforms mark the end of the label-map part of nnU-Net's pipeline
+    from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
+    from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+    _LABEL_CONSUMERS: Tuple[type, ...] = (ConvertSegmentationToRegionsTransform, DownsampleSegForDSTransform)
+except ImportError:  # pragma: no cover - older batchgeneratorsv2
+    _LABEL_CONSUMERS = ()
+
+
+def _case_seed(base_seed: int, case_id: str) -> int:
+    """A seed per case that is the same in every process and every Python run."""
+    return (int(base_seed) * 1_000_003 + zlib.crc32(case_id.encode())) % (2 ** 31 - 1)
+
+
+def guided_dataset_class(base_cls, layout: ChannelLayout, spacing, slice_axis: Optional[int],
+                         ignore_label: Optional[int]):
+    """A subclass of an nnU-Net dataset class whose ``load_case`` appends guide channels
+    rendered from seeded simulated clicks on the case's (preprocessed) reference."""
+    settings = layout.guide
+    targets = [t.labels for t in layout.targets]
+
+    class _GuidedValidationDataset(base_cls):
+        def load_case(self, identifier):
+            data, seg, seg_prev, properties = super().load_case(identifier)
+            data = np.asarray(data[:], dtype=np.float32)
+            labels = np.asarray(seg[:])[0]
+            clicks = validation_clicks(labels, targets, spacing, settings,
+                                       _case_seed(settings.validation_seed, identifier),
+                                       ignore_label=ignore_label, slice_axis=slice_axis)
+            guides = render_guides(clicks, labels.shape, spacing, settings, len(targets), slice_axis=slice_axis)
+            properties = dict(properties)
+            properties["nnunet_guide_num_clicks"] = len(clicks)
+            return np.concatenate((data, guides), axis=0), seg, seg_prev, properties
+
+    _GuidedValidationDataset.__name__ = f"Guided{base_cls.__name__}"
+    return _GuidedValidationDataset
+
+
+class nnUNetTrainerGuide(nnUNetTrainer):
+    """nnU-Net trainer with guide channels: positive/negative click maps per guided class,
+    simulated from the ground truth and dropped at random (``guide_settings.p_drop``)."""
+
+    guide_settings: Optional[GuideSettings] = GuideSettings()
+    #: run the guided validation pass (validation_guided/) at the end of training
+    guided_validation: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.layout = self.make_layout()
+        # the trainer's own copy of the plans travels into the model folder (plans.json) and the
+        # checkpoint; nnU-Net's plans file in nnUNet_preprocessed is never written
+        self.plans_manager.plans[PLANS_KEY] = self.layout.to_dict()
+
+    # ---- layout -------------------------------------------------------------------------
+    def make_layout(self) -> ChannelLayout:
+        n_img = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+        names = list(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})).values())
+        names += [f"cascade_{l}" for l in self.label_manager.foreground_labels][:max(0, n_img - len(names))]
+        targets = resolve_targets(self.dataset_json, self.guide_settings.guided_labels,
+                                  self.label_manager.ignore_label) if self.guide_settings is not None else []
+        if self.guide_settings is not None and not targets:
+            raise GuideSettingsError("this dataset has no foreground class to guide (dataset.json 'labels')")
+        channels, extra = self.feature_channels()
+        return build_layout(n_img, targets, self.guide_settings, names, channels, extra)
+
+    def feature_channels(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        """Channels computed inside the network (density, texture) and their data; none here."""
+        return [], {}
+
+    @staticmethod
+    def build_feature_module(layout: ChannelLayout) -> Optional[nn.Module]:
+        """Module computing the layout's computed channels from the fed ones; none here."""
+        return None
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        layout = layout_from_plans(plans_manager.plans)
+        if layout is None:
+            raise GuideSettingsError(
+                f"{cls.__name__}: the plans have no {PLANS_KEY!r} entry. A guide-aware network is rebuilt "
+                f"from the plans.json its trainer wrote into the model folder; this one was not written by an "
+                f"nnunet_guide trainer.")
+        if layout.num_image_channels != num_input_channels:
+            raise GuideSettingsError(
+                f"{cls.__name__}: dataset.json gives {num_input_channels} input channels but the model was "
+                f"trained with {layout.num_image_channels} image channels ({PLANS_KEY} in plans.json)")
+        base = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, layout.num_channels,
+                                                        num_output_channels, enable_deep_supervision)
+        return GuidedNetwork(base, layout, cls.build_feature_module(layout))
+
+    # ---- data pipeline ------------------------------------------------------------------
+    @property
+    def _patch_spacing(self) -> Tuple[float, ...]:
+        return tuple(float(s) for s in self.configuration_manager.spacing)
+
+    def _with_guides(self, composed):
+        if self.layout.guide is None:
+            return composed
+        guide = GuideChannelsTransform(self.layout.guide, [t.labels for t in self.layout.targets],
+                                       self._patch_spacing, ignore_label=self.label_manager.ignore_label)
+        transforms = composed.transforms
+        at = next((i for i, t in enumerate(transforms) if isinstance(t, _LABEL_CONSUMERS)), len(transforms))
+        transforms.insert(at, guide)
+        return composed
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False,
+                                foreground_labels=None, regions=None, ignore_label=None):
+        return self._with_guides(super().get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm, is_cascaded, foreground_labels, regions, ignore_label))
+
+    def get_validation_transforms(self, deep_supervision_scales, is_cascaded=False, foreground_labels=None,
+                                  regions=None, ignore_label=None):
+        return self._with_guides(super().get_validation_transforms(
+            deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label))
+
+    # ---- bookkeeping --------------------------------------------------------------------
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            save_layout(self.layout, self.output_folder_base)
+
+    # ---- validation ---------------------------------------------------------------------
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        guided_dice = None
+        if self.layout.guide is not None and self.guided_validation:
+            guided_dice = self._guided_validation(save_probabilities)
+        super().perform_actual_validation(save_probabilities)
+        if self.local_rank == 0:
+            auto = self._summary_dice(join(self.output_folder, "validation", "summary.json"))
+            self.print_to_log_file(f"Automatic validation Dice (no clicks): {auto}", also_print_to_console=True)
+            if guided_dice is not None:
+                self.print_to_log_file(f"Guided validation Dice (one simulated click per object, seed "
+                                       f"{self.layout.guide.validation_seed}): {guided_dice}",
+                                       also_print_to_console=True)
+
+    @staticmethod
+    def _summary_dice(path: str) -> Optional[float]:
+        if not isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)["foreground_mean"]["Dice"]
+
+    def _guided_validation(self, save_probabilities: bool) -> Optional[float]:
+        """nnU-Net's validation with guide channels appended to every case, into validation_guided/."""
+        fold_folder = self.output_folder
+        staging = join(fold_folder, ".validation_guided_staging")
+        final = join(fold_folder, "validation_guided")
+        if self.local_rank == 0 and isdir(staging):
+            shutil.rmtree(staging)
+        is_2d = len(self.configuration_manager.patch_size) == 2
+        spacing = (1.0, *self._patch_spacing) if is_2d else self._patch_spacing
+        original_dataset_class = self.dataset_class
+        self.dataset_class = guided_dataset_class(original_dataset_class, self.layout, spacing,
+                                                  0 if is_2d else None, self.label_manager.ignore_label)
+        self.output_folder = staging  # nnU-Net writes into <output_folder>/validation
+        self.print_to_log_file("Guided validation: simulated clicks, one per object", also_print_to_console=True)
+        try:
+            nnUNetTrainer.perform_actual_validation(self, save_probabilities)
+        finally:
+            self.output_folder = fold_folder
+            self.dataset_class = original_dataset_class
+        if self.is_ddp:
+            torch.distributed.barrier()
+        if self.local_rank != 0:
+            return None
+        # swap in the finished folder only now, so an interrupted run never leaves half a result
+        if isdir(final):
+            shutil.rmtree(final)
+        os.replace(join(staging, "validation"), final)
+        shutil.rmtree(staging, ignore_errors=True)
+        summary = join(final, "summary.json")
+        if isfile(summary):  # the summary names files by the staging path; point it at the final folder
+            with open(summary) as f:
+                text = f.read().replace(join(staging, "validation"), final)
+            with open(summary, "w") as f:
+                f.write(text)
+        dice = self._summary_dice(summary)
+        if dice is not None:
+            self.logger.log_summary("final_val_guided/foreground_dice", dice)
+        return dice

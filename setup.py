@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nnunet-guide",
+    version="0.1.0",
+    description="Guide (click) and density channels for nnU-Net v2: one model, automatic and interactive",
+    packages=find_packages(include=["nnunet_guide", "nnunet_guide.*"]),
+    package_data={"nnunet_guide": ["_ext_trainers/*.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "nnunetv2==2.8.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "SimpleITK>=2.2",
+        "matplotlib>=3.6",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "nnUNetv2_guide_env=nnunet_guide.cli.env:main",
+            "nnUNetv2_guide_plan=nnunet_guide.preprocessing.plan:main",
+            "nnUNetv2_predict_guided=nnunet_guide.inference.cli:main",
+            "nnUNetv2_guide_evaluate=nnunet_guide.evaluation.cli:main",
+            "nnUNetv2_guide_demo=nnunet_guide.demo:main",
+            "nnUNetv2_guide_convert_lits=nnunet_guide.data.lits:main",
+        ]
+    },
+)
