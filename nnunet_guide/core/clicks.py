@@ -79,14 +79,21 @@ def robust_center(coords: np.ndarray, min_sigma: float = 0.0) -> Tuple[np.ndarra
 def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, float]:
     """The object's interior-most voxel: maximum of the Euclidean distance (mm) to its outside.
 
-    Ties resolve to the first voxel in C order, so the choice is deterministic.
+    Ties (a slab, a tube) resolve to the tied voxel nearest (in mm) to the tied voxels' mean,
+    so the click lands mid-object and the choice is deterministic.
     Returns (coordinate (ndim,), distance in mm).
     """
     padded = np.pad(obj_mask.astype(bool), 1)
     dist = ndimage.distance_transform_edt(padded, sampling=spacing)
-    flat = int(np.argmax(dist))
-    idx = np.array(np.unravel_index(flat, padded.shape)) - 1
-    return idx.astype(float), float(dist.flat[flat])
+    best = float(dist.max())
+    ties = np.argwhere(dist >= best - 1e-6)
+    if len(ties) > 1:
+        sp = np.asarray(spacing, float)
+        d2 = (((ties - ties.mean(axis=0)) * sp) ** 2).sum(axis=1)
+        idx = ties[int(np.argmin(d2))]
+    else:
+        idx = ties[0]
+    return (idx - 1).astype(float), best
 
 
 def _object_slices(labels: np.ndarray, n: int):

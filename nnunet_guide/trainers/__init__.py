@@ -14,6 +14,6 @@ try:  # density trainers (issue 3) live beside the guide trainers
     from .density import *  # noqa: F401,F403
     from . import density as _density
     __all__ += [n for n in dir(_density) if n.startswith("nnUNetTrainer")]
-except ImportError as _e:  # pragma: no cover - only while density.py does not exist
-    if "density" not in str(_e):
+except ModuleNotFoundError as _e:  # pragma: no cover - only while density.py does not exist
+    if _e.name != __name__ + ".density":
         raise

@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+
+from nnunet_guide.core.clicks import (Click, interior_point, label_objects, robust_center, sample_training_clicks,
+                                      validation_clicks)
+from nnunet_guide.settings import GuideSettings
+
+
+def two_boxes():
+    seg = np.zeros((20, 30, 30), np.int16)
+    seg[4:11, 4:11, 4:11] = 2          # cube centred at 7
+    seg[12:18, 18:28, 20:26] = 2       # box centred at (14.5, 22.5, 22.5)
+    seg[1:3, 1:3, 20:29] = 1           # a thin class-1 bar
+    return seg
+
+
+def test_objects_3d_and_per_slice():
+    seg = two_boxes()
+    _, n = label_objects(seg == 2)
+    assert n == 2
+    _, n_slices = label_objects(seg == 2, slice_axis=0)
+    assert n_slices == 7 + 6  # one object per slice of each box
+    diag = np.zeros((3, 3, 3), bool)
+    diag[0, 0, 0] = diag[1, 1, 1] = True  # corner neighbours: only full connectivity joins them
+    assert label_objects(diag, connectivity=2)[1] == 2
+    assert label_objects(diag, connectivity=3)[1] == 1
+
+
+def test_validation_clicks_at_object_centres():
+    seg = two_boxes()
+    clicks = validation_clicks(seg, [(2,)], (1.0, 1.0, 1.0), GuideSettings(click_policy="interior"), seed=0)
+    assert sorted(c.position for c in clicks) == [(7.0, 7.0, 7.0), (14.0, 22.0, 22.0)]
+    for c in clicks:
+        assert seg[tuple(int(p) for p in c.position)] == 2 and c.positive and c.target == 0
+    centre = validation_clicks(seg, [(2,)], (1, 1, 1), GuideSettings(click_policy="center"), seed=0)
+    assert sorted(c.position for c in centre) == [(7.0, 7.0, 7.0), (14.5, 22.5, 22.5)]
+
+
+def test_interior_point_respects_spacing():
+    # a slab 9 voxels thick in z but 1 mm voxels in y/x and 0.5 mm in z: along z it is only 4.5 mm
+    mask = np.zeros((9, 21, 21), bool)
+    mask[:, :, :] = True
+    mask = np.pad(mask, 1)
+    pos, dist = interior_point(mask, (0.5, 1.0, 1.0))
+    assert tuple(pos) == (5.0, 11.0, 11.0)
+    assert dist == pytest.approx(5 * 0.5)  # nearest outside is along z: 5 voxels of 0.5 mm
+
+
+def test_robust_center_mad():
+    coords = np.array([[0, 0], [1, 0], [2, 0], [3, 0], [100, 0]], float)
+    c, s = robust_center(coords)
+    assert c[0] == 2 and s[0] == pytest.approx(1.4826 * 1)  # the outlier does not move the centre
+
+
+def test_seeded_determinism_and_difference():
+    seg = two_boxes()
+    s = GuideSettings(p_drop=0.0, p_negative=1.0)
+    a = sample_training_clicks(seg, [(1,), (2,)], (1, 1, 1), s, np.random.default_rng(7))
+    b = sample_training_clicks(seg, [(1,), (2,)], (1, 1, 1), s, np.random.default_rng(7))
+    assert a == b and len(a) > 0
+    runs = {tuple(sample_training_clicks(seg, [(1,), (2,)], (1, 1, 1), s, np.random.default_rng(i)))
+            for i in range(10)}
+    assert len(runs) > 1
+
+
+def test_drop_rate_within_binomial_bounds():
+    seg = two_boxes()
+    rng = np.random.default_rng(0)
+    for p in (0.0, 0.5, 0.8, 1.0):
+        s = GuideSettings(p_drop=p, p_negative=0.0)
+        n = 2000
+        dropped = sum(len(sample_training_clicks(seg, [(2,)], (1, 1, 1), s, rng)) == 0 for _ in range(n))
+        sd = np.sqrt(n * p * (1 - p))
+        assert abs(dropped - n * p) <= 4 * sd + 1e-9, (p, dropped)
+
+
+def test_subset_counts_cover_1_to_n_and_positions_inside():
+    seg = two_boxes()
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="random")
+    rng = np.random.default_rng(1)
+    counts = set()
+    for _ in range(200):
+        clicks = sample_training_clicks(seg, [(2,)], (1, 1, 1), s, rng)
+        counts.add(len(clicks))
+        for c in clicks:
+            assert seg[tuple(int(p) for p in c.position)] == 2
+    assert counts == {1, 2}
+
+
+def test_center_perturbation_stays_within_bounds():
+    seg = np.zeros((30, 30, 30), np.int16)
+    seg[5:26, 10:21, 10:21] = 1
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="center", perturb_center=True)
+    rng = np.random.default_rng(3)
+    coords = np.argwhere(seg == 1)
+    c0, _ = robust_center(coords)
+    raw_sigma = 1.4826 * np.median(np.abs(coords - c0), axis=0)
+    for _ in range(100):
+        (c,) = sample_training_clicks(seg, [(1,)], (1, 1, 1), s, rng)
+        assert np.all(np.abs(np.array(c.position) - c0) <= 0.2 * raw_sigma + 1e-6)
+        assert min(c.sigma) >= s.min_object_sigma
+
+
+def test_negative_clicks_never_on_target_or_ignore():
+    seg = two_boxes()
+    seg[0, :, :] = 9  # ignore label
+    s = GuideSettings(p_drop=0.0, p_negative=1.0, max_negative_clicks=3)
+    rng = np.random.default_rng(5)
+    seen_confusable = False
+    for _ in range(100):
+        for c in sample_training_clicks(seg, [(2,)], (1, 1, 1), s, rng, ignore_label=9):
+            v = seg[tuple(int(p) for p in c.position)]
+            assert v != 9
+            if not c.positive:
+                assert v != 2
+                seen_confusable |= v == 1
+    assert seen_confusable
+
+
+def test_ignore_label_is_not_part_of_objects():
+    seg = np.zeros((10, 10), np.int16)
+    seg[2:5, 2:5] = 1
+    seg[2:5, 5:8] = 4  # ignore region glued to the object
+    clicks = validation_clicks(seg, [(1,)], (1, 1), GuideSettings(click_policy="center"), 0, ignore_label=4)
+    assert clicks == [Click(0, (3.0, 3.0), True, clicks[0].sigma)]
+
+
+def test_empty_target_gives_no_clicks():
+    seg = np.zeros((8, 8, 8), np.int16)
+    s = GuideSettings(p_drop=0.0, p_negative=0.0)
+    assert sample_training_clicks(seg, [(1,)], (1, 1, 1), s, np.random.default_rng(0)) == []

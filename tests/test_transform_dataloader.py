@@ -1,0 +1,100 @@
+"""The guide transform inside nnU-Net's real data pipeline (trainer -> dataloader -> batch)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_guide.settings import GuideSettings, GuideSettingsError
+from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideAlways
+from nnunet_guide.transforms import GuideChannelsTransform
+
+
+def make_trainer(cls, paths, configuration="3d_fullres"):
+    pp = paths["preprocessed"]
+    with open(os.path.join(pp, "nnUNetPlans_small.json")) as f:
+        plans = json.load(f)
+    plans["continue_training"] = False  # nnUNetv2_train sets this; the trainer pops it
+    with open(os.path.join(pp, "dataset.json")) as f:
+        dj = json.load(f)
+    return cls(plans, configuration, 0, dj, device=torch.device("cpu"))
+
+
+class NeverGuided(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(p_drop=1.0)
+
+
+class GuidesKidney(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(guided_labels=("kidney",))
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_batches_carry_guides_aligned_with_the_augmented_labels(nnunet_paths, configuration):
+    tr = make_trainer(nnUNetTrainerGuideAlways, nnunet_paths, configuration)
+    tr.initialize()
+    dl_tr, dl_val = tr.get_dataloaders()
+    assert tr.layout.num_channels == 5
+    seen_lesion = 0
+    for _ in range(4):
+        batch = next(dl_tr)
+        data, target = batch["data"], batch["target"]
+        target = target[0] if isinstance(target, list) else target
+        assert data.shape[1] == 5 and data.shape[2:] == target.shape[2:]
+        for b in range(data.shape[0]):
+            has_lesion = bool((target[b, 0] == 2).any())
+            pos_lesion = data[b, tr.layout.guide_channel(1, True)]
+            if has_lesion:
+                seen_lesion += 1
+                assert pos_lesion.max() > 0.9
+                # the click peak is on (or next to) a lesion voxel of the augmented label map
+                peak = np.unravel_index(int(torch.argmax(pos_lesion)), pos_lesion.shape)
+                window = tuple(slice(max(0, p - 2), p + 3) for p in peak)
+                assert (target[b, 0][window] == 2).any()
+            else:
+                assert pos_lesion.max() == 0
+    assert seen_lesion > 0
+    val = next(dl_val)
+    assert val["data"].shape[1] == 5
+
+
+def test_dropped_guides_are_no_guide(nnunet_paths):
+    tr = make_trainer(NeverGuided, nnunet_paths)
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    data = next(dl_tr)["data"]
+    assert torch.all(data[:, 1:] == 0)
+
+
+def test_transform_sits_before_label_consumers(nnunet_paths):
+    tr = make_trainer(nnUNetTrainerGuide, nnunet_paths)
+    t = tr.get_training_transforms(tr.configuration_manager.patch_size, (0, 0), [[1, 1, 1], [0.5, 0.5, 0.5]],
+                                   (0, 1, 2), False)
+    names = [type(x).__name__ for x in t.transforms]
+    i = names.index("GuideChannelsTransform")
+    assert names[i - 1].startswith("RemoveLabelT") and names[i + 1] == "DownsampleSegForDSTransform"
+    assert isinstance(t.transforms[i], GuideChannelsTransform)
+
+
+def test_network_has_extra_channels_and_runs_automatic_and_guided(nnunet_paths):
+    tr = make_trainer(nnUNetTrainerGuide, nnunet_paths)
+    tr.initialize()
+    net = tr.network
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+    assert first.in_channels == 5
+    x = torch.randn(1, 1, *tr.configuration_manager.patch_size)
+    tr.set_deep_supervision_enabled(False)
+    net.eval()
+    with torch.no_grad():
+        auto = net(x)
+        same = net(torch.cat((x, torch.zeros(1, 4, *x.shape[2:])), 1))
+        guided = net(torch.cat((x, torch.ones(1, 4, *x.shape[2:])), 1))
+    torch.testing.assert_close(auto, same)
+    assert not torch.allclose(auto, guided)
+    with pytest.raises(ValueError, match="got 3 input channels"):
+        net(torch.zeros(1, 3, *x.shape[2:]))
+
+
+def test_guided_class_the_dataset_lacks(nnunet_paths):
+    with pytest.raises(GuideSettingsError, match="'kidney' is not a foreground class"):
+        make_trainer(GuidesKidney, nnunet_paths)
