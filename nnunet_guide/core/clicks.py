@@ -100,24 +100,51 @@ def _object_slices(labels: np.ndarray, n: int):
     return ndimage.find_objects(labels, max_label=n)
 
 
+def mask_bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
+    """Tightest box around the True voxels (None if there are none), from axis projections."""
+    box = []
+    for a in range(mask.ndim):
+        proj = np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a))
+        idx = np.flatnonzero(proj)
+        if idx.size == 0:
+            return None
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
+def cropped_objects(mask: np.ndarray, connectivity: int, slice_axis: Optional[int]
+                    ) -> Tuple[Optional[np.ndarray], int, np.ndarray]:
+    """Objects of ``mask`` labelled inside its bounding box only (labelling is the costly step).
+
+    Returns (labels of the crop or None, object count, offset of the crop (ndim,))."""
+    box = mask_bbox(mask)
+    if box is None:
+        return None, 0, np.zeros(mask.ndim, int)
+    lab, n = label_objects(mask[box], connectivity, slice_axis)
+    return lab, n, np.array([b.start for b in box])
+
+
 def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, spacing: Sequence[float],
                   policy: str, rng: Optional[np.random.Generator] = None, perturb: bool = False,
-                  min_sigma: float = 2.0, slices=None) -> List[Click]:
+                  min_sigma: float = 2.0, slices=None, offset: Optional[np.ndarray] = None,
+                  shape: Optional[Sequence[int]] = None) -> List[Click]:
     """One positive click per listed object (ids of ``labels``), placed by ``policy``.
 
     ``center``: median coordinate (with the original perturbation if ``perturb``);
     ``interior``: distance-transform maximum; ``random``: uniform object voxel (needs ``rng``).
     Each click carries the object's robust sigma (voxels) for the ``object_gaussian`` encoding.
+    ``labels`` may be a crop of the image: ``offset`` is its position and ``shape`` the image's.
     """
     if slices is None:
         slices = _object_slices(labels, int(labels.max()) if labels.size else 0)
     clicks: List[Click] = []
-    shape = np.array(labels.shape)
+    base = np.zeros(labels.ndim, int) if offset is None else np.asarray(offset)
+    shape = np.array(labels.shape if shape is None else shape)
     for oid in object_ids:
         sl = slices[oid - 1]
         if sl is None:
             continue
-        offset = np.array([s.start for s in sl])
+        offset = np.array([s.start for s in sl]) + base
         obj = labels[sl] == oid
         coords = np.argwhere(obj)
         center, sigma = robust_center(coords, min_sigma)
@@ -169,21 +196,26 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
     if rng.random() < settings.p_drop:
         return []
     seg = np.asarray(seg)
-    valid = np.ones(seg.shape, bool) if ignore_label is None else seg != ignore_label
-    fg_any = (seg > 0) & valid
+    valid = None if ignore_label is None else seg != ignore_label
     clicks: List[Click] = []
     for t, labels in enumerate(targets):
-        mask = target_mask(seg, labels) & valid
-        if mask.any():
-            lab, n = label_objects(mask, settings.connectivity, slice_axis)
+        mask = target_mask(seg, labels)
+        if valid is not None:
+            mask &= valid
+        lab, n, offset = cropped_objects(mask, settings.connectivity, slice_axis)
+        if n:
             k = int(rng.integers(1, n + 1))
             chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
             clicks += object_clicks(lab, chosen, t, spacing, settings.click_policy, rng,
-                                    perturb=settings.perturb_center, min_sigma=settings.min_object_sigma)
+                                    perturb=settings.perturb_center, min_sigma=settings.min_object_sigma,
+                                    offset=offset, shape=seg.shape)
         if settings.negatives and settings.max_negative_clicks > 0 and rng.random() < settings.p_negative:
             n_neg = int(rng.integers(1, settings.max_negative_clicks + 1))
-            confusable = fg_any & ~mask
-            background = (seg <= 0) & valid
+            confusable = (seg > 0) & ~mask
+            background = seg <= 0
+            if valid is not None:
+                confusable &= valid
+                background &= valid
             for _ in range(n_neg):
                 pool = confusable if (rng.random() < settings.p_confusable and confusable.any()) else background
                 if not pool.any():
@@ -207,13 +239,12 @@ def validation_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing
     """
     rng = np.random.default_rng(seed)
     seg = np.asarray(seg)
-    valid = np.ones(seg.shape, bool) if ignore_label is None else seg != ignore_label
     clicks: List[Click] = []
     for t, labels in enumerate(targets):
-        mask = target_mask(seg, labels) & valid
-        if not mask.any():
-            continue
-        lab, n = label_objects(mask, settings.connectivity, slice_axis)
-        clicks += object_clicks(lab, range(1, n + 1), t, spacing, settings.click_policy, rng,
-                                perturb=False, min_sigma=settings.min_object_sigma)
+        mask = target_mask(seg, labels)
+        if ignore_label is not None:
+            mask &= seg != ignore_label
+        lab, n, offset = cropped_objects(mask, settings.connectivity, slice_axis)
+        clicks += object_clicks(lab, range(1, n + 1), t, spacing, settings.click_policy, rng, perturb=False,
+                                min_sigma=settings.min_object_sigma, offset=offset, shape=seg.shape) if n else []
     return clicks
