@@ -1,0 +1,180 @@
+"""GuidedSession: incremental updates equal full re-prediction; undo/reset; outputs match nnU-Net's."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+from nnunet_guide.inference.click_io import ClickFileError, ClickSpec
+from nnunet_guide.inference.predictor import ensure_trainers_discoverable
+from nnunet_guide.inference.session import GuidedSession
+
+from test_predictor import make_model_folder, predictor, tiny_layout, tiny_plans, write_case
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny networks on a shared CPU: one thread is ~100x faster than contended threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    ensure_trainers_discoverable()
+    return make_model_folder(str(tmp_path_factory.mktemp("model")), folds=(0, 1),
+                             layout=tiny_layout(sigma_mm=1.0))  # a small guide: a click is local
+
+
+@pytest.fixture(scope="module")
+def model_2d(tmp_path_factory):
+    ensure_trainers_discoverable()
+    return make_model_folder(str(tmp_path_factory.mktemp("model2d")), configuration="2d",
+                             layout=tiny_layout(sigma_mm=1.0))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    # large enough for several tiles of the (8, 16, 16) patch
+    path, img = write_case(str(tmp_path_factory.mktemp("img")), "big", shape=(16, 40, 40), seed=3)
+    return path, img
+
+
+def assert_close_to_nnunet(session, ref):
+    """nnU-Net blends tiles in float16: where the summed Gaussian weight is tiny (the outermost
+    voxels) its values are quantised, so compare where the weight is representable."""
+    w = session._weights[session._inner] > 1e-3
+    assert w.float().mean() > 0.7
+    torch.testing.assert_close(session.logits[:, w], ref[:, w], atol=2e-2, rtol=1e-2)
+
+
+def export(session):
+    p = session.predictor
+    return convert_predicted_logits_to_segmentation_with_correct_shape(
+        session.logits, p.plans_manager, p.configuration_manager, p.label_manager, session.properties)
+
+
+@pytest.mark.parametrize("folds,mirroring", [((0,), False), ((0, 1), True)])
+def test_update_equals_full_prediction_and_nnunet(model, image, folds, mirroring):
+    path, img = image
+    p = predictor(model, folds=folds, mirroring=mirroring)
+    s = GuidedSession(p)
+    s.set_image(path)
+    n_tiles = s.last_update.tiles_total
+    assert n_tiles >= 8
+    data, props = p.preprocess(path)
+    auto = p.predict_logits_from_preprocessed_data(data).float()
+    assert_close_to_nnunet(s, auto)
+
+    phys = img.TransformContinuousIndexToPhysicalPoint((20.0, 18.0, 8.0))
+    info = s.add_click(phys, "lesion")
+    assert 0 < info.tiles_predicted < n_tiles
+    assert torch.equal(s.logits, s.full_logits())
+    clicks = p.clicks_to_preprocessed([ClickSpec(phys, "lesion")], "big", props, data.shape[1:])
+    guided = p.predict_logits_from_preprocessed_data(p.add_guides(data, clicks, props)).float()
+    assert_close_to_nnunet(s, guided)
+    assert (s.logits - auto).abs().max() > 1e-3  # the click did something
+
+    before = s.logits.clone()
+    s.add_click((5.0, 30.0, 12.0), "organ", positive=False, space="voxel")
+    assert torch.equal(s.logits, s.full_logits())
+    s.undo()
+    assert torch.equal(s.logits, before)
+    s.reset()
+    assert s.clicks == []
+    assert_close_to_nnunet(s, auto)
+    np.testing.assert_array_equal(s.segmentation, export(s))
+
+
+def test_segmentation_kept_current_without_resampling(model, tmp_path):
+    # image spacing = the plans' target spacing (1.5, 1.2, 1.2) zyx: the incremental path is used
+    path, img = write_case(str(tmp_path), "same", shape=(14, 36, 36), spacing_xyz=(1.2, 1.2, 1.5), seed=4)
+    s = GuidedSession(predictor(model))
+    s.set_image(path)
+    assert not s._resampled
+    seg0 = s.segmentation.copy()
+    assert seg0.shape == sitk.GetArrayFromImage(img).shape
+    s.add_click((18, 17, 7), "lesion", space="voxel")
+    assert s._seg is not None  # updated in place, not recomputed
+    np.testing.assert_array_equal(s.segmentation, export(s))
+    s.add_click((7, 17, 18), "background", space="array")
+    np.testing.assert_array_equal(s.segmentation, export(s))
+    s.reset()
+    np.testing.assert_array_equal(s.segmentation, seg0)
+
+
+def test_array_input_and_2d_configuration(model_2d, image):
+    path, img = image
+    s = GuidedSession(predictor(model_2d, mirroring=True))
+    arr = sitk.GetArrayFromImage(img)
+    props = {"spacing": list(img.GetSpacing()[::-1]),
+             "sitk_stuff": {"spacing": img.GetSpacing(), "origin": img.GetOrigin(), "direction": img.GetDirection()}}
+    s.set_image(arr, props)
+    total = s.last_update.tiles_total
+    info = s.add_click((20.0, 18.0, 8.0), 2, space="voxel")
+    # a 2D click only changes its own slice: the tiles of one slice at most
+    assert 0 < info.tiles_predicted <= total // s.preprocessed_shape[0] + 1
+    assert info.region[0][1] - info.region[0][0] == 1
+    assert torch.equal(s.logits, s.full_logits())
+    np.testing.assert_array_equal(s.segmentation, export(s))
+
+
+def test_session_errors(model, image):
+    path, img = image
+    s = GuidedSession(predictor(model))
+    with pytest.raises(RuntimeError, match="set_image"):
+        s.add_click((1, 2, 3), "lesion", space="voxel")
+    s.set_image(path)
+    logits = s.logits.clone()
+    with pytest.raises(ClickFileError, match="outside the image"):
+        s.add_click((100.0, 2.0, 3.0), "lesion", space="voxel")
+    with pytest.raises(ClickFileError, match="'tumour' is not a guided class"):
+        s.add_click((1.0, 2.0, 3.0), "tumour", space="voxel")
+    with pytest.raises(ClickFileError, match="outside the image of shape"):
+        s.add_click((1.0, 2.0, 300.0), "lesion", space="array")
+    with pytest.raises(ClickFileError, match="space must be"):
+        s.add_click((1.0, 2.0, 3.0), "lesion", space="ras")
+    assert s.clicks == [] and torch.equal(s.logits, logits)
+    assert s.undo().tiles_predicted == 0
+
+
+@pytest.fixture(scope="module")
+def model_big_patch(tmp_path_factory):
+    ensure_trainers_discoverable()
+    return make_model_folder(str(tmp_path_factory.mktemp("modelbig")), layout=tiny_layout(sigma_mm=1.0),
+                             plans=tiny_plans(patch3d=(16, 24, 24)))
+
+
+def test_local_update_predicts_one_patch_and_refresh_makes_it_exact(model_big_patch, image):
+    path, img = image
+    p = predictor(model_big_patch)
+    s = GuidedSession(p, update="local")
+    s.set_image(path)
+    before = s.logits.clone()
+    info = s.add_click((20.0, 18.0, 8.0), "lesion", space="voxel")
+    assert info.mode == "local" and info.tiles_predicted == 1
+    # nothing changed outside the blended window
+    changed = (s.logits != before).any(0)
+    inner = [sl.start for sl in s._inner]
+    win = [(a - o, b - o) for (a, b), o in zip(info.region, inner)]
+    outside = changed.clone()
+    outside[tuple(slice(max(a, 0), b) for a, b in win)] = False
+    assert changed.any() and not outside.any()
+    assert not torch.equal(s.logits, s.full_logits())  # approximate until refreshed
+    assert s.refresh().tiles_predicted > 0
+    assert torch.equal(s.logits, s.full_logits())
+    np.testing.assert_array_equal(s.segmentation, export(s))
+    # same clicks through an exact session: same logits after refresh
+    e = GuidedSession(p)
+    e.set_image(path)
+    e.add_click((20.0, 18.0, 8.0), "lesion", space="voxel")
+    assert torch.equal(s.logits, e.logits)
+    # a change larger than three quarters of a patch falls back to an exact update
+    s.add_click((30.0, 30.0, 3.0), "lesion", space="voxel")
+    s.add_click((3.0, 3.0, 12.0), "lesion", space="voxel")
+    info = s.reset()
+    assert info.mode == "exact"
+    assert torch.equal(s.logits, s.full_logits())
