@@ -19,7 +19,6 @@ import time
 import numpy as np
 import torch
 
-os.environ["nnUNet_n_proc_DA"] = "0"
 
 
 def build_dataset(root):
@@ -70,6 +69,8 @@ def main(argv=None):
         os.environ.setdefault("nnUNet_raw", os.path.join(os.path.dirname(root), "nnUNet_raw"))
         os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
 
+    # single-threaded augmentation, set only now: nnU-Net's planner refuses nnUNet_n_proc_DA=0
+    os.environ["nnUNet_n_proc_DA"] = "0"
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_guide.trainers import nnUNetTrainerGuide
 

@@ -143,8 +143,9 @@ def plan_and_preprocess(dataset_id: int, env: Dict[str, str], configurations: It
                         log: Optional[str] = None) -> None:
     """nnU-Net's own planning and preprocessing (one process; CPU friendly)."""
     configs = list(configurations)
+    env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # the planner rejects 0
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configs, "-np",
-         *(["1"] * len(configs)), "--verify_dataset_integrity"], env, log)
+         *(["1"] * len(configs)), "-npfp", "1", "--verify_dataset_integrity"], env, log)
 
 
 def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPlans",

@@ -25,14 +25,12 @@ from torch import nn
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from ..core.density import DensityError, DensityOptions, density_channels, validate_histograms
-from ..core.texture import window_from_spacing
-from ..density_network import EXTRA_KEY, DensityFeatures, FiLMConditioner, film_stage_plan
+from ..density_network import EXTRA_KEY, FiLMConditioner, build_density_module, density_layout_extra
+from ..preprocessing.plan import PLANS_DENSITY_KEY
 from ..settings import ChannelLayout, GuideSettings, resolve_targets
 from .guide import nnUNetTrainerGuide
 from .variants import _short_schedule
 
-#: key of the planned histograms in a derived plans file (written by nnUNetv2_guide_plan)
-PLANS_DENSITY_KEY = "nnunet_guide_density"
 
 
 def planned_histograms(plans: dict, configuration: str, plans_file: str) -> Dict[str, Any]:
@@ -67,8 +65,9 @@ class nnUNetTrainerDensity(nnUNetTrainerGuide):
 
     # ---- layout ---------------------------------------------------------------------------
     def _plans_file(self) -> str:
-        base = os.environ.get("nnUNet_preprocessed", "$nnUNet_preprocessed")
-        return os.path.join(base, self.plans_manager.dataset_name, self.plans_manager.plans_name + ".json")
+        folder = self.preprocessed_dataset_folder_base or os.path.join("$nnUNet_preprocessed",
+                                                                       self.plans_manager.dataset_name)
+        return os.path.join(folder, self.plans_manager.plans_name + ".json")
 
     def feature_channels(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         plans_file = self._plans_file()
@@ -91,27 +90,16 @@ class nnUNetTrainerDensity(nnUNetTrainerGuide):
                 self.dataset_json, self.guide_settings.guided_labels, self.label_manager.ignore_label)]
         patch = list(self.configuration_manager.patch_size)
         spacing = [float(s) for s in self.configuration_manager.spacing][-len(patch):]
-        extra = {
-            "options": opts.to_dict(),
-            "histograms": hist,
-            "spacing": spacing,
-            "texture_window": window_from_spacing(spacing, opts.texture_window_mm),
-            "source": {"plans_name": self.plans_manager.plans_name, "plans_file": plans_file,
-                       "configuration": self.configuration_name},
-        }
-        if opts.film:
-            arch = self.configuration_manager.network_arch_init_kwargs
-            extra["film"] = film_stage_plan(arch["features_per_stage"], opts.film_skip_first)
+        extra = density_layout_extra(
+            opts, hist, spacing,
+            source={"plans_name": self.plans_manager.plans_name, "plans_file": plans_file,
+                    "configuration": self.configuration_name},
+            features_per_stage=self.configuration_manager.network_arch_init_kwargs.get("features_per_stage"))
         return density_channels(opts, hist, names, targets), {EXTRA_KEY: extra}
 
     @staticmethod
     def build_feature_module(layout: ChannelLayout) -> Optional[nn.Module]:
-        ex = layout.extra.get(EXTRA_KEY)
-        if ex is None:
-            return None
-        if DensityOptions.from_dict(ex["options"]).film:
-            return FiLMConditioner(layout)
-        return DensityFeatures(layout)
+        return build_density_module(layout)
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,

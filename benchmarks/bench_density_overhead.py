@@ -1,0 +1,135 @@
+"""Cost of the density and texture channels: training step of nnUNetTrainerGuideDensity vs
+nnUNetTrainerGuide on the same batches, same plans, same data.
+
+    python benchmarks/bench_density_overhead.py [--preprocessed FOLDER] [--plans nnUNetPlans]
+                                               [--configuration 3d_fullres] [--batches 6] [--rounds 3]
+
+Both trainers take the same fed channels (image + guide channels); the density trainer computes
+its prior, case and texture maps inside the network, so the data pipeline is shared and only
+the training step differs. Batches are drawn once from the guide trainer's pipeline and fed to
+both ``train_step``s (forward, loss, backward, optimizer step), alternating the order per round
+so machine noise hits both. Printed: ms per step for each, the ratio density/guide (aim: 1.15
+or less), and the ratio per full iteration (data loading included, as in real training).
+
+Without ``--preprocessed`` it builds the LiTS slab dataset from ../shared/data/lits117 (8 slabs
+of 16 x 128 x 128, real CT) with nnU-Net's own planning, or the synthetic phantom when the real
+data is absent; then plans the density histograms (nnUNetv2_guide_plan). Uses nnU-Net's default
+plans (the network users train) unless ``--plans`` says otherwise.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+os.environ["nnUNet_n_proc_DA"] = "0"
+os.environ.setdefault("nnUNet_compile", "false")
+
+
+def build_dataset(root):
+    from nnunet_guide import testing as T
+    env = T.nnunet_env(root)
+    try:
+        from nnunet_guide.data.lits import load_lits117, write_slab_dataset
+        vol = load_lits117(allow_download=False, allow_phantom=False)
+        write_slab_dataset(vol, env["nnUNet_raw"], 117, n_slabs=8)
+        did, name = 117, "Dataset117_LiTS117Slabs"
+    except Exception as e:  # no real data: the phantom keeps the benchmark runnable
+        print(f"LiTS case not available ({e}): using the synthetic phantom")
+        T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=8, shape=(32, 96, 96))
+        did, name = 901, "Dataset901_GuideSynthetic"
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # nnU-Net's planner needs >= 1
+    T.run(["nnUNetv2_plan_and_preprocess", "-d", str(did), "-c", "3d_fullres", "-np", "1", "-npfp", "1"], plan_env)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[k] = env[k]
+    return os.path.join(env["nnUNet_preprocessed"], name)
+
+
+def make_trainer(cls, pp, plans_name, configuration):
+    with open(os.path.join(pp, plans_name + ".json")) as f:
+        plans = json.load(f)
+    plans["continue_training"] = False
+    with open(os.path.join(pp, "dataset.json")) as f:
+        dj = json.load(f)
+    tr = cls(plans, configuration, 0, dj, device=torch.device("cpu"))
+    tr.initialize()
+    return tr
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preprocessed", help="nnUNet_preprocessed/DatasetXXX folder (planned + preprocessed)")
+    p.add_argument("--configuration", default="3d_fullres")
+    p.add_argument("--plans", default="nnUNetPlans", help="source plans; density histograms are added as "
+                                                           "<plans>_density")
+    p.add_argument("--batches", type=int, default=6, help="batches per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared machine)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pp = args.preprocessed
+    if pp is None:
+        pp = build_dataset(tempfile.mkdtemp(prefix="nnunet_guide_bench_density_"))
+    else:
+        root = os.path.dirname(os.path.abspath(pp))
+        os.environ.setdefault("nnUNet_preprocessed", root)
+        os.environ.setdefault("nnUNet_raw", os.path.join(os.path.dirname(root), "nnUNet_raw"))
+        os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
+
+    from nnunet_guide.preprocessing.plan import plan_density
+    from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideDensity
+
+    density_plans = args.plans + "_density"
+    plan_density(os.path.basename(os.path.normpath(pp)), [args.configuration], args.plans, density_plans,
+                 preprocessed_dir=os.path.dirname(os.path.abspath(pp)), verbose=False)
+    guide = make_trainer(nnUNetTrainerGuide, pp, density_plans, args.configuration)
+    dens = make_trainer(nnUNetTrainerGuideDensity, pp, density_plans, args.configuration)
+    # same starting weights for the shared part would not change timing; same batches do matter
+    dl, _ = guide.get_dataloaders()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    t0 = time.perf_counter()
+    batches = [next(dl) for _ in range(args.batches)]
+    load = (time.perf_counter() - t0) / args.batches
+    b = batches[0]
+    print(f"dataset {pp}\nplans {density_plans}, configuration {args.configuration}, batch data "
+          f"{tuple(b['data'].shape)} (image + guide channels)")
+    print(f"guide network input channels: {guide.layout.num_channels}; density: {dens.layout.num_channels} "
+          f"({[c['kind'] for c in dens.layout.channels].count('density')} density, "
+          f"{[c['kind'] for c in dens.layout.channels].count('texture')} texture)")
+    for tr in (guide, dens):  # warm-up (allocators, first-call overheads)
+        tr.network.train()
+        tr.train_step(batches[0])
+    times = {"guide": [], "density": []}
+    feature_times = []
+    for r in range(args.rounds):
+        order = (("guide", guide), ("density", dens)) if r % 2 == 0 else (("density", dens), ("guide", guide))
+        for name, tr in order:
+            t0 = time.perf_counter()
+            for batch in batches:
+                tr.train_step(batch)
+            times[name].append((time.perf_counter() - t0) / len(batches))
+        fm = dens.network.feature_module
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for batch in batches:
+                fm(batch["data"])
+            feature_times.append((time.perf_counter() - t0) / len(batches))
+    g, d = float(np.median(times["guide"])), float(np.median(times["density"]))
+    f = float(np.median(feature_times))
+    print(f"{args.rounds} rounds x {len(batches)} batches, {args.threads} thread(s); medians over rounds")
+    print(f"guide-only train step:      {g * 1000:9.1f} ms/batch")
+    print(f"density+guide train step:   {d * 1000:9.1f} ms/batch  (of which density/texture maps "
+          f"{f * 1000:.1f} ms)")
+    print(f"data loading (shared):      {load * 1000:9.1f} ms/batch")
+    print(f"overhead ratio density/guide, train step:      {d / g:.3f}  (aim <= 1.15)")
+    print(f"overhead ratio density/guide, full iteration:  {(d + load) / (g + load):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
