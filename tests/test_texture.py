@@ -1,7 +1,6 @@
 """Texture features against brute-force references on tiny arrays."""
 import itertools
 import math
-import time
 
 import numpy as np
 import pytest
@@ -123,12 +122,9 @@ def test_window_from_spacing():
     assert all(k % 2 == 1 for k in window_from_spacing([0.7, 1.3, 2.2], 5.0))
 
 
-def test_fast_on_a_patch():
-    """All six features of a 96^3 single-channel patch in well under a second per feature."""
+def test_full_size_patch_is_finite():
+    """All six features of a 96^3 single-channel patch (speed is measured in benchmarks, not here)."""
     torch.manual_seed(0)
     x = torch.randn(1, 1, 96, 96, 96)
-    t = time.perf_counter()
     f = texture_features(x, torch.tensor([-2.0]), torch.tensor([2.0]), (5, 5, 5))
-    dt = time.perf_counter() - t
     assert f.shape == (1, 6, 96, 96, 96) and torch.isfinite(f).all()
-    assert dt < 6.0, f"texture features took {dt:.2f} s"
