@@ -1,0 +1,369 @@
+"""``nnUNetv2_guide_evaluate``: how much a click buys, measured with a simulated user.
+
+For every case: predict with no click, then N times add one click per guided class at the
+interior-most point of its largest error region (:mod:`nnunet_guide.core.user_sim`) and predict
+again. Reports Dice after 0..N click steps, its area under the curve, NoC@85/90 per case and per
+lesion, lesion-wise detection, per-case mean and global Dice, and the same automatic figures for
+a plain nnU-Net result folder (``--plain``). Writes JSON, CSV, PNG and Markdown
+(:mod:`nnunet_guide.evaluation.report`).
+
+The model enters :func:`evaluate` only as ``predict(case_id, clicks) -> label map`` (raw image
+voxel grid, SimpleITK array order; click positions are raw array indices), so the loop runs
+with any predictor; :func:`guided_predict_fn` builds that function from a trained model folder
+with :class:`nnunet_guide.inference.predictor.GuidedPredictor`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..core.clicks import Click
+from ..core.metrics import MetricsInputError, check_label_values, check_pair
+from ..core.user_sim import PredictFn, simulate_session
+from ..settings import GuidedTarget, resolve_targets
+from .report import DEFAULT_THRESHOLDS, case_record, plain_record, write_report
+
+Log = Callable[[str], None]
+
+
+class EvaluationError(RuntimeError):
+    """Input the evaluation cannot use; the message names the case/file and what was expected."""
+
+
+@dataclass
+class CaseInput:
+    """One case to evaluate.
+
+    Attributes:
+        case_id: nnU-Net case identifier.
+        reference: integer label map (z, y, x) in the raw image's voxel grid.
+        spacing: mm per array axis of ``reference``.
+        image: first image channel (z, y, x) for overlays, or None.
+        plain: a plain nnU-Net prediction of the case (same grid), or None.
+        plain_spacing: its spacing (checked against ``spacing``).
+    """
+    case_id: str
+    reference: np.ndarray
+    spacing: Tuple[float, ...]
+    image: Optional[np.ndarray] = None
+    plain: Optional[np.ndarray] = None
+    plain_spacing: Optional[Tuple[float, ...]] = None
+
+
+@dataclass
+class EvaluationOptions:
+    """Settings of the simulated user and the metrics (stored in results.json)."""
+    n_clicks: int = 5
+    connectivity: int = 2
+    allow_negative: bool = True
+    min_error_voxels: int = 1
+    detection_min_dice: float = 0.0
+    thresholds: Tuple[float, ...] = DEFAULT_THRESHOLDS
+    ignore_label: Optional[int] = None
+    n_overlays: int = 3
+    seed: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+
+@dataclass
+class EvaluationResult:
+    records: List[Dict[str, Any]] = field(default_factory=list)
+    plain: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    overlays: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[GuidedTarget],
+             classes: Mapping[str, Sequence[int]], options: EvaluationOptions, log: Log = print
+             ) -> EvaluationResult:
+    """Run the simulated user on every case and collect records (see :mod:`.report`).
+
+    Args:
+        cases: case inputs (may be a generator: cases are loaded one at a time).
+        predict: ``predict(case_id, clicks) -> label map`` on the reference's grid.
+        guided: the model's guided classes, in its target order (``Click.target`` indexes it).
+        classes: evaluated classes, name -> label value(s).
+        options: simulated-user and metric settings.
+    """
+    out = EvaluationResult()
+    guided_names = [t.name for t in guided]
+    allowed = sorted({0, *(v for vals in classes.values() for v in vals)} |
+                     ({options.ignore_label} if options.ignore_label is not None else set()))
+    for i, case in enumerate(cases):
+        t0 = time.time()
+        check_label_values(case.reference, allowed, case.case_id, "reference")
+        session = simulate_session(
+            case.case_id, predict, case.reference, case.spacing, [t.labels for t in guided], dict(classes),
+            options.n_clicks, connectivity=options.connectivity, allow_negative=options.allow_negative,
+            ignore_label=options.ignore_label, min_error_voxels=options.min_error_voxels,
+            detection_min_dice=options.detection_min_dice)
+        rec = case_record(session, classes, guided_names, case.spacing, options.thresholds)
+        out.records.append(rec)
+        panels = [("0 clicks", session.first_prediction, 0),
+                  (f"{options.n_clicks} click steps", session.last_prediction, options.n_clicks)]
+        if case.plain is not None:
+            check_pair(case.reference, case.plain, case.case_id, case.spacing, case.plain_spacing)
+            out.plain[case.case_id] = plain_record(case.case_id, case.reference, case.plain, classes,
+                                                   options.connectivity, options.detection_min_dice,
+                                                   options.ignore_label)
+            panels.insert(0, ("plain nnU-Net", case.plain, 0))
+        if case.image is not None and len(out.overlays) < options.n_overlays:
+            out.overlays.append({"case": case.case_id, "image": case.image, "reference": case.reference,
+                                 "predictions": panels, "classes": dict(classes), "clicks": session.clicks})
+        parts = [f"{n} {c['dice'][0]:.3f} -> {c['dice'][-1]:.3f}" for n, c in rec["classes"].items()]
+        stop = "" if session.stopped_at is None else f", user stopped after {session.stopped_at} step(s)"
+        log(f"[{i + 1}] {case.case_id}: Dice 0 -> {options.n_clicks} click steps: {', '.join(parts)} "
+            f"({len(session.clicks)} clicks{stop}, {time.time() - t0:.1f} s)")
+    if not out.records:
+        raise EvaluationError("no case was evaluated")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# files in nnU-Net's layout
+
+
+def find_cases(images_folder: str, reference_folder: str, file_ending: str, num_channels: int,
+               plain_folder: Optional[str] = None, only: Optional[Sequence[str]] = None
+               ) -> List[Tuple[str, List[str], str, Optional[str]]]:
+    """Cases of an nnU-Net images folder (``{case}_{XXXX}{file_ending}``) with their reference
+    (``{case}{file_ending}``) and optional plain prediction.
+
+    Returns ``(case_id, image files, reference file, plain file or None)`` sorted by case id.
+    Raises :class:`EvaluationError` naming the missing file.
+    """
+    if not os.path.isdir(images_folder):
+        raise EvaluationError(f"images folder {images_folder} does not exist")
+    if not os.path.isdir(reference_folder):
+        raise EvaluationError(f"reference folder {reference_folder} does not exist")
+    suffix = f"_0000{file_ending}"
+    ids = sorted(f[:-len(suffix)] for f in os.listdir(images_folder) if f.endswith(suffix))
+    if only:
+        missing = sorted(set(only) - set(ids))
+        if missing:
+            raise EvaluationError(f"case(s) {missing} have no {{case}}{suffix} in {images_folder}")
+        ids = [c for c in ids if c in set(only)]
+    if not ids:
+        raise EvaluationError(f"no images named CASE{suffix} in {images_folder}")
+    out = []
+    for cid in ids:
+        files = [os.path.join(images_folder, f"{cid}_{c:04d}{file_ending}") for c in range(num_channels)]
+        for f in files:
+            if not os.path.isfile(f):
+                raise EvaluationError(f"case {cid!r}: image channel file {f} is missing "
+                                      f"(the model expects {num_channels} channel(s))")
+        ref = os.path.join(reference_folder, f"{cid}{file_ending}")
+        if not os.path.isfile(ref):
+            raise EvaluationError(f"case {cid!r}: reference {ref} is missing")
+        plain = None
+        if plain_folder:
+            plain = os.path.join(plain_folder, f"{cid}{file_ending}")
+            if not os.path.isfile(plain):
+                raise EvaluationError(f"case {cid!r}: plain nnU-Net prediction {plain} is missing")
+        out.append((cid, files, ref, plain))
+    return out
+
+
+def load_cases(found: Sequence[Tuple[str, List[str], str, Optional[str]]], reader_class,
+               with_image: int = 3) -> Iterator[CaseInput]:
+    """Read cases lazily with nnU-Net's reader (the model's ``image_reader_writer``), so arrays
+    and spacings are in the same order as the predictor's output. Images are read only for the
+    first ``with_image`` cases (overlays)."""
+    for i, (cid, files, ref, plain) in enumerate(found):
+        rw = reader_class()
+        seg, props = rw.read_seg(ref)
+        spacing = tuple(float(s) for s in props["spacing"])
+        image = None
+        if i < with_image:
+            img, _ = rw.read_images([files[0]])
+            image = np.asarray(img[0], np.float32)
+            if image.shape != seg.shape[1:]:
+                raise EvaluationError(f"case {cid!r}: image {files[0]} has shape {image.shape} but reference "
+                                      f"{ref} has {seg.shape[1:]}")
+        pl, pl_sp = None, None
+        if plain:
+            p, pprops = rw.read_seg(plain)
+            pl, pl_sp = np.asarray(p[0]), tuple(float(s) for s in pprops["spacing"])
+        yield CaseInput(cid, np.asarray(seg[0]), spacing, image, pl, pl_sp)
+
+
+def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) -> PredictFn:
+    """``predict(case_id, clicks)`` from an initialised :class:`GuidedPredictor`.
+
+    Each case is preprocessed once by nnU-Net (the last case is cached) and predicted again for
+    every new click list. Simulated clicks (raw array index z, y, x; ``target`` = index into the
+    model's guided classes) go through the predictor's own mapping into preprocessed space, as
+    voxel clicks in ITK order (i, j, k), so the evaluation feeds clicks exactly as a user's
+    click file would.
+
+    Args:
+        predictor: a GuidedPredictor after ``initialize_from_trained_model_folder``.
+        images: case id -> the case's channel files.
+    """
+    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+    from ..inference.click_io import ClickSpec
+    layout = predictor.layout
+    cache: Dict[str, Any] = {}
+
+    def predict(case_id: str, clicks: List[Click]) -> np.ndarray:
+        if case_id not in cache:
+            cache.clear()  # one case at a time: memory stays flat
+            if case_id not in images:
+                raise EvaluationError(f"case {case_id!r} has no image files")
+            cache[case_id] = predictor.preprocess(list(images[case_id]))
+        data, props = cache[case_id]
+        specs = [ClickSpec(tuple(float(v) for v in c.position[::-1]), layout.targets[c.target].name,
+                           bool(c.positive), "voxel", f"simulated user, case {case_id!r}, click {n + 1}")
+                 for n, c in enumerate(clicks)]
+        pre_clicks = predictor.clicks_to_preprocessed(specs, case_id, props, data.shape[1:])
+        logits = predictor.predict_logits_from_preprocessed_data(predictor.add_guides(data, pre_clicks, props))
+        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits.cpu(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+            deepcopy(props))
+        return np.asarray(seg)
+
+    return predict
+
+
+def guided_predict_fn(model_folder: str, folds, checkpoint: str, images: Mapping[str, Sequence[str]],
+                      device: str = "cpu", use_mirroring: bool = False, step_size: float = 0.5):
+    """Load a trained guide model with :class:`GuidedPredictor`; returns ``(predict, layout)``
+    (see :func:`predict_fn_from_predictor`)."""
+    import torch
+    from ..inference.predictor import GuidedPredictor
+    from ..settings import GuideSettingsError
+    predictor = GuidedPredictor(tile_step_size=step_size, use_mirroring=use_mirroring, device=torch.device(device),
+                                verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    try:
+        predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=checkpoint)
+    except GuideSettingsError as e:
+        raise EvaluationError(str(e)) from e
+    except FileNotFoundError as e:
+        raise EvaluationError(f"{model_folder}: {e} (folds {list(folds)}, checkpoint {checkpoint})") from e
+    return predict_fn_from_predictor(predictor, images), predictor.layout
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _model_folder(a) -> str:
+    if a.model:
+        if not os.path.isdir(a.model):
+            raise EvaluationError(f"model folder {a.model} does not exist")
+        return a.model
+    if a.d is None:
+        raise EvaluationError("give the model folder with -m, or -d (with -c, -tr, -p) like nnUNetv2_predict")
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    folder = get_output_folder(a.d, a.tr, a.p, a.c)
+    if not os.path.isdir(folder):
+        raise EvaluationError(f"no trained model at {folder} (dataset {a.d}, trainer {a.tr}, plans {a.p}, "
+                              f"configuration {a.c})")
+    return folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nnUNetv2_guide_evaluate",
+        description="Evaluate a guide-aware nnU-Net model with a simulated user: Dice after 0..N clicks, "
+                    "Dice AUC, NoC@85/90, lesion detection, per-case and global Dice; optional comparison with "
+                    "a plain nnU-Net prediction folder. Writes results.json, CSVs, PNG plots and report.md.")
+    m = p.add_argument_group("model (either -m, or -d/-c/-tr/-p as nnUNetv2_predict)")
+    m.add_argument("-m", "--model", help="trained model folder (holds plans.json, dataset.json, fold_X/)")
+    m.add_argument("-d", help="dataset name or id")
+    m.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
+    m.add_argument("-tr", default="nnUNetTrainerGuide", help="trainer (default nnUNetTrainerGuide)")
+    m.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    m.add_argument("-f", nargs="+", default=["0"], help="folds (default 0; 'all' allowed)")
+    m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+    p.add_argument("-i", "--images", required=True, help="images folder (CASE_0000.nii.gz, ...)")
+    p.add_argument("-r", "--reference", required=True, help="reference labels folder (CASE.nii.gz)")
+    p.add_argument("-o", "--output", required=True, help="output folder for the report")
+    p.add_argument("-n", "--clicks", type=int, default=5, help="click steps N (one click per guided class each)")
+    p.add_argument("--plain", help="folder with plain nnU-Net predictions (CASE.nii.gz) to compare with")
+    p.add_argument("--cases", nargs="+", help="only these case ids")
+    p.add_argument("--max-cases", type=int, help="only the first K cases (sorted by id)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
+                   help="Dice thresholds of NoC (default 0.85 0.90)")
+    p.add_argument("--connectivity", type=int, default=2, help="of lesions and error regions (2 = 18-conn. in 3D)")
+    p.add_argument("--min-error-voxels", type=int, default=1, help="error regions smaller than this get no click")
+    p.add_argument("--detection-min-dice", type=float, default=0.0,
+                   help="a lesion counts as detected when its matched Dice exceeds this (0 = any overlap)")
+    p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower)")
+    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of torch/numpy (repeatable runs)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return run_cli(a)
+    except (EvaluationError, MetricsInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def run_cli(a) -> int:
+    if a.clicks < 0:
+        raise EvaluationError(f"-n/--clicks must be >= 0, got {a.clicks}")
+    random.seed(a.seed)
+    np.random.seed(a.seed)
+    try:
+        import torch
+        torch.manual_seed(a.seed)
+    except ImportError:  # pragma: no cover
+        pass
+    folder = _model_folder(a)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager(os.path.join(folder, "plans.json"))
+    folds = [f if f == "all" else int(f) for f in a.f]
+    found = find_cases(a.images, a.reference, dataset_json["file_ending"], len(dataset_json["channel_names"]),
+                       a.plain, a.cases)
+    if a.max_cases:
+        found = found[:a.max_cases]
+    print(f"nnUNetv2_guide_evaluate: {len(found)} case(s), model {folder}, N = {a.clicks}")
+    predict, layout = guided_predict_fn(folder, folds, a.chk, {c[0]: c[1] for c in found}, a.device, a.tta,
+                                        a.step_size)
+    if layout.guide is None or not layout.targets:
+        raise EvaluationError(f"{folder} has no guide channels; there is nothing to click")
+    ignore = dataset_json["labels"].get("ignore")
+    classes = {t.name: t.labels for t in resolve_targets(dataset_json, None, ignore)}
+    opts = EvaluationOptions(n_clicks=a.clicks, connectivity=a.connectivity,
+                             allow_negative=bool(layout.guide is not None and layout.guide.negatives),
+                             min_error_voxels=a.min_error_voxels, detection_min_dice=a.detection_min_dice,
+                             thresholds=tuple(a.thresholds), ignore_label=ignore, n_overlays=a.overlays,
+                             seed=a.seed)
+    res = evaluate(load_cases(found, plans.image_reader_writer_class, a.overlays), predict, layout.targets,
+                   classes, opts)
+    settings = {"model": os.path.abspath(folder), "folds": a.f, "checkpoint": a.chk,
+                "images": os.path.abspath(a.images), "reference": os.path.abspath(a.reference),
+                "plain": os.path.abspath(a.plain) if a.plain else None, "device": a.device, "tta": a.tta,
+                "guided": [t.name for t in layout.targets], **opts.to_dict()}
+    context = [f"model: `{folder}` (folds {', '.join(a.f)}, {a.chk})",
+               f"images: `{a.images}`; reference: `{a.reference}`"
+               + (f"; plain nnU-Net: `{a.plain}`" if a.plain else ""),
+               f"guided classes: {', '.join(t.name for t in layout.targets)}; negative clicks: "
+               f"{'yes' if opts.allow_negative else 'no (model has no negative channels)'}"]
+    write_report(a.output, res.records, res.plain or None, res.overlays, context=context, settings=settings,
+                 thresholds=opts.thresholds)
+    print(f"report written to {os.path.join(a.output, 'report.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The evaluation loop with a fake model, and the files of the report."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from nnunet_guide.core.clicks import Click
+from nnunet_guide.core.metrics import MetricsInputError
+from nnunet_guide.evaluation import cli
+from nnunet_guide.evaluation.cli import CaseInput, EvaluationError, EvaluationOptions, evaluate, find_cases
+from nnunet_guide.evaluation.report import summarize, write_report
+from nnunet_guide.settings import GuidedTarget
+
+CLASSES = {"liver": (1, 2), "tumor": (2,)}
+GUIDED = [GuidedTarget("tumor", (2,))]
+
+
+def make_case(seed):
+    """Liver block with two tumours; the 'automatic' result misses the larger tumour."""
+    ref = np.zeros((12, 20, 20), np.uint8)
+    ref[1:11, 2:18, 2:18] = 1
+    ref[3:8, 4:9, 4:9] = 2  # 125 voxels
+    ref[6:9, 12:15, 12:15] = 2  # 27 voxels
+    auto = ref.copy()
+    auto[3:8, 4:9, 4:9] = 1
+    image = np.where(ref == 2, 70.0, np.where(ref == 1, 120.0, -50.0)).astype(np.float32)
+    image += np.random.default_rng(seed).normal(0, 5, ref.shape).astype(np.float32)
+    return ref, auto, image
+
+
+class FakeGuideModel:
+    """A positive tumour click turns the reference tumour under it into tumour."""
+
+    def __init__(self, refs, autos):
+        self.refs, self.autos = refs, autos
+
+    def __call__(self, case_id, clicks):
+        ref, pred = self.refs[case_id], self.autos[case_id].copy()
+        lab, _ = ndimage.label(ref == 2)
+        for c in clicks:
+            p = tuple(int(round(v)) for v in c.position)
+            if c.positive and lab[p]:
+                pred[lab == lab[p]] = 2
+        return pred
+
+
+def run_eval(n_clicks=2, with_empty=False):
+    refs, autos, cases = {}, {}, []
+    for i, cid in enumerate(["a", "b"]):
+        ref, auto, img = make_case(i)
+        refs[cid], autos[cid] = ref, auto
+        plain = auto.copy() if cid == "a" else None
+        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img, plain, (2.0, 1.0, 1.0) if plain is not None else None))
+    if with_empty:
+        ref = np.zeros((12, 20, 20), np.uint8)
+        ref[1:11, 2:18, 2:18] = 1  # no tumour at all
+        refs["c"], autos["c"] = ref, ref.copy()
+        cases.append(CaseInput("c", ref, (2.0, 1.0, 1.0)))
+    logs = []
+    res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
+                   EvaluationOptions(n_clicks=n_clicks, n_overlays=2), log=logs.append)
+    return res, logs
+
+
+def test_evaluate_with_fake_model():
+    res, logs = run_eval()
+    assert [r["case"] for r in res.records] == ["a", "b"]
+    tumour = res.records[0]["classes"]["tumor"]
+    # 0 clicks: tumour TP 27, FN 125 -> 54 / 179; one click fixes the big tumour -> 1.0
+    assert tumour["dice"] == pytest.approx([54 / 179, 1.0, 1.0])
+    assert res.records[0]["stopped_at"] == 1
+    assert res.records[0]["clicks"] == [{"step": 1, "target": "tumor", "position": [5.0, 6.0, 6.0], "positive": True}]
+    assert tumour["noc"]["85"] == {"clicks": 1, "reached": True}
+    assert tumour["lesions"]["size"] == [125, 27]
+    assert tumour["lesions"]["dice"] == [[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert tumour["detection"][0]["recall"] == 0.5 and tumour["detection"][1]["recall"] == 1.0
+    assert res.records[0]["classes"]["liver"]["dice"] == [1.0, 1.0, 1.0]
+    assert list(res.plain) == ["a"] and res.plain["a"]["tumor"]["dice"] == pytest.approx(54 / 179)
+    assert len(res.overlays) == 2 and [p[0] for p in res.overlays[0]["predictions"]][0] == "plain nnU-Net"
+    assert len(logs) == 2 and "a:" in logs[0]
+
+
+def test_summary_figures():
+    res, _ = run_eval()
+    s = summarize(res.records, res.plain)
+    t = s["guided"]["tumor"]
+    assert s["n_cases"] == 2 and s["n_clicks"] == 2
+    assert t["mean_dice"] == pytest.approx([54 / 179, 1.0, 1.0])
+    assert t["global_dice"] == pytest.approx([108 / 358, 1.0, 1.0])
+    assert t["mean_auc"] == pytest.approx((54 / 179 + 1) / 2 / 2 + 0.5)
+    assert t["noc"]["90"]["mean_clicks"] == 1.0 and t["noc"]["90"]["n_failed"] == 0
+    # per lesion: the big tumours need 1 step, the small ones 0
+    assert t["lesion_noc"]["85"]["mean_clicks"] == pytest.approx(0.5) and t["n_lesions"] == 4
+    assert s["plain"]["tumor"]["n_cases"] == 1 and s["plain"]["tumor"]["recall"] == 0.5
+
+
+def test_empty_reference_case_is_flagged_and_json_has_no_nan(tmp_path):
+    res, _ = run_eval(n_clicks=1, with_empty=True)
+    c = res.records[2]["classes"]["tumor"]
+    assert c["empty_reference"] and c["both_empty"] == [True, True] and c["dice"] == [1.0, 1.0]
+    assert c["detection"][0]["recall"] is None
+    s = write_report(str(tmp_path), res.records, res.plain, res.overlays)
+    assert s["guided"]["tumor"]["n_empty_reference"] == 1
+    text = open(tmp_path / "results.json").read()
+    json.loads(text, parse_constant=lambda x: pytest.fail(f"{x} in results.json"))
+    assert "NaN" not in text
+
+
+def test_report_files(tmp_path):
+    res, _ = run_eval()
+    write_report(str(tmp_path), res.records, res.plain, res.overlays, title="T", context=["model: fake"],
+                 settings={"n_clicks": 2})
+    for f in ("results.json", "per_case.csv", "dice_vs_clicks.csv", "summary.csv", "dice_vs_clicks.png",
+              "report.md", "overlays/a.png", "overlays/b.png"):
+        assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f
+    import matplotlib.image as mpimg
+    png = mpimg.imread(str(tmp_path / "dice_vs_clicks.png"))
+    assert png.ndim == 3 and png.shape[0] > 100 and png.std() > 0
+    rows = list(csv.DictReader(open(tmp_path / "per_case.csv")))
+    assert len(rows) == 4  # 2 cases x 2 classes
+    row = [r for r in rows if r["case"] == "a" and r["class"] == "tumor"][0]
+    assert float(row["dice_0"]) == pytest.approx(54 / 179, abs=1e-5) and row["noc85"] == "1"
+    assert float(row["plain_dice"]) == pytest.approx(54 / 179, abs=1e-5)
+    assert [r for r in rows if r["case"] == "b"][0]["plain_dice"] == ""
+    curve = list(csv.DictReader(open(tmp_path / "dice_vs_clicks.csv")))
+    assert len(curve) == 6
+    summary = list(csv.DictReader(open(tmp_path / "summary.csv")))
+    assert {r["method"] for r in summary} == {"plain nnU-Net", "guide model, 0 clicks", "guide model, 2 click steps"}
+    md = open(tmp_path / "report.md").read()
+    assert "# T" in md and "model: fake" in md and "![Dice vs clicks](dice_vs_clicks.png)" in md
+    assert "| tumor | guide model, 2 click steps | 1.000 |" in md
+    assert "overlays/a.png" in md and "nan" not in md.lower()
+
+
+def test_prediction_of_wrong_shape_names_case():
+    ref, _, _ = make_case(0)
+
+    def bad(case_id, clicks):
+        return np.zeros((12, 20, 19), np.uint8)
+
+    with pytest.raises(MetricsInputError, match="'z1'.*\\(12, 20, 19\\)"):
+        evaluate([CaseInput("z1", ref, (1, 1, 1))], bad, GUIDED, CLASSES, EvaluationOptions(n_clicks=1),
+                 log=lambda m: None)
+
+
+def test_plain_prediction_spacing_checked():
+    ref, auto, _ = make_case(0)
+    case = CaseInput("p1", ref, (2.0, 1.0, 1.0), None, auto, (1.0, 1.0, 1.0))
+    with pytest.raises(MetricsInputError, match="'p1'.*spacing"):
+        evaluate([case], lambda cid, clicks: auto, GUIDED, CLASSES, EvaluationOptions(n_clicks=0),
+                 log=lambda m: None)
+
+
+def test_undeclared_reference_label():
+    ref, auto, _ = make_case(0)
+    ref[0, 0, 0] = 5
+    with pytest.raises(MetricsInputError, match="'q'.*\\[5\\]"):
+        evaluate([CaseInput("q", ref, (1, 1, 1))], lambda cid, clicks: auto, GUIDED, CLASSES,
+                 EvaluationOptions(n_clicks=0), log=lambda m: None)
+
+
+def test_find_cases(tmp_path):
+    img, ref, plain = tmp_path / "img", tmp_path / "ref", tmp_path / "plain"
+    for d in (img, ref, plain):
+        d.mkdir()
+    for c in ("x1", "x2"):
+        (img / f"{c}_0000.nii.gz").write_bytes(b"")
+        (ref / f"{c}.nii.gz").write_bytes(b"")
+    (plain / "x1.nii.gz").write_bytes(b"")
+    found = find_cases(str(img), str(ref), ".nii.gz", 1)
+    assert [f[0] for f in found] == ["x1", "x2"] and found[0][3] is None
+    with pytest.raises(EvaluationError, match="'x2'.*plain"):
+        find_cases(str(img), str(ref), ".nii.gz", 1, str(plain))
+    with pytest.raises(EvaluationError, match="'x1'.*_0001"):
+        find_cases(str(img), str(ref), ".nii.gz", 2)
+    os.remove(ref / "x2.nii.gz")
+    with pytest.raises(EvaluationError, match="'x2'.*reference"):
+        find_cases(str(img), str(ref), ".nii.gz", 1)
+    assert [f[0] for f in find_cases(str(img), str(ref), ".nii.gz", 1, only=["x1"])] == ["x1"]
+
+
+def test_cli_reports_missing_model(tmp_path, capsys):
+    rc = cli.main(["-m", str(tmp_path / "nope"), "-i", str(tmp_path), "-r", str(tmp_path), "-o", str(tmp_path / "o")])
+    assert rc == 1 and "does not exist" in capsys.readouterr().err
+
+
+# ---- the real predictor wired into the loop (untrained networks: plumbing, not accuracy) ----------
+
+def _case_with_lesion(folder, ref_folder, case, centre=(5, 12, 9), radius=2.5):
+    import SimpleITK as sitk
+    from test_predictor import write_case  # the predictor tests' rotated, anisotropic, cropped image
+    path, img = write_case(folder, case, shape=(10, 22, 20))
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in (10, 22, 20)], indexing="ij")
+    ref = (((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2) <= radius ** 2).astype(np.uint8) * 2
+    lab = sitk.GetImageFromArray(ref)
+    lab.CopyInformation(img)
+    os.makedirs(ref_folder, exist_ok=True)
+    sitk.WriteImage(lab, os.path.join(ref_folder, f"{case}.nii.gz"))
+    return path, ref, img
+
+
+def test_simulated_click_reaches_the_network_where_it_was_placed(tmp_path):
+    """With a probe network whose lesion logit is the lesion guide, the lesion predicted after the
+    simulated user's click sits where the user clicked: the click went through nnU-Net's crop,
+    resampling, transpose and back without moving."""
+    from test_predictor import probe_predictor
+    path, ref, img = _case_with_lesion(str(tmp_path / "img"), str(tmp_path / "ref"), "c1")
+    predict = cli.predict_fn_from_predictor(probe_predictor(mirroring=False, transpose=(2, 0, 1)), {"c1": [path]})
+    spacing = tuple(img.GetSpacing()[::-1])
+    guided = [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))]
+    res = evaluate([CaseInput("c1", ref, spacing)], predict, guided, {"lesion": (2,)},
+                   EvaluationOptions(n_clicks=1), log=lambda m: None)
+    rec = res.records[0]
+    assert rec["clicks"][0]["target"] == "lesion" and rec["clicks"][0]["positive"]
+    click = np.array(rec["clicks"][0]["position"])
+    np.testing.assert_allclose(click, (5, 12, 9))
+    lesion = rec["classes"]["lesion"]
+    assert lesion["dice"][0] == 0.0 and lesion["dice"][1] > 0.3
+    # the predicted lesion is centred on the click (the probe draws a blob around the guide)
+    pred = predict("c1", [Click(1, tuple(click), True)])
+    centre = np.argwhere(pred == 2).mean(0)
+    assert np.abs(centre - click).max() < 1.0, (centre, click)
+
+
+def test_cli_end_to_end_with_untrained_model(tmp_path):
+    from test_predictor import make_model_folder
+    from nnunet_guide.inference.predictor import ensure_trainers_discoverable
+    ensure_trainers_discoverable()
+    model = make_model_folder(str(tmp_path / "model"))
+    for i, case in enumerate(("c1", "c2")):
+        _case_with_lesion(str(tmp_path / "img"), str(tmp_path / "ref"), case, centre=(4 + i, 11, 9))
+    out = tmp_path / "report"
+    rc = cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+                   "-n", "2", "--overlays", "1"])
+    assert rc == 0
+    res = json.load(open(out / "results.json"))
+    assert [c["case"] for c in res["cases"]] == ["c1", "c2"]
+    assert set(res["cases"][0]["classes"]) == {"organ", "lesion"}
+    assert len(res["cases"][0]["classes"]["lesion"]["dice"]) == 3
+    assert res["settings"]["guided"] == ["organ", "lesion"] and res["settings"]["n_clicks"] == 2
+    assert (out / "overlays" / "c1.png").is_file() and not (out / "overlays" / "c2.png").exists()
+    assert (out / "report.md").is_file()
+
+
+def test_click_effect_sentences():
+    from nnunet_guide.evaluation.report import click_effect_lines
+    res, _ = run_eval()
+    lines = click_effect_lines(summarize(res.records))
+    assert lines == [f"tumor: {54 / 179:.3f} -> 1.000 ({1 - 54 / 179:+.3f})"]
+    flat = {"n_clicks": 2, "guided": {"tumor": {"guided": True, "mean_dice": [0.5, 0.5, 0.505]},
+                                      "liver": {"guided": False, "mean_dice": [0.9, 0.9, 0.9]}}}
+    (line,) = click_effect_lines(flat)
+    assert line.startswith("tumor: 0.500 -> 0.505 (+0.005)") and "no real difference" in line
