@@ -322,7 +322,7 @@ def plot_overlay(path: str, case_id: str, image: np.ndarray, reference: np.ndarr
                         color="yellow" if c.positive else "magenta")
         d = "  ".join(f"{n}: {dice_masks(class_mask(reference, v), class_mask(pred, v)).dice:.2f}"
                       for n, v in classes.items())
-        ax.set_title(f"{title}\n{d}", fontsize=8)
+        ax.set_title(f"{title}\ncase Dice {d}", fontsize=8)
         ax.axis("off")
     names = ", ".join(f"{n} {colours[i % len(colours)]}" for i, n in enumerate(classes))
     fig.suptitle(f"{case_id}, slice {z}: reference = contour, prediction = fill ({names})", fontsize=9)
