@@ -147,14 +147,14 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
         offset = np.array([s.start for s in sl]) + base
         obj = labels[sl] == oid
         coords = np.argwhere(obj)
-        center, sigma = robust_center(coords, min_sigma)
+        center, raw_sigma = robust_center(coords)
+        sigma = np.maximum(raw_sigma, min_sigma)
         if policy == "center":
             pos = center
             if perturb:
                 if rng is None:
                     raise ValueError("perturb=True needs an rng")
-                raw_sigma = np.maximum(MAD_TO_SIGMA * np.median(np.abs(coords - center), axis=0), 0.5)
-                pos = center + raw_sigma * rng.uniform(-0.2, 0.2, size=center.shape)
+                pos = center + np.maximum(raw_sigma, 0.5) * rng.uniform(-0.2, 0.2, size=center.shape)
                 sigma = np.maximum(sigma * rng.uniform(1 / 1.4, 1.4, size=sigma.shape), min_sigma)
         elif policy == "interior":
             pos, _ = interior_point(obj, spacing)
