@@ -17,7 +17,6 @@ data is absent; then plans the density histograms (nnUNetv2_guide_plan). Uses nn
 plans (the network users train) unless ``--plans`` says otherwise.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -42,22 +41,15 @@ def build_dataset(root):
         print(f"LiTS case not available ({e}): using the synthetic phantom")
         T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=8, shape=(32, 96, 96))
         did, name = 901, "Dataset901_GuideSynthetic"
-    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # nnU-Net's planner needs >= 1
-    T.run(["nnUNetv2_plan_and_preprocess", "-d", str(did), "-c", "3d_fullres", "-np", "1", "-npfp", "1"], plan_env)
+    T.plan_and_preprocess(did, env, ("3d_fullres",))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[k] = env[k]
     return os.path.join(env["nnUNet_preprocessed"], name)
 
 
 def make_trainer(cls, pp, plans_name, configuration):
-    with open(os.path.join(pp, plans_name + ".json")) as f:
-        plans = json.load(f)
-    plans["continue_training"] = False
-    with open(os.path.join(pp, "dataset.json")) as f:
-        dj = json.load(f)
-    tr = cls(plans, configuration, 0, dj, device=torch.device("cpu"))
-    tr.initialize()
-    return tr
+    from nnunet_guide.testing import make_trainer as build
+    return build(cls, pp, plans_name, configuration, initialize=True)
 
 
 def main(argv=None):

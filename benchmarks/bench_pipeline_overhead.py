@@ -10,7 +10,6 @@ not the worker pool's), with the same seeds, in alternating rounds so machine no
 Prints the per-batch times and the ratio ours / plain (aim: <= 1.10 for 3d_fullres patches).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,13 +37,8 @@ def build_dataset(root):
 
 
 def make_loader(cls, pp, plans_name, configuration):
-    with open(os.path.join(pp, plans_name + ".json")) as f:
-        plans = json.load(f)
-    plans["continue_training"] = False
-    with open(os.path.join(pp, "dataset.json")) as f:
-        dj = json.load(f)
-    tr = cls(plans, configuration, 0, dj, device=torch.device("cpu"))
-    tr.initialize()
+    from nnunet_guide.testing import make_trainer
+    tr = make_trainer(cls, pp, plans_name, configuration, initialize=True)
     dl, _ = tr.get_dataloaders()
     return tr, dl
 

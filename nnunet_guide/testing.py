@@ -185,6 +185,22 @@ def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPl
     return dst
 
 
+def make_trainer(trainer_class, preprocessed_dataset_folder: str, plans_name: str = "nnUNetPlans",
+                 configuration: str = "3d_fullres", fold=0, initialize: bool = False):
+    """A trainer built in this process from a preprocessed dataset folder, on the CPU, the way
+    ``nnUNetv2_train`` builds it (nnU-Net's folders must be in the environment)."""
+    import torch
+    with open(os.path.join(preprocessed_dataset_folder, plans_name + ".json")) as f:
+        plans = json.load(f)
+    plans["continue_training"] = False  # nnUNetv2_train sets this; the trainer pops it
+    with open(os.path.join(preprocessed_dataset_folder, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+    if initialize:
+        trainer.initialize()
+    return trainer
+
+
 def train(dataset_id: int, configuration: str, fold, trainer: str, plans: str, env: Dict[str, str],
           log: Optional[str] = None, extra_args: Sequence[str] = ()) -> str:
     """``nnUNetv2_train`` on the CPU; returns the model folder."""

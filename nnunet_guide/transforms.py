@@ -13,7 +13,7 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from .core.clicks import sample_training_clicks
-from .core.encoding import render_guides
+from .core.encoding import num_guide_channels, render_guides
 from .settings import GuideSettings
 
 
@@ -55,7 +55,7 @@ class GuideChannelsTransform(BasicTransform):
     def apply(self, data_dict, **params):
         img = data_dict["image"]
         shape = tuple(img.shape[1:])
-        n_guide = len(self.targets) * (2 if self.settings.negatives else 1)
+        n_guide = num_guide_channels(len(self.targets), self.settings.negatives)
         out = torch.empty((img.shape[0] + n_guide, *shape), dtype=img.dtype)
         out[:img.shape[0]] = img
         guides = out[img.shape[0]:].numpy()

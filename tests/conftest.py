@@ -2,8 +2,18 @@
 import os
 
 import pytest
+import torch
 
 from nnunet_guide import testing as T
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks on a shared CPU: one thread is ~100x faster than contended threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

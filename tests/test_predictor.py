@@ -26,13 +26,7 @@ DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ
 TRAINER = "nnUNetTrainerGuide"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks on a shared CPU: one thread is ~100x faster than contended threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def arch(dim, features=(4, 8)):

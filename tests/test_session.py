@@ -13,13 +13,7 @@ from nnunet_guide.inference.session import GuidedSession
 from test_predictor import make_model_folder, predictor, tiny_layout, tiny_plans, write_case
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny networks on a shared CPU: one thread is ~100x faster than contended threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,17 @@
 """The guide transform inside nnU-Net's real data pipeline (trainer -> dataloader -> batch)."""
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from nnunet_guide import testing as T
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideAlways
 from nnunet_guide.transforms import GuideChannelsTransform
 
 
 def make_trainer(cls, paths, configuration="3d_fullres"):
-    pp = paths["preprocessed"]
-    with open(os.path.join(pp, "nnUNetPlans_small.json")) as f:
-        plans = json.load(f)
-    plans["continue_training"] = False  # nnUNetv2_train sets this; the trainer pops it
-    with open(os.path.join(pp, "dataset.json")) as f:
-        dj = json.load(f)
-    return cls(plans, configuration, 0, dj, device=torch.device("cpu"))
+    return T.make_trainer(cls, paths["preprocessed"], "nnUNetPlans_small", configuration)
 
 
 class NeverGuided(nnUNetTrainerGuide):

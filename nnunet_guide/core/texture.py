@@ -30,7 +30,6 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 TEXTURE_FEATURES = ("mean", "std", "entropy", "gradient", "contrast", "homogeneity")
 

@@ -134,13 +134,11 @@ def _parse_monai_case(obj: Mapping, case: str, source: str) -> List[ClickSpec]:
         where = f"{source}, case {case!r}, label {label!r}"
         if not isinstance(points, list):
             raise ClickFileError(f"{where}: expected a list of [x, y, z] points, got {points!r}")
+        lab = int(label) if isinstance(label, str) and label.isdigit() else label
+        positive = label != BACKGROUND  # background points are negative clicks for every class
         for n, p in enumerate(points):
-            lab = label if not (isinstance(label, str) and label.isdigit()) else int(label)
-            if label == BACKGROUND:
-                specs.append(ClickSpec(_point(p, f"{where}, point {n}"), BACKGROUND, False, "voxel",
-                                       f"{where}, point {n}"))
-            else:
-                specs.append(ClickSpec(_point(p, f"{where}, point {n}"), lab, True, "voxel", f"{where}, point {n}"))
+            at = f"{where}, point {n}"
+            specs.append(ClickSpec(_point(p, at), lab, positive, "voxel", at))
     return specs
 
 
