@@ -208,16 +208,7 @@ def main(argv=None):
 
         results = {}
         for mode in ("exact", "local"):
-            s = GuidedSession(guided, update=mode)
-            s.set_image(image)
-            _ = s.segmentation
-            times, tiles = [], []
-            for c in clicks:
-                t, _ = timed(lambda: (s.add_click(c.point, c.label, True, "voxel"), s.segmentation))  # noqa: B023
-                times.append(t)
-                tiles.append(s.last_update.tiles_predicted)
-            results[mode] = (statistics.median(times), tiles, s.last_update.tiles_total)
-        del s
+            results[mode] = click_updates(GuidedSession(guided, update=mode), image, clicks)
 
         shape = tuple(data.shape[1:])
         n_patches = float(np.prod(np.array(shape) / np.array(patch)))
@@ -239,6 +230,21 @@ def main(argv=None):
             click_effect(GuidedSession(guided), image, label, ijk, args.label)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def click_updates(session: GuidedSession, image: str, clicks):
+    """Seconds per click (add_click and the updated segmentation, median), patches predicted per
+    click, and the number of sliding-window tiles."""
+    session.set_image(image)
+    _ = session.segmentation
+    times, tiles = [], []
+    for c in clicks:
+        t0 = time.perf_counter()
+        session.add_click(c.point, c.label, True, "voxel")
+        _ = session.segmentation
+        times.append(time.perf_counter() - t0)
+        tiles.append(session.last_update.tiles_predicted)
+    return statistics.median(times), tiles, session.last_update.tiles_total
 
 
 def click_effect(session: GuidedSession, image: str, label: np.ndarray, ijk, name: str) -> None:

@@ -9,8 +9,8 @@ Steps (each reports its progress and time; finished steps are reused when run ag
 3. a derived small plans file (``nnUNetPlans_small``: 3 stages, 8 base features, batch 2) so
    training fits a CPU;
 4. training, briefly: plain ``nnUNetTrainerShort`` and a guide-aware trainer with the same
-   schedule (LiTS: ``nnUNetTrainerGuideTumorShort``, clicks on tumours only, written into
-   ``<output>/trainers``; ``--dataset``: ``nnUNetTrainerGuideShort``), fold 0 of nnU-Net's split;
+   schedule (LiTS: ``nnUNetTrainerGuideTumorShort``, clicks on tumours only; ``--dataset``:
+   ``nnUNetTrainerGuideShort``), fold 0 of nnU-Net's split;
 5. plain nnU-Net predictions of the validation cases;
 6. the simulated user on the guide model (0..N click steps) and the comparison;
 7. the report: ``<output>/report/report.md`` with the table, the Dice-vs-clicks curve and
@@ -40,21 +40,6 @@ PLANS_SMALL = "nnUNetPlans_small"
 PLAIN_TRAINER = "nnUNetTrainerShort"
 GUIDE_TRAINER = "nnUNetTrainerGuideShort"  # --dataset: guides on every foreground class
 LITS_GUIDE_TRAINER = "nnUNetTrainerGuideTumorShort"  # the LiTS demo: guides on tumours only
-# nnU-Net finds trainers by name in the folders of nnUNet_extTrainer; the demo's one-attribute
-# variant is written into <output>/trainers as a thin module
-DEMO_TRAINER_MODULE = '''"""Written by nnUNetv2_guide_demo: the demo's guide trainer for LiTS.
-
-To use the demo's guide model elsewhere (e.g. nnUNetv2_predict_guided), add this folder to
-nnUNet_extTrainer: export nnUNet_extTrainer="THIS_FOLDER:$nnUNet_extTrainer"
-"""
-from nnunet_guide.settings import GuideSettings
-from nnunet_guide.trainers.variants import nnUNetTrainerGuideShort
-
-
-class nnUNetTrainerGuideTumorShort(nnUNetTrainerGuideShort):
-    """nnUNetTrainerGuideShort with clicks on the tumour class only, as exp(-d / 5 mm) maps."""
-    guide_settings = GuideSettings(guided_labels=("tumor",), encoding="exp_distance", sigma_mm=5.0)
-'''
 MAX_PATCH_VOXELS = 16 * 128 * 128  # CPU budget per patch (the LiTS slab patch)
 
 
@@ -87,23 +72,9 @@ class Progress:
         return time.time() - self.t0
 
 
-def write_demo_trainers(out: str) -> str:
-    """Write the thin module holding the demo's LiTS guide trainer; returns its folder."""
-    folder = os.path.join(out, "trainers")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "nnunet_guide_demo_trainers.py")
-    text = DEMO_TRAINER_MODULE.replace("THIS_FOLDER", folder)
-    if not os.path.isfile(path) or open(path).read() != text:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    return folder
-
-
 def demo_env(out: str, raw: Optional[str] = None, epochs: int = 20, iters: int = 25) -> Dict[str, str]:
-    """Environment of nnU-Net's commands: folders under ``out``, our trainers (and the demo's)
-    registered, few export processes (process start-up dominates on 2 cores), the short
-    training schedule."""
+    """Environment of nnU-Net's commands: folders under ``out``, our trainers registered, few
+    export processes (process start-up dominates on 2 cores), the short training schedule."""
     from .cli.env import env_value
     env = dict(os.environ)
     n_proc = str(max(1, min(os.cpu_count() or 1, 4)))
@@ -111,8 +82,7 @@ def demo_env(out: str, raw: Optional[str] = None, epochs: int = 20, iters: int =
         "nnUNet_raw": raw or os.path.join(out, "nnUNet_raw"),
         "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
         "nnUNet_results": os.path.join(out, "nnUNet_results"),
-        "nnUNet_extTrainer": os.pathsep.join([write_demo_trainers(out),
-                                              env_value(os.environ.get("nnUNet_extTrainer", ""))]),
+        "nnUNet_extTrainer": env_value(os.environ.get("nnUNet_extTrainer", "")),
         "nnUNet_compile": "false",
         "nnUNet_def_n_proc": n_proc,
         "NNUNET_GUIDE_EPOCHS": str(epochs),
@@ -353,9 +323,6 @@ def run_demo(a) -> str:
     t = time.time()
     guide_model = train_model(dataset_id, a.configuration, guide_trainer, env, logs, progress, marker, a.fresh)
     t_guide = time.time() - t
-    if guide_trainer == LITS_GUIDE_TRAINER:
-        context.append(f"{LITS_GUIDE_TRAINER} is defined in `{os.path.join(out, 'trainers')}`: add that folder to "
-                       f"nnUNet_extTrainer to use the demo's guide model outside the demo")
     context.append(f"training: {PLAIN_TRAINER} and {guide_trainer}, {a.configuration}, plans {PLANS_SMALL} "
                    f"(patch {cfg['patch_size']}, batch {cfg['batch_size']}, features {arch['features_per_stage']}), "
                    f"{a.epochs} epochs x {a.iters} iterations, fold 0 ({t_plain:.0f} s and {t_guide:.0f} s here)")

@@ -64,6 +64,15 @@ class GuideSettings:
             (1 = faces only; ndim = full). Default 2 = 18-connectivity in 3D, as the original.
         min_object_sigma: lower bound of the object Gaussian's sigma in voxels (original: 2 px).
         validation_seed: seed of the simulated clicks of guided validation.
+        p_correction: probability that a training sample also gets correction clicks from the
+            model itself (the iterative click simulation of DeepEdit/RITM-style training): the
+            network predicts the batch with its current guides, and the evaluation's simulated
+            user (:mod:`nnunet_guide.core.user_sim`) clicks the interior-most voxel of the largest
+            error per guided class: positive on a miss, negative on a false positive. This is what
+            teaches negative clicks to remove false positives: ground-truth negatives land where
+            the model is already right. Costs one extra forward pass per round for batches that
+            have such a sample. 0 (default) switches it off.
+        correction_rounds: at most this many correction rounds per batch (U{1..max}).
     """
 
     guided_labels: Optional[Tuple[Union[str, int], ...]] = None
@@ -81,6 +90,8 @@ class GuideSettings:
     connectivity: int = 2
     min_object_sigma: float = 2.0
     validation_seed: int = 12345
+    p_correction: float = 0.0
+    correction_rounds: int = 1
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -89,7 +100,7 @@ class GuideSettings:
         if self.click_policy not in CLICK_POLICIES:
             raise GuideSettingsError(
                 f"unknown click policy {self.click_policy!r}; expected one of {', '.join(CLICK_POLICIES)}")
-        for name in ("p_drop", "p_negative", "p_confusable"):
+        for name in ("p_drop", "p_negative", "p_confusable", "p_correction"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise GuideSettingsError(f"{name} must be a probability in [0, 1], got {v!r}")
@@ -99,6 +110,8 @@ class GuideSettings:
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")
         if self.connectivity < 1:
             raise GuideSettingsError(f"connectivity must be >= 1, got {self.connectivity!r}")
+        if self.correction_rounds < 1:
+            raise GuideSettingsError(f"correction_rounds must be >= 1, got {self.correction_rounds!r}")
         if self.max_negative_clicks < 0:
             raise GuideSettingsError(f"max_negative_clicks must be >= 0, got {self.max_negative_clicks!r}")
         if self.guided_labels is not None:

@@ -166,9 +166,22 @@ def test_local_update_predicts_one_patch_and_refresh_makes_it_exact(model_big_pa
     e.set_image(path)
     e.add_click((20.0, 18.0, 8.0), "lesion", space="voxel")
     assert torch.equal(s.logits, e.logits)
-    # a change larger than three quarters of a patch falls back to an exact update
-    s.add_click((30.0, 30.0, 3.0), "lesion", space="voxel")
+    # the window is centred on the click (moved inside the volume at the edges)
+    info = s.add_click((30.0, 30.0, 3.0), "lesion", space="voxel")
+    assert info.tiles_predicted == 1
+    centre = [p + sl.start for p, sl in zip(s.clicks[-1].position, s._inner)]
+    assert all(a <= c < b for (a, b), c in zip(info.region, centre))
     s.add_click((3.0, 3.0, 12.0), "lesion", space="voxel")
+    # undo and reset re-predict one patch per removed click, while fewer than an exact update
+    assert s.undo().tiles_predicted == 1
     info = s.reset()
-    assert info.mode == "exact"
+    assert info.mode == "local" and info.tiles_predicted == 2 < len(s._stale)
+    assert s.refresh().mode == "exact"
+    assert torch.equal(s.logits, s.full_logits())
+    # when the removed clicks need as many patches as tiles changed, the update is exact
+    for pt in [(4.0, 4.0, 4.0), (35.0, 4.0, 4.0), (4.0, 35.0, 4.0), (35.0, 35.0, 4.0), (20.0, 20.0, 12.0),
+               (4.0, 4.0, 12.0), (35.0, 35.0, 12.0), (35.0, 4.0, 12.0), (4.0, 35.0, 12.0), (20.0, 4.0, 8.0)]:
+        s.add_click(pt, "lesion", space="voxel")
+    info = s.reset()
+    assert info.mode == "exact" and info.tiles_predicted <= info.tiles_total
     assert torch.equal(s.logits, s.full_logits())

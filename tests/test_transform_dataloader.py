@@ -91,3 +91,39 @@ def test_network_has_extra_channels_and_runs_automatic_and_guided(nnunet_paths):
 def test_guided_class_the_dataset_lacks(nnunet_paths):
     with pytest.raises(GuideSettingsError, match="'kidney' is not a foreground class"):
         make_trainer(GuidesKidney, nnunet_paths)
+
+
+class CorrectsAlways(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1, encoding="ball", ball_radius_mm=1.0)
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configuration, one_torch_thread):
+    tr = make_trainer(CorrectsAlways, nnunet_paths, configuration)
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    batch = next(dl_tr)
+    before = batch["data"].clone()
+    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    tr.network.eval()
+    with torch.no_grad():
+        pred = tr.network(before)[0].argmax(1)
+    tr.network.train()
+    added = tr.add_correction_clicks(batch, np.random.default_rng(0))
+    assert tr.network.training  # left as it was
+    n_img = tr.layout.num_image_channels
+    torch.testing.assert_close(batch["data"][:, :n_img], before[:, :n_img])  # the image is untouched
+    n_clicks = 0
+    for b, clicks in enumerate(added):
+        for c in clicks:
+            n_clicks += 1
+            pos = tuple(int(p) for p in c.position)
+            labels = tr.layout.targets[c.target].labels
+            truth, predicted = int(target[b, 0][pos]) in labels, int(pred[b][pos]) in labels
+            assert truth == c.positive and predicted != truth  # a miss gets +, a false positive gets -
+            assert batch["data"][b, tr.layout.guide_channel(c.target, c.positive)][pos] == 1
+        if not clicks:
+            torch.testing.assert_close(batch["data"][b], before[b])
+    assert n_clicks > 0  # an untrained network is wrong somewhere
+    out = tr.train_step(batch)
+    assert np.isfinite(out["loss"])

@@ -12,12 +12,13 @@ Two update modes (``GuidedSession(..., update="exact" | "local")``):
 ``exact`` (default): every sliding-window tile that overlaps the changed guide region is
     predicted again (with nnU-Net's 50% tile overlap, away from the volume's edges, at least 2
     tiles per axis, 8 in 3D).
-``local``: one patch centred on the changed region is predicted and blended in (weight 1 over
-    the patch's central three quarters, ramping to 0 at its border): about one forward pass per
-    click, in the spirit of nnInteractive. The result differs from a full prediction away from the
-    click (tiles there still hold the pre-click outputs); :meth:`GuidedSession.refresh` makes it
-    exact again by predicting the stale tiles. A change too large for one patch falls back to
-    ``exact``.
+``local``: one patch centred on the new (or undone) click is predicted and blended in (weight 1
+    over the patch's central three quarters, ramping to 0 at its border): one forward pass per
+    click, whatever the guide's reach, in the spirit of nnInteractive. The result differs from a
+    full prediction outside that patch (tiles there still hold the pre-click outputs, and a wide
+    guide's faint tail beyond the patch is not seen); :meth:`GuidedSession.refresh` makes it exact
+    again by predicting the stale tiles. When the changed clicks need as many patches as an exact
+    update would predict tiles (e.g. ``reset`` after many clicks), the update is exact.
 
 Coordinates (``add_click(..., space=...)``):
     ``"physical"``: mm, ITK/LPS as SimpleITK reports (needs a file or ``sitk_stuff`` properties);
@@ -46,6 +47,7 @@ import torch
 
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+from nnunetv2.utilities.helpers import dummy_context
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from ..core.clicks import Click
@@ -132,7 +134,7 @@ class GuidedSession:
         saved = p.network
         out = None
         try:
-            ctx = torch.autocast(p.device.type, enabled=True) if p.device.type == "cuda" else _null()
+            ctx = torch.autocast(p.device.type, enabled=True) if p.device.type == "cuda" else dummy_context()
             with ctx:
                 for net in self._fold_networks():
                     p.network = net
@@ -188,6 +190,7 @@ class GuidedSession:
         self._sum = torch.zeros((k, *padded.shape[1:]), dtype=torch.float32)
         self._cache: List[Optional[torch.Tensor]] = [None] * len(self._slicers)
         self._actions = []
+        self._applied: List[Click] = []  # the clicks the logits were last updated for
         for t in range(len(self._slicers)):
             self._cache[t] = self._predict_tile(t)
         self._current = torch.zeros_like(self._sum)
@@ -228,9 +231,12 @@ class GuidedSession:
     def _apply_clicks(self) -> UpdateInfo:
         """Re-render guides and update the logits where the guides changed."""
         t0 = time.perf_counter()
-        new = self._guide_block(self._all_clicks())
+        clicks = self._all_clicks()
+        new = self._guide_block(clicks)
         changed = (new != self._guides).any(0)
         self._guides = new
+        moved = [c for c in clicks if c not in self._applied] + [c for c in self._applied if c not in clicks]
+        self._applied = list(clicks)
         if not changed.any():
             self.last_update = UpdateInfo(0, len(self._slicers), None, time.perf_counter() - t0, self.update)
             return self.last_update
@@ -239,18 +245,20 @@ class GuidedSession:
         self._x[self._n_img:] = new
         overlapping = {t for t, (lo, hi) in enumerate(self._bounds)
                        if all(l < ch and h > cl for l, h, cl, ch in zip(lo, hi, clo, chi))}
-        window = self._local_window(clo, chi) if self.update == "local" else None
-        if window is not None:
+        windows = [self._click_window(c) for c in moved] if self.update == "local" else []
+        if 0 < len(windows) < len(overlapping):
             self._stale |= overlapping
-            self._pending.append(window)
-            region = self._blend_local(window)
-            n, mode = 1, "local"
+            self._pending += windows
+            for w in windows:
+                self._blend_local(w)
+            region = tuple((min(w[a][0] for w in windows), max(w[a][1] for w in windows))
+                           for a in range(len(windows[0])))
+            n, mode = len(windows), "local"
         else:
-            region, n = self._update_exact(overlapping), None
-            mode = "exact"
+            region = self._update_exact(overlapping)
+            n, mode = self._n_last_exact, "exact"
         self._update_segmentation(region)
-        self.last_update = UpdateInfo(n if n is not None else self._n_last_exact, len(self._slicers), region,
-                                      time.perf_counter() - t0, mode)
+        self.last_update = UpdateInfo(n, len(self._slicers), region, time.perf_counter() - t0, mode)
         return self.last_update
 
     def _update_exact(self, tiles) -> Tuple[Tuple[int, int], ...]:
@@ -268,22 +276,19 @@ class GuidedSession:
         self._rebuild(region)
         return region
 
-    def _local_window(self, clo, chi) -> Optional[Tuple[Tuple[int, int], ...]]:
-        """A patch-sized window centred on the changed box, if the box fits its central three
-        quarters (2D: a single slice); None otherwise."""
+    def _click_window(self, click: Click) -> Tuple[Tuple[int, int], ...]:
+        """The patch-sized window (padded grid, half-open per axis) centred on a click, moved
+        inside the volume; a 2D configuration's window is the click's slice."""
         patch = [int(v) for v in self.predictor.configuration_manager.patch_size]
         shape = list(self._x.shape[1:])
+        pos = [p + s.start for p, s in zip(click.position, self._inner)]
         window = []
         if self._is_2d:
-            if chi[0] - clo[0] != 1:
-                return None
-            window.append((clo[0], chi[0]))
-            clo, chi, shape = clo[1:], chi[1:], shape[1:]
-        for lo, hi, ps, n in zip(clo, chi, patch, shape):
-            if hi - lo > (3 * ps) // 4:
-                return None
-            start = int(round((lo + hi) / 2 - ps / 2))
-            start = min(max(start, 0), n - ps)
+            z = int(round(pos[0]))
+            window.append((z, z + 1))
+            pos, shape = pos[1:], shape[1:]
+        for p, ps, n in zip(pos, patch, shape):
+            start = min(max(int(round(p + 0.5 - ps / 2)), 0), n - ps)
             window.append((start, start + ps))
         return tuple(window)
 
@@ -460,11 +465,3 @@ class GuidedSession:
     def _require_image(self) -> None:
         if not self._image_loaded:
             raise RuntimeError("no image: call set_image first")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..core.clicks import validation_clicks
 from ..core.encoding import render_guides
+from ..core.user_sim import add_correction_guides
 from ..network import GuidedNetwork
 from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
                         layout_from_plans, resolve_targets, save_layout)
@@ -154,6 +156,64 @@ class nnUNetTrainerGuide(nnUNetTrainer):
                                   regions=None, ignore_label=None):
         return self._with_guides(super().get_validation_transforms(
             deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label))
+
+    # ---- correction clicks (iterative click simulation) ---------------------------------
+    def train_step(self, batch: dict) -> dict:
+        g = self.layout.guide
+        if g is not None and g.p_correction > 0:
+            self.add_correction_clicks(batch)
+        return super().train_step(batch)
+
+    def _label_maps(self, output: torch.Tensor, target: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+        """Predicted and reference label maps (B, *spatial) of a full-resolution output/target."""
+        lm = self.label_manager
+        if not lm.has_regions:
+            return output.argmax(1).cpu().numpy(), target[:, 0].cpu().numpy().astype(np.int16)
+        pred = np.zeros((output.shape[0], *output.shape[2:]), np.int16)
+        ref = np.zeros_like(pred)
+        prob, tgt = (output > 0).cpu().numpy(), (target > 0.5).cpu().numpy()
+        for i, value in enumerate(lm.regions_class_order):  # nnU-Net's own region -> label rule
+            pred[prob[:, i]] = value
+            ref[tgt[:, i]] = value
+        return pred, ref
+
+    @torch.no_grad()
+    def add_correction_clicks(self, batch: dict, rng: Optional[np.random.Generator] = None) -> List[List]:
+        """Add the simulated user's correction clicks to the guide channels of ``batch["data"]``
+        (in place), for samples drawn with probability ``p_correction``: predict the batch with
+        its current guides, click the largest error of each guided class, repeat for U{1..
+        correction_rounds} rounds. Returns the clicks added per sample."""
+        g = self.layout.guide
+        rng = rng if rng is not None else np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
+        data = batch["data"]
+        chosen = np.flatnonzero(rng.random(data.shape[0]) < g.p_correction)
+        added: List[List] = [[] for _ in range(data.shape[0])]
+        if chosen.size == 0:
+            return added
+        if self.label_manager.has_regions and self.label_manager.has_ignore_label:
+            raise GuideSettingsError("p_correction > 0 is not supported for region-based datasets with an ignore "
+                                     "label (the reference label map cannot be rebuilt from the region targets)")
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        gi = self.layout.guide_channel_indices
+        g_lo, g_hi = gi[0], gi[-1] + 1
+        targets = [t.labels for t in self.layout.targets]
+        spacing = self._patch_spacing[-(data.ndim - 2):]
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            for _ in range(int(rng.integers(1, g.correction_rounds + 1))):
+                with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
+                        else dummy_context():
+                    out = self.network(data.to(self.device, non_blocking=True))
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                pred, ref = self._label_maps(out.float(), target)
+                guides = data[:, g_lo:g_hi].numpy()  # a view: drawing into it edits the batch
+                for b in chosen:
+                    added[b] += add_correction_guides(guides[b], pred[b], ref[b], targets, spacing, g,
+                                                      self.label_manager.ignore_label)
+        finally:
+            self.network.train(was_training)
+        return added
 
     # ---- bookkeeping --------------------------------------------------------------------
     def on_train_start(self):

@@ -43,6 +43,31 @@ class nnUNetTrainerGuideDrop80(nnUNetTrainerGuide):
     guide_settings = GuideSettings(p_drop=0.8)
 
 
+# ---- correction clicks (iterative click simulation) ----------------------------------------
+CORRECTION = dict(p_correction=0.5, correction_rounds=2)
+
+
+class nnUNetTrainerGuideCorrection(nnUNetTrainerGuide):
+    """Half of the samples also get 1-2 rounds of correction clicks at the current model's
+    largest errors (positive on misses, negative on false positives), as in DeepEdit/RITM."""
+    guide_settings = GuideSettings(**CORRECTION)
+
+
+# ---- lesion datasets (a class named "tumor": LiTS, KiTS, ...) -------------------------------
+TUMOR = dict(guided_labels=("tumor",), encoding="exp_distance", sigma_mm=5.0)
+
+
+class nnUNetTrainerGuideTumor(nnUNetTrainerGuide):
+    """Clicks on the class named "tumor" only, as exp(-d / 5 mm) maps (the organ is segmented
+    automatically; negative tumour clicks on the organ teach "this is not tumour")."""
+    guide_settings = GuideSettings(**TUMOR)
+
+
+class nnUNetTrainerGuideTumorCorrection(nnUNetTrainerGuide):
+    """nnUNetTrainerGuideTumor with correction clicks (see nnUNetTrainerGuideCorrection)."""
+    guide_settings = GuideSettings(**TUMOR, **CORRECTION)
+
+
 # ---- short runs (CPU tests, demos, benchmarks) ---------------------------------------------
 def _short_schedule(trainer: nnUNetTrainer) -> None:
     """Few epochs and iterations, read from NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS."""
@@ -68,3 +93,18 @@ class nnUNetTrainerShort(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _short_schedule(self)
+
+
+class nnUNetTrainerGuideCorrectionShort(nnUNetTrainerGuideShort):
+    """nnUNetTrainerGuideCorrection with the short schedule."""
+    guide_settings = nnUNetTrainerGuideCorrection.guide_settings
+
+
+class nnUNetTrainerGuideTumorShort(nnUNetTrainerGuideShort):
+    """nnUNetTrainerGuideTumor with the short schedule (the LiTS demo's guide trainer)."""
+    guide_settings = nnUNetTrainerGuideTumor.guide_settings
+
+
+class nnUNetTrainerGuideTumorCorrectionShort(nnUNetTrainerGuideShort):
+    """nnUNetTrainerGuideTumorCorrection with the short schedule."""
+    guide_settings = nnUNetTrainerGuideTumorCorrection.guide_settings
