@@ -188,3 +188,34 @@ def test_resolve_clicks_refuses_points_outside_the_image():
         resolve_clicks([ClickSpec(far, "tumor", True, "physical", "x")], layout(), "c", props, tf, pre_shape)
     with pytest.raises(ClickFileError, match="has 2 coordinates"):
         resolve_clicks([ClickSpec((1.0, 2.0), "tumor", True, "voxel", "x")], layout(), "c", props, tf, pre_shape)
+
+
+@pytest.mark.parametrize("orientation", ["LPS", "RAI", "PIL"])
+def test_voxel_clicks_refer_to_the_file_when_the_reader_reorients(tmp_path, orientation):
+    """nnU-Net's SimpleITKIOWithReorient hands out a RAS-reoriented array; a voxel click is still
+    the ITK index of the file as SimpleITK opens it, so it lands on the same voxel as the same
+    point given in mm, and on the voxel that holds the file's marked value."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIOWithReorient
+    arr = np.zeros((9, 11, 13), np.float32)
+    arr[2, 7, 3] = 5  # z, y, x of the file
+    img = sitk.DICOMOrient(sitk.GetImageFromArray(arr), orientation)  # same voxels, other axis order
+    img.SetSpacing((0.8, 1.5, 2.5))
+    img.SetOrigin((4.0, -7.0, 12.0))
+    f = str(tmp_path / "case_0000.nii.gz")
+    sitk.WriteImage(img, f)
+    on_disk = sitk.ReadImage(f)
+    ijk = tuple(float(v) for v in np.argwhere(sitk.GetArrayFromImage(on_disk) == 5)[0][::-1])
+    data, props = SimpleITKIOWithReorient().read_images([f])
+    assert props["sitk_stuff"]["original_orientation"] == orientation
+    shape = data.shape[1:]
+    props.update({"bbox_used_for_cropping": [[0, s] for s in shape],
+                  "shape_after_cropping_and_before_resampling": shape, "shape_before_cropping": shape})
+    specs = [ClickSpec(ijk, "tumor", True, "voxel", "v"),
+             ClickSpec(on_disk.TransformContinuousIndexToPhysicalPoint(ijk), "tumor", True, "physical", "p")]
+    clicks = resolve_clicks(specs, layout(), "case", props, (0, 1, 2), shape)
+    np.testing.assert_allclose(clicks[0].position, clicks[1].position, atol=1e-6)
+    assert data[0][tuple(int(round(v)) for v in clicks[0].position)] == 5
+    size = " x ".join(str(s) for s in on_disk.GetSize())
+    with pytest.raises(ClickFileError, match=f"image size {size} voxels"):
+        resolve_clicks([ClickSpec((0.0, 0.0, 40.0), "tumor", True, "voxel", "o")], layout(), "case", props,
+                       (0, 1, 2), shape)

@@ -129,3 +129,29 @@ def test_empty_target_gives_no_clicks():
     seg = np.zeros((8, 8, 8), np.int16)
     s = GuideSettings(p_drop=0.0, p_negative=0.0)
     assert sample_training_clicks(seg, [(1,)], (1, 1, 1), s, np.random.default_rng(0)) == []
+
+
+def test_robust_center_from_projections_equals_the_coordinate_medians():
+    from nnunet_guide.core.clicks import robust_center, robust_center_mask
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 12, size=rng.integers(2, 4)))
+        m = rng.random(shape) < rng.uniform(0.05, 0.9)
+        if not m.any():
+            continue
+        c1, s1 = robust_center(np.argwhere(m), 1.0)
+        c2, s2 = robust_center_mask(m, 1.0)
+        np.testing.assert_allclose(c2, c1)
+        np.testing.assert_allclose(s2, s1)
+
+
+def test_negative_clicks_are_uniform_over_their_pool():
+    from nnunet_guide.core.clicks import _uniform_voxel
+    rng = np.random.default_rng(1)
+    pool = np.zeros((4, 50), bool)
+    pool[0, :3] = True  # sparse: rejection sampling mostly misses, the fallback answers
+    pool[3] = True      # dense
+    hits = np.bincount([_uniform_voxel(pool, rng) for _ in range(5300)], minlength=pool.size)
+    assert set(np.flatnonzero(hits)) <= set(np.flatnonzero(pool.ravel()))
+    expected = 5300 / pool.sum()
+    assert np.all(np.abs(hits[pool.ravel()] - expected) < 5 * np.sqrt(expected))

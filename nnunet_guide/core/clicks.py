@@ -76,6 +76,30 @@ def robust_center(coords: np.ndarray, min_sigma: float = 0.0) -> Tuple[np.ndarra
     return center, np.maximum(sigma, min_sigma)
 
 
+def _weighted_median(values: np.ndarray, counts: np.ndarray) -> float:
+    """``np.median`` of the sample holding ``counts[i]`` copies of ``values[i]`` (values sorted)."""
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    lo = values[np.searchsorted(cum, (n - 1) // 2, side="right")]
+    hi = values[np.searchsorted(cum, n // 2, side="right")]
+    return 0.5 * (float(lo) + float(hi))
+
+
+def robust_center_mask(obj: np.ndarray, min_sigma: float = 0.0) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`robust_center` of a mask's voxel coordinates, from its axis projections: the same
+    numbers without listing the voxels (medians of a coordinate and of its absolute deviation only
+    need how many voxels sit at each index of that axis)."""
+    center, sigma = np.empty(obj.ndim), np.empty(obj.ndim)
+    idx = [np.arange(n) for n in obj.shape]
+    for a in range(obj.ndim):
+        counts = obj.sum(axis=tuple(b for b in range(obj.ndim) if b != a))
+        center[a] = _weighted_median(idx[a], counts)
+        dev = np.abs(idx[a] - center[a])
+        order = np.argsort(dev, kind="stable")
+        sigma[a] = MAD_TO_SIGMA * _weighted_median(dev[order], counts[order])
+    return center, np.maximum(sigma, min_sigma)
+
+
 def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, float]:
     """The object's interior-most voxel: maximum of the Euclidean distance (mm) to its outside.
 
@@ -146,8 +170,7 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
             continue
         offset = np.array([s.start for s in sl]) + base
         obj = labels[sl] == oid
-        coords = np.argwhere(obj)
-        center, raw_sigma = robust_center(coords)
+        center, raw_sigma = robust_center_mask(obj)
         sigma = np.maximum(raw_sigma, min_sigma)
         if policy == "center":
             pos = center
@@ -161,6 +184,7 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
         elif policy == "random":
             if rng is None:
                 raise ValueError("policy 'random' needs an rng")
+            coords = np.argwhere(obj)
             pos = coords[rng.integers(len(coords))].astype(float)
         else:
             raise ValueError(f"unknown click policy {policy!r}")
@@ -174,6 +198,18 @@ def target_mask(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
     if len(labels) == 1:
         return seg == labels[0]
     return np.isin(seg, labels)
+
+
+def _uniform_voxel(pool: np.ndarray, rng: np.random.Generator, tries: int = 16) -> int:
+    """Flat index of a uniformly random True voxel of ``pool`` (which has one): rejection
+    sampling first (a pool is usually a large share of the patch), the full list only if that
+    keeps missing."""
+    flat = pool.reshape(-1)
+    for i in rng.integers(0, flat.size, size=tries):
+        if flat[i]:
+            return int(i)
+    candidates = np.flatnonzero(flat)
+    return int(candidates[rng.integers(len(candidates))])
 
 
 def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
@@ -222,8 +258,7 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
                     pool = confusable
                 if not pool.any():
                     break
-                flat = np.flatnonzero(pool)
-                pos = np.unravel_index(flat[rng.integers(len(flat))], seg.shape)
+                pos = np.unravel_index(_uniform_voxel(pool, rng), seg.shape)
                 clicks.append(Click(t, tuple(float(p) for p in pos), False,
                                     (settings.min_object_sigma,) * seg.ndim))
     return clicks

@@ -156,6 +156,47 @@ class ImageGeometry:
         return _ret(p @ self.matrix.T + self.origin, single)
 
 
+_POSITIVE, _NEGATIVE = "LPS", "RAI"  # DICOM letters: where an axis points in LPS world space
+
+
+def orientation_code(geometry: ImageGeometry) -> str:
+    """The DICOM orientation string of a 3D grid (SimpleITK's
+    ``DICOMOrientImageFilter_GetOrientationFromDirectionCosines``): per ITK axis, the letter of
+    the world direction it mostly points to (identity direction = "LPS")."""
+    cols = geometry.matrix / geometry.spacing
+    out = []
+    for a in range(geometry.ndim):
+        k = int(np.argmax(np.abs(cols[:, a])))
+        out.append(_POSITIVE[k] if cols[k, a] > 0 else _NEGATIVE[k])
+    return "".join(out)
+
+
+def original_geometry(geometry: ImageGeometry, original_orientation: str) -> ImageGeometry:
+    """The grid of a file before a reorienting reader (nnU-Net's ``SimpleITKIOWithReorient``,
+    which records ``original_orientation``) permuted and flipped its axes into ``geometry``: the
+    same voxels and physical space, the file's own axis order and directions. Needs
+    ``geometry.size``."""
+    if geometry.size is None:
+        raise CoordinateError("the reoriented image's size is needed to undo its reorientation")
+    orient = str(original_orientation).upper()
+    current = orientation_code(geometry)
+    if len(orient) != geometry.ndim or sorted(orient.translate(str.maketrans("RAI", "LPS"))) != sorted("LPS"):
+        raise CoordinateError(f"original orientation {original_orientation!r} is not a 3-letter DICOM code "
+                              f"such as 'LPS' or 'RAI'")
+    matrix = np.empty_like(geometry.matrix)
+    size, corner = [], np.zeros(geometry.ndim)
+    for a, letter in enumerate(orient):
+        world = _POSITIVE.find(letter) if letter in _POSITIVE else _NEGATIVE.find(letter)
+        b = next(b for b, c in enumerate(current)
+                 if (_POSITIVE.find(c) if c in _POSITIVE else _NEGATIVE.find(c)) == world)
+        sign = 1.0 if current[b] == letter else -1.0
+        matrix[:, a] = sign * geometry.matrix[:, b]
+        size.append(geometry.size[b])
+        if sign < 0:
+            corner[b] = geometry.size[b] - 1  # the file's first voxel is the reoriented grid's last
+    return ImageGeometry(matrix, geometry.index_to_physical(corner), tuple(size))
+
+
 def itk_index_to_array(index, ndim_array: int = 3) -> np.ndarray:
     """ITK index (i, j[, k]) -> raw array index (z, y, x). A 2D ITK index maps to (0, j, i).
 

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .clicks import Click, interior_point, label_objects, robust_center
+from .clicks import Click, interior_point, label_objects, robust_center_mask
 from .encoding import render_guides
 from .metrics import (DiceResult, LesionDetection, MetricsInputError, check_pair, class_mask, dice_masks,
                       lesion_detection)
@@ -106,7 +106,7 @@ def largest_error(prediction: np.ndarray, reference: np.ndarray, labels: Sequenc
     # largest, then deepest, then false negative first, then lowest component id
     candidates.sort(key=lambda c: (-c[0], -c[1], not c[2], c[3]))
     size, depth, is_fn, _, pos, obj = candidates[0]
-    _, sigma = robust_center(np.argwhere(obj), min_sigma)
+    _, sigma = robust_center_mask(obj, min_sigma)
     click = Click(int(target), tuple(float(p) for p in pos), bool(is_fn), tuple(float(s) for s in sigma))
     return ErrorRegion(click, size, float(depth), is_fn)
 

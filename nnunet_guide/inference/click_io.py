@@ -43,7 +43,7 @@ import numpy as np
 
 from ..core.clicks import Click
 from ..core.coords import (CoordinateError, ImageGeometry, PreprocessedGeometry, itk_index_to_array,
-                           raw_inside)
+                           orientation_code, original_geometry, raw_inside)
 from ..settings import ChannelLayout, GuideSettingsError
 
 SPACES = ("physical", "voxel")
@@ -327,13 +327,16 @@ def click_targets(spec: ClickSpec, layout: ChannelLayout, case: str) -> List[Tup
     return targets
 
 
-def spec_to_raw(spec: ClickSpec, geometry: Optional[ImageGeometry], raw_shape: Sequence[int], case: str
-                ) -> np.ndarray:
+def spec_to_raw(spec: ClickSpec, geometry: Optional[ImageGeometry], raw_shape: Sequence[int], case: str,
+                file_geometry: Optional[ImageGeometry] = None) -> np.ndarray:
     """Raw array index (z, y, x) of a click; raises if it lies outside the image.
 
     Args:
-        geometry: the image geometry (needed for physical clicks only).
+        geometry: the image geometry as nnU-Net's reader returned it (needed for physical clicks).
         raw_shape: spatial shape of the raw array (z, y, x).
+        file_geometry: the file's own grid when the reader reoriented it
+            (``SimpleITKIOWithReorient``): voxel clicks are ITK indices of the file as SimpleITK
+            opens it, so they go through physical space into the reoriented array.
     """
     n_img = len(raw_shape) if geometry is None else geometry.ndim
     if len(spec.point) != n_img and not (len(spec.point) == 2 and n_img == 3 and raw_shape[0] == 1):
@@ -345,16 +348,22 @@ def spec_to_raw(spec: ClickSpec, geometry: Optional[ImageGeometry], raw_shape: S
             if geometry is None:
                 raise ClickFileError(f"{spec.source}: physical click but no image geometry for case {case!r}")
             raw = itk_index_to_array(geometry.physical_to_index(spec.point), len(raw_shape))
+        elif file_geometry is not None:
+            raw = itk_index_to_array(geometry.physical_to_index(file_geometry.index_to_physical(spec.point)),
+                                     len(raw_shape))
         else:
             raw = itk_index_to_array(spec.point, len(raw_shape))
     except CoordinateError as e:
         raise ClickFileError(f"{spec.source}: {e}") from e
     if not raw_inside(raw[None], raw_shape)[0]:
-        extent = " x ".join(str(s) for s in raw_shape[::-1])
+        index, size = raw[::-1], raw_shape[::-1]
+        if file_geometry is not None:  # report in the file's own grid, as the user sees it
+            index, size = file_geometry.physical_to_index(geometry.index_to_physical(index)), file_geometry.size
+        extent = " x ".join(str(s) for s in size)
         where = "mm (LPS)" if spec.space == "physical" else "(ITK voxel index i, j, k)"
         raise ClickFileError(
             f"{spec.source}: click at {list(spec.point)} {where} lies outside the image of case {case!r} "
-            f"(voxel index {np.round(raw[::-1], 2).tolist()} in i, j, k; image size {extent} voxels)")
+            f"(voxel index {np.round(index, 2).tolist()} in i, j, k; image size {extent} voxels)")
     return raw
 
 
@@ -375,16 +384,19 @@ def resolve_clicks(specs: Sequence[ClickSpec], layout: ChannelLayout, case: str,
     if not specs:
         return []
     pre = PreprocessedGeometry.from_properties(properties, transpose_forward, preprocessed_shape)
-    geometry = None
-    if any(s.space == "physical" for s in specs):
+    geometry = file_geometry = None
+    reoriented = properties.get("sitk_stuff", {}).get("original_orientation")
+    if any(s.space == "physical" for s in specs) or reoriented:
         try:
             geometry = ImageGeometry.from_properties(properties, pre.raw_shape)
+            if reoriented and geometry.ndim == 3 and orientation_code(geometry) != str(reoriented).upper():
+                file_geometry = original_geometry(geometry, reoriented)
         except CoordinateError as e:
             raise ClickFileError(f"case {case!r}: {e}") from e
     clicks: List[Click] = []
     for s in specs:
         targets = click_targets(s, layout, case)
-        raw = spec_to_raw(s, geometry, pre.raw_shape, case)
+        raw = spec_to_raw(s, geometry, pre.raw_shape, case, file_geometry)
         pos = tuple(float(v) for v in pre.raw_to_preprocessed(raw))
         for t, positive in targets:
             clicks.append(Click(t, pos, positive))
