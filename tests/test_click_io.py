@@ -51,6 +51,8 @@ def test_own_format_defaults_and_fields(tmp_path):
     ({"point": [1, 2, 3], "label": "tumor", "positive": "yes"}, "true or false"),
     ({"point": [1, 2, 3], "label": "tumor", "space": "ras"}, "'space' must be"),
     ({"point": [1, 2, 3], "label": 2.5}, "label"),
+    ({"point": [1, 2, 3], "label": "tumor", "size_mm": -4}, "'size_mm' must be a positive number"),
+    ({"point": [1, 2, 3], "label": "tumor", "size_mm": "big"}, "'size_mm' must be a positive number"),
 ])
 def test_own_format_errors_name_file_case_and_value(tmp_path, click, match):
     f = write(tmp_path, "bad.json", {"case_007": [click]})
@@ -219,3 +221,22 @@ def test_voxel_clicks_refer_to_the_file_when_the_reader_reorients(tmp_path, orie
     with pytest.raises(ClickFileError, match=f"image size {size} voxels"):
         resolve_clicks([ClickSpec((0.0, 0.0, 40.0), "tumor", True, "voxel", "o")], layout(), "case", props,
                        (0, 1, 2), shape)
+
+
+def test_object_size_becomes_a_sigma_in_preprocessed_voxels(tmp_path):
+    """size_mm (the object's diameter) gives object_gaussian guides sigma = 0.37 x diameter, per
+    preprocessed axis in that axis' voxels (anisotropic, transposed, resampled); the array space
+    is the reader's (z, y, x) index."""
+    f = write(tmp_path, "sized.json", {"case": [{"point": [7, 9, 4], "label": "tumor", "space": "voxel",
+                                                 "size_mm": 20}]})
+    spec = load_clicks(f)["case"][0]
+    assert spec.size_mm == 20.0 and spec.to_dict()["size_mm"] == 20.0
+    img, props, tf, pre_shape = case_properties()
+    as_array = ClickSpec((4.0, 9.0, 7.0), "tumor", True, "array", "a")
+    sized, unsized = resolve_clicks([spec, as_array], layout(), "case", props, tf, pre_shape)
+    assert unsized.sigma is None
+    np.testing.assert_allclose(sized.position, unsized.position)
+    pre = PreprocessedGeometry.from_properties(props, tf, pre_shape)
+    raw_mm = np.array(props["spacing"])[list(tf)]  # (z, y, x) spacing, transposed
+    mm_per_voxel = raw_mm * np.array(pre.shape_after_cropping) / np.array(pre_shape)
+    np.testing.assert_allclose(np.array(sized.sigma) * mm_per_voxel, 0.37 * 20.0)

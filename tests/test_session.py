@@ -127,7 +127,7 @@ def test_session_errors(model, image):
         s.add_click((100.0, 2.0, 3.0), "lesion", space="voxel")
     with pytest.raises(ClickFileError, match="'tumour' is not a guided class"):
         s.add_click((1.0, 2.0, 3.0), "tumour", space="voxel")
-    with pytest.raises(ClickFileError, match="outside the image of shape"):
+    with pytest.raises(ClickFileError, match=r"\(array index z, y, x\) lies outside the image"):
         s.add_click((1.0, 2.0, 300.0), "lesion", space="array")
     with pytest.raises(ClickFileError, match="space must be"):
         s.add_click((1.0, 2.0, 3.0), "lesion", space="ras")

@@ -15,6 +15,9 @@ import numpy as np
 from .clicks import Click
 
 EPS = 1e-3  # maps are cut to zero below this value
+#: object_gaussian sigma of a user's click per object diameter (the original work's users dragged an
+#: ellipse; its Gaussian had sigma = 0.37 x the axis length)
+OBJECT_SIGMA_PER_DIAMETER = 0.37
 
 
 def num_guide_channels(num_targets: int, negatives: bool) -> int:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from ..core.clicks import Click
+from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
 from ..core.metrics import MetricsInputError, check_label_values, check_pair
 from ..core.user_sim import PredictFn, simulate_session
 from ..settings import GuidedTarget, resolve_targets
@@ -222,8 +223,9 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
                 raise EvaluationError(f"case {case_id!r} has no image files")
             cache[case_id] = predictor.preprocess(list(images[case_id]))
         data, props = cache[case_id]
-        specs = [ClickSpec(tuple(float(v) for v in c.position[::-1]), layout.targets[c.target].name,
-                           bool(c.positive), "voxel", f"simulated user, case {case_id!r}, click {n + 1}")
+        specs = [ClickSpec(tuple(float(v) for v in c.position), layout.targets[c.target].name, bool(c.positive),
+                           "array", f"simulated user, case {case_id!r}, click {n + 1}",
+                           _size_mm(c.sigma, props["spacing"]))
                  for n, c in enumerate(clicks)]
         pre_clicks = predictor.clicks_to_preprocessed(specs, case_id, props, data.shape[1:])
         logits = predictor.predict_logits_from_preprocessed_data(predictor.add_guides(data, pre_clicks, props))
@@ -233,6 +235,15 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         return np.asarray(seg)
 
     return predict
+
+
+def _size_mm(sigma_voxels, spacing) -> Optional[float]:
+    """The diameter (mm) a user would give for an error region of this robust sigma (voxels per
+    array axis): the geometric mean over axes, as ``object_gaussian`` guides take one size."""
+    if sigma_voxels is None:
+        return None
+    mm = np.asarray(sigma_voxels, float) * np.asarray(spacing, float)[-len(sigma_voxels):]
+    return float(np.exp(np.log(mm).mean()) / OBJECT_SIGMA_PER_DIAMETER)
 
 
 def guided_predict_fn(model_folder: str, folds, checkpoint: str, images: Mapping[str, Sequence[str]],

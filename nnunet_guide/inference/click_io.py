@@ -34,6 +34,7 @@ the cases; a case given twice is an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from numbers import Real
@@ -42,13 +43,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from ..core.clicks import Click
+from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
 from ..core.coords import (CoordinateError, ImageGeometry, PreprocessedGeometry, itk_index_to_array,
                            orientation_code, original_geometry, raw_inside)
 from ..settings import ChannelLayout, GuideSettingsError
 
-SPACES = ("physical", "voxel")
+SPACES = ("physical", "voxel", "array")  # array: (z, y, x) index of the array nnU-Net's reader returns
 BACKGROUND = "background"
-_OWN_KEYS = {"point", "label", "positive", "space"}
+_OWN_KEYS = {"point", "label", "positive", "space", "size_mm"}
 
 
 class ClickFileError(ValueError):
@@ -65,7 +67,11 @@ class ClickSpec:
         label: class name or label value as in dataset.json, or ``"background"`` (a negative
             click for every guided class).
         positive: True = "this is the class", False = "this is not the class".
-        space: ``"physical"`` or ``"voxel"``.
+        space: ``"physical"``, ``"voxel"``, or ``"array"`` (the ``(z, y, x)`` index of the array
+            nnU-Net's reader returns, e.g. a position found in a label map read the same way).
+        size_mm: optional object diameter (mm) for models with the ``object_gaussian`` encoding,
+            whose guide is sized by the object (sigma = 0.37 x diameter, as the original work's
+            users dragged an ellipse); other encodings ignore it.
         source: where the click came from (file and position), for error messages.
     """
     point: Tuple[float, ...]
@@ -73,9 +79,13 @@ class ClickSpec:
     positive: bool = True
     space: str = "physical"
     source: str = ""
+    size_mm: Optional[float] = None
 
     def to_dict(self) -> dict:
-        return {"point": list(self.point), "label": self.label, "positive": self.positive, "space": self.space}
+        d = {"point": list(self.point), "label": self.label, "positive": self.positive, "space": self.space}
+        if self.size_mm is not None:
+            d["size_mm"] = self.size_mm
+        return d
 
 
 ClicksByCase = Dict[str, List[ClickSpec]]
@@ -123,7 +133,12 @@ def _parse_own(obj: Mapping, source: str) -> ClicksByCase:
             space = c.get("space", "physical")
             if space not in SPACES:
                 raise ClickFileError(f"{where}: 'space' must be one of {SPACES}, got {space!r}")
-            specs.append(ClickSpec(_point(c["point"], where), _label(c["label"], where), positive, space, where))
+            size = c.get("size_mm")
+            if size is not None and not (isinstance(size, (int, float)) and not isinstance(size, bool)
+                                         and math.isfinite(size) and size > 0):
+                raise ClickFileError(f"{where}: 'size_mm' must be a positive number of mm, got {size!r}")
+            specs.append(ClickSpec(_point(c["point"], where), _label(c["label"], where), positive, space, where,
+                                   None if size is None else float(size)))
         out[str(case)] = specs
     return out
 
@@ -348,6 +363,11 @@ def spec_to_raw(spec: ClickSpec, geometry: Optional[ImageGeometry], raw_shape: S
             if geometry is None:
                 raise ClickFileError(f"{spec.source}: physical click but no image geometry for case {case!r}")
             raw = itk_index_to_array(geometry.physical_to_index(spec.point), len(raw_shape))
+        elif spec.space == "array":
+            raw = np.asarray(spec.point, float)
+            if raw.shape != (len(raw_shape),):
+                raise ClickFileError(f"{spec.source}: array index {list(spec.point)} needs {len(raw_shape)} "
+                                     f"coordinates (z, y, x)")
         elif file_geometry is not None:
             raw = itk_index_to_array(geometry.physical_to_index(file_geometry.index_to_physical(spec.point)),
                                      len(raw_shape))
@@ -360,11 +380,23 @@ def spec_to_raw(spec: ClickSpec, geometry: Optional[ImageGeometry], raw_shape: S
         if file_geometry is not None:  # report in the file's own grid, as the user sees it
             index, size = file_geometry.physical_to_index(geometry.index_to_physical(index)), file_geometry.size
         extent = " x ".join(str(s) for s in size)
-        where = "mm (LPS)" if spec.space == "physical" else "(ITK voxel index i, j, k)"
+        where = {"physical": "mm (LPS)", "voxel": "(ITK voxel index i, j, k)",
+                 "array": "(array index z, y, x)"}[spec.space]
         raise ClickFileError(
             f"{spec.source}: click at {list(spec.point)} {where} lies outside the image of case {case!r} "
             f"(voxel index {np.round(index, 2).tolist()} in i, j, k; image size {extent} voxels)")
     return raw
+
+
+def object_sigma(size_mm: Optional[float], properties: Mapping, pre: PreprocessedGeometry
+                 ) -> Optional[Tuple[float, ...]]:
+    """Per-axis sigma (preprocessed voxels) of an ``object_gaussian`` guide for an object of
+    diameter ``size_mm`` (None: no size given)."""
+    if size_mm is None:
+        return None
+    raw_mm = np.asarray(properties["spacing"], float)[list(pre.transpose_forward)]
+    voxel_mm = raw_mm * pre.preprocessed_voxel_size  # mm per preprocessed voxel, per preprocessed axis
+    return tuple(float(v) for v in OBJECT_SIGMA_PER_DIAMETER * float(size_mm) / voxel_mm)
 
 
 def resolve_clicks(specs: Sequence[ClickSpec], layout: ChannelLayout, case: str, properties: Mapping,
@@ -398,8 +430,9 @@ def resolve_clicks(specs: Sequence[ClickSpec], layout: ChannelLayout, case: str,
         targets = click_targets(s, layout, case)
         raw = spec_to_raw(s, geometry, pre.raw_shape, case, file_geometry)
         pos = tuple(float(v) for v in pre.raw_to_preprocessed(raw))
+        sigma = object_sigma(s.size_mm, properties, pre)
         for t, positive in targets:
-            clicks.append(Click(t, pos, positive))
+            clicks.append(Click(t, pos, positive, sigma))
     return clicks
 
 
@@ -414,14 +447,14 @@ def as_specs(clicks, source: str = "clicks", case: str = "case") -> List[ClickSp
     for n, c in enumerate(clicks):
         if isinstance(c, ClickSpec):
             out.append(c if c.source else ClickSpec(c.point, c.label, c.positive, c.space,
-                                                    f"{source}, case {case!r}, click {n}"))
+                                                    f"{source}, case {case!r}, click {n}", c.size_mm))
             if c.space not in SPACES:
                 raise ClickFileError(f"{source}, case {case!r}, click {n}: 'space' must be one of {SPACES}, "
                                      f"got {c.space!r}")
         else:
             parsed = _parse_own({case: [c]}, source)[case][0]
             out.append(ClickSpec(parsed.point, parsed.label, parsed.positive, parsed.space,
-                                 f"{source}, case {case!r}, click {n}"))
+                                 f"{source}, case {case!r}, click {n}", parsed.size_mm))
     return out
 
 

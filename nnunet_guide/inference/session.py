@@ -51,8 +51,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from ..core.clicks import Click
-from ..core.coords import PreprocessedGeometry, raw_inside
-from .click_io import ClickFileError, ClickSpec, click_targets, resolve_clicks
+from ..core.coords import PreprocessedGeometry
+from .click_io import ClickFileError, ClickSpec, click_targets, object_sigma, resolve_clicks
 from .predictor import GuidedPredictor
 
 SPACES = ("physical", "voxel", "array", "preprocessed")
@@ -406,40 +406,36 @@ class GuidedSession:
     def history(self) -> List[str]:
         return [a.description for a in self._actions]
 
-    def _to_clicks(self, point, label, positive: bool, space: str) -> List[Click]:
+    def _to_clicks(self, point, label, positive: bool, space: str, size_mm: Optional[float]) -> List[Click]:
         if space not in SPACES:
             raise ClickFileError(f"space must be one of {SPACES}, got {space!r}")
         where = f"session click {len(self._actions)} on {self.case_id!r}"
         pt = tuple(float(v) for v in np.asarray(point, dtype=float).ravel())
-        spec = ClickSpec(pt, label, positive, space if space in ("physical", "voxel") else "voxel", where)
-        if space in ("physical", "voxel"):
+        spec = ClickSpec(pt, label, positive, "array" if space == "preprocessed" else space, where, size_mm)
+        if space != "preprocessed":
             return resolve_clicks([spec], self.layout, self.case_id, self.properties,
                                   self.predictor.plans_manager.transpose_forward, self.preprocessed_shape)
         targets = click_targets(spec, self.layout, self.case_id)
-        if space == "array":
-            if len(pt) != len(self.geometry.raw_shape) or not raw_inside(np.array([pt]), self.geometry.raw_shape)[0]:
-                raise ClickFileError(f"{where}: array index {list(pt)} is outside the image of shape "
-                                     f"{self.geometry.raw_shape} (z, y, x)")
-            pos = tuple(float(v) for v in self.geometry.raw_to_preprocessed(pt))
-        else:
-            if len(pt) != len(self.preprocessed_shape) or not self.geometry.inside(np.array([pt]))[0]:
-                raise ClickFileError(f"{where}: preprocessed index {list(pt)} is outside the preprocessed image "
-                                     f"of shape {self.preprocessed_shape}")
-            pos = pt
-        return [Click(t, pos, pos_) for t, pos_ in targets]
+        if len(pt) != len(self.preprocessed_shape) or not self.geometry.inside(np.array([pt]))[0]:
+            raise ClickFileError(f"{where}: preprocessed index {list(pt)} is outside the preprocessed image "
+                                 f"of shape {self.preprocessed_shape}")
+        sigma = object_sigma(size_mm, self.properties, self.geometry)
+        return [Click(t, pt, pos_, sigma) for t, pos_ in targets]
 
-    def add_click(self, point, label, positive: bool = True, space: str = "physical") -> UpdateInfo:
+    def add_click(self, point, label, positive: bool = True, space: str = "physical",
+                  size_mm: Optional[float] = None) -> UpdateInfo:
         """Add a click and update the segmentation.
 
         Args:
             point: coordinates in ``space`` (see module docstring).
             label: guided class name or label value, or ``"background"`` (negative for all).
             positive: False for "this is not ``label``".
+            size_mm: the object's diameter, for ``object_gaussian`` models (guide sized by it).
         Returns:
             what the update cost (:class:`UpdateInfo`); also in ``last_update``.
         """
         self._require_image()
-        clicks = self._to_clicks(point, label, positive, space)
+        clicks = self._to_clicks(point, label, positive, space, size_mm)
         self._actions.append(_Action(f"{'+' if positive else '-'}{label} at {list(point)} ({space})", clicks))
         try:
             return self._apply_clicks()
