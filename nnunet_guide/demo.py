@@ -342,12 +342,12 @@ def run_demo(a) -> str:
     # 6. simulated user
     progress.start(f"simulated user: 0..{a.clicks} click steps on {len(cases)} validation case(s)")
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from .evaluation.cli import EvaluationOptions, evaluate, find_cases, guided_predict_fn, load_cases
-    from .settings import resolve_targets
+    from .evaluation.cli import EvaluationOptions, evaluate, evaluated_classes, find_cases, guided_predict_fn, load_cases
     found = find_cases(os.path.join(raw_folder, "imagesTr"), os.path.join(raw_folder, "labelsTr"), fe, n_ch,
                        plain_folder, cases)
     ignore = dataset_json["labels"].get("ignore")
-    classes = {t.name: t.labels for t in resolve_targets(dataset_json, None, ignore)}
+    # LiTS: liver Dice is usually reported on liver + tumour
+    classes = evaluated_classes(dataset_json, ["liver+tumor=1,2"] if a.dataset is None else [])
     reader = PlansManager(os.path.join(guide_model, "plans.json")).image_reader_writer_class
     with output_to(os.path.join(logs, "evaluate.log")):
         predict, layout = guided_predict_fn(guide_model, (0,), "checkpoint_final.pth", images)

@@ -155,3 +155,16 @@ def test_negative_clicks_are_uniform_over_their_pool():
     assert set(np.flatnonzero(hits)) <= set(np.flatnonzero(pool.ravel()))
     expected = 5300 / pool.sum()
     assert np.all(np.abs(hits[pool.ravel()] - expected) < 5 * np.sqrt(expected))
+
+
+def test_mask_bbox_is_the_tightest_box():
+    from nnunet_guide.core.clicks import mask_bbox
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        shape = tuple(int(v) for v in rng.integers(1, 9, size=rng.integers(1, 4)))
+        m = rng.random(shape) < 0.05
+        if not m.any():
+            assert mask_bbox(m) is None
+            continue
+        idx = np.argwhere(m)
+        assert mask_bbox(m) == tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))

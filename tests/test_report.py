@@ -254,3 +254,12 @@ def test_click_effect_sentences():
                                       "liver": {"guided": False, "mean_dice": [0.9, 0.9, 0.9]}}}
     (line,) = click_effect_lines(flat)
     assert line.startswith("tumor: 0.500 -> 0.505 (+0.005)") and "no real difference" in line
+
+
+def test_extra_classes_of_several_labels():
+    dj = {"labels": {"background": 0, "liver": 1, "tumor": 2}}
+    assert cli.evaluated_classes(dj, ["liver+tumor=1,2"]) == {"liver": (1,), "tumor": (2,), "liver+tumor": (1, 2)}
+    for bad, match in [("liver+tumor", "expected NAME=L1,L2"), ("x=1,a", "expected NAME=L1,L2"),
+                       ("x=1,3", r"label value\(s\) \[3\]"), ("liver=1,2", "already exists")]:
+        with pytest.raises(EvaluationError, match=match):
+            cli.evaluated_classes(dj, [bad])

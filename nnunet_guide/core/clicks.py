@@ -127,8 +127,13 @@ def _object_slices(labels: np.ndarray, n: int):
 def mask_bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
     """Tightest box around the True voxels (None if there are none), from axis projections."""
     box = []
-    for a in range(mask.ndim):
-        proj = np.any(mask, axis=tuple(b for b in range(mask.ndim) if b != a))
+    # two passes over the mask: the first axis' projection, and the rest of the projections
+    # from the (smaller) projection along the first axis
+    projections = [mask.reshape(mask.shape[0], -1).any(axis=1)]
+    if mask.ndim > 1:
+        rest = mask.any(axis=0)
+        projections += [rest.any(axis=tuple(b for b in range(rest.ndim) if b != a)) for a in range(rest.ndim)]
+    for proj in projections:
         idx = np.flatnonzero(proj)
         if idx.size == 0:
             return None

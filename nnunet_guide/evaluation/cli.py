@@ -246,6 +246,31 @@ def _size_mm(sigma_voxels, spacing) -> Optional[float]:
     return float(np.exp(np.log(mm).mean()) / OBJECT_SIGMA_PER_DIAMETER)
 
 
+def evaluated_classes(dataset_json: Mapping, extra: Sequence[str] = ()) -> Dict[str, Tuple[int, ...]]:
+    """Every foreground class of dataset.json, plus classes made of several labels given as
+    ``NAME=L1,L2`` (e.g. ``liver+tumor=1,2``)."""
+    ignore = dataset_json["labels"].get("ignore")
+    classes = {t.name: tuple(t.labels) for t in resolve_targets(dataset_json, None, ignore)}
+    known = sorted({v for vals in classes.values() for v in vals})
+    for spec in extra:
+        name, sep, values = str(spec).partition("=")
+        try:
+            labels = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            labels = ()
+        if not sep or not name or not labels:
+            raise EvaluationError(f"--class {spec!r}: expected NAME=L1,L2 with integer label values, e.g. "
+                                  f"liver+tumor=1,2")
+        unknown = [v for v in labels if v not in known]
+        if unknown:
+            raise EvaluationError(f"--class {spec!r}: label value(s) {unknown} are not foreground labels of "
+                                  f"dataset.json ({known})")
+        if name in classes:
+            raise EvaluationError(f"--class {spec!r}: a class named {name!r} already exists")
+        classes[name] = labels
+    return classes
+
+
 def guided_predict_fn(model_folder: str, folds, checkpoint: str, images: Mapping[str, Sequence[str]],
                       device: str = "cpu", use_mirroring: bool = False, step_size: float = 0.5):
     """Load a trained guide model with :class:`GuidedPredictor`; returns ``(predict, layout)``
@@ -310,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-error-voxels", type=int, default=1, help="error regions smaller than this get no click")
     p.add_argument("--detection-min-dice", type=float, default=0.0,
                    help="a lesion counts as detected when its matched Dice exceeds this (0 = any overlap)")
+    p.add_argument("--class", dest="extra_classes", action="append", default=[], metavar="NAME=L1,L2",
+                   help="also evaluate a class made of several labels, e.g. --class liver+tumor=1,2 (the usual "
+                        "LiTS liver Dice); repeatable")
     p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower)")
@@ -353,7 +381,7 @@ def run_cli(a) -> int:
     if layout.guide is None or not layout.targets:
         raise EvaluationError(f"{folder} has no guide channels; there is nothing to click")
     ignore = dataset_json["labels"].get("ignore")
-    classes = {t.name: t.labels for t in resolve_targets(dataset_json, None, ignore)}
+    classes = evaluated_classes(dataset_json, a.extra_classes)
     opts = EvaluationOptions(n_clicks=a.clicks, connectivity=a.connectivity,
                              allow_negative=bool(layout.guide is not None and layout.guide.negatives),
                              min_error_voxels=a.min_error_voxels, detection_min_dice=a.detection_min_dice,

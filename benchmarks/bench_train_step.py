@@ -1,15 +1,19 @@
-"""Cost of the density and texture channels: training step of nnUNetTrainerGuideDensity vs
-nnUNetTrainerGuide on the same batches, same plans, same data.
+"""Cost of a training-step option against nnUNetTrainerGuide, on the same batches, plans and data.
 
-    python benchmarks/bench_density_overhead.py [--preprocessed FOLDER] [--plans nnUNetPlans]
-                                               [--configuration 3d_fullres] [--batches 6] [--rounds 3]
+    python benchmarks/bench_train_step.py [--variant density|correction] [--preprocessed FOLDER]
+                                          [--plans nnUNetPlans] [--configuration 3d_fullres]
+                                          [--batches 6] [--rounds 3]
 
-Both trainers take the same fed channels (image + guide channels); the density trainer computes
-its prior, case and texture maps inside the network, so the data pipeline is shared and only
-the training step differs. Batches are drawn once from the guide trainer's pipeline and fed to
-both ``train_step``s (forward, loss, backward, optimizer step), alternating the order per round
-so machine noise hits both. Printed: ms per step for each, the ratio density/guide (aim: 1.15
-or less), and the ratio per full iteration (data loading included, as in real training).
+``--variant density`` (default): nnUNetTrainerGuideDensity, whose density and texture maps are
+computed inside the network (aim: 1.15 or less). ``--variant correction``:
+nnUNetTrainerGuideCorrection, whose training step first predicts the batch and adds correction
+clicks at the model's errors (p_correction 0.5, 1-2 rounds).
+
+Both trainers take the same fed channels (image + guide channels), so the data pipeline is
+shared and only the training step differs. Batches are drawn once from the guide trainer's
+pipeline and fed to both ``train_step``s (forward, loss, backward, optimizer step), alternating
+the order per round so machine noise hits both. Printed: ms per step for each, the ratio
+variant/guide, and the ratio per full iteration (data loading included, as in real training).
 
 Without ``--preprocessed`` it builds the LiTS slab dataset from ../shared/data/lits117 (8 slabs
 of 16 x 128 x 128, real CT) with nnU-Net's own planning, or the synthetic phantom when the real
@@ -55,6 +59,7 @@ def make_trainer(cls, pp, plans_name, configuration):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preprocessed", help="nnUNet_preprocessed/DatasetXXX folder (planned + preprocessed)")
+    p.add_argument("--variant", choices=("density", "correction"), default="density")
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--plans", default="nnUNetPlans", help="source plans; density histograms are added as "
                                                            "<plans>_density")
@@ -73,13 +78,14 @@ def main(argv=None):
         os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
 
     from nnunet_guide.preprocessing.plan import plan_density
-    from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideDensity
+    from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideCorrection, nnUNetTrainerGuideDensity
 
     density_plans = args.plans + "_density"
     plan_density(os.path.basename(os.path.normpath(pp)), [args.configuration], args.plans, density_plans,
                  preprocessed_dir=os.path.dirname(os.path.abspath(pp)), verbose=False)
     guide = make_trainer(nnUNetTrainerGuide, pp, density_plans, args.configuration)
-    dens = make_trainer(nnUNetTrainerGuideDensity, pp, density_plans, args.configuration)
+    variant_cls = {"density": nnUNetTrainerGuideDensity, "correction": nnUNetTrainerGuideCorrection}[args.variant]
+    other = make_trainer(variant_cls, pp, density_plans, args.configuration)
     # same starting weights for the shared part would not change timing; same batches do matter
     dl, _ = guide.get_dataloaders()
     torch.manual_seed(0)
@@ -90,36 +96,38 @@ def main(argv=None):
     b = batches[0]
     print(f"dataset {pp}\nplans {density_plans}, configuration {args.configuration}, batch data "
           f"{tuple(b['data'].shape)} (image + guide channels)")
-    print(f"guide network input channels: {guide.layout.num_channels}; density: {dens.layout.num_channels} "
-          f"({[c['kind'] for c in dens.layout.channels].count('density')} density, "
-          f"{[c['kind'] for c in dens.layout.channels].count('texture')} texture)")
-    for tr in (guide, dens):  # warm-up (allocators, first-call overheads)
+    print(f"variant {args.variant} ({type(other).__name__}); network input channels: guide "
+          f"{guide.layout.num_channels}, variant {other.layout.num_channels}")
+    for tr in (guide, other):  # warm-up (allocators, first-call overheads)
         tr.network.train()
         tr.train_step(batches[0])
-    times = {"guide": [], "density": []}
+    times = {"guide": [], args.variant: []}
     feature_times = []
     for r in range(args.rounds):
-        order = (("guide", guide), ("density", dens)) if r % 2 == 0 else (("density", dens), ("guide", guide))
+        order = (("guide", guide), (args.variant, other))
+        order = order if r % 2 == 0 else order[::-1]
         for name, tr in order:
             t0 = time.perf_counter()
             for batch in batches:
                 tr.train_step(batch)
             times[name].append((time.perf_counter() - t0) / len(batches))
-        fm = dens.network.feature_module
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            for batch in batches:
-                fm(batch["data"])
-            feature_times.append((time.perf_counter() - t0) / len(batches))
-    g, d = float(np.median(times["guide"])), float(np.median(times["density"]))
-    f = float(np.median(feature_times))
+        fm = getattr(other.network, "feature_module", None)
+        if fm is not None:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for batch in batches:
+                    fm(batch["data"])
+                feature_times.append((time.perf_counter() - t0) / len(batches))
+    g, d = float(np.median(times["guide"])), float(np.median(times[args.variant]))
     print(f"{args.rounds} rounds x {len(batches)} batches, {args.threads} thread(s); medians over rounds")
     print(f"guide-only train step:      {g * 1000:9.1f} ms/batch")
-    print(f"density+guide train step:   {d * 1000:9.1f} ms/batch  (of which density/texture maps "
-          f"{f * 1000:.1f} ms)")
+    extra = f"  (of which density/texture maps {float(np.median(feature_times)) * 1000:.1f} ms)" \
+        if feature_times else ""
+    print(f"{args.variant + ' train step:':27s} {d * 1000:9.1f} ms/batch{extra}")
     print(f"data loading (shared):      {load * 1000:9.1f} ms/batch")
-    print(f"overhead ratio density/guide, train step:      {d / g:.3f}  (aim <= 1.15)")
-    print(f"overhead ratio density/guide, full iteration:  {(d + load) / (g + load):.3f}")
+    aim = "  (aim <= 1.15)" if args.variant == "density" else ""
+    print(f"overhead ratio {args.variant}/guide, train step:      {d / g:.3f}{aim}")
+    print(f"overhead ratio {args.variant}/guide, full iteration:  {(d + load) / (g + load):.3f}")
     return 0
 
 
