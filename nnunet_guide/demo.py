@@ -9,8 +9,9 @@ Steps (each reports its progress and time; finished steps are reused when run ag
 3. a derived small plans file (``nnUNetPlans_small``: 3 stages, 8 base features, batch 2) so
    training fits a CPU;
 4. training, briefly: plain ``nnUNetTrainerShort`` and a guide-aware trainer with the same
-   schedule (LiTS: ``nnUNetTrainerGuideTumorShort``, clicks on tumours only; ``--dataset``:
-   ``nnUNetTrainerGuideShort``), fold 0 of nnU-Net's split;
+   schedule (LiTS: ``nnUNetTrainerGuideTumorCorrectionShort``, clicks on tumours only, with
+   correction clicks at the model's own errors; ``--dataset``: ``nnUNetTrainerGuideShort``), fold 0
+   of nnU-Net's split;
 5. plain nnU-Net predictions of the validation cases;
 6. the simulated user on the guide model (0..N click steps) and the comparison;
 7. the report: ``<output>/report/report.md`` with the table, the Dice-vs-clicks curve and
@@ -39,7 +40,7 @@ DEMO_DATASET_ID = 117
 PLANS_SMALL = "nnUNetPlans_small"
 PLAIN_TRAINER = "nnUNetTrainerShort"
 GUIDE_TRAINER = "nnUNetTrainerGuideShort"  # --dataset: guides on every foreground class
-LITS_GUIDE_TRAINER = "nnUNetTrainerGuideTumorShort"  # the LiTS demo: guides on tumours only
+LITS_GUIDE_TRAINER = "nnUNetTrainerGuideTumorCorrectionShort"  # LiTS: tumour clicks, correction training
 MAX_PATCH_VOXELS = 16 * 128 * 128  # CPU budget per patch (the LiTS slab patch)
 
 

@@ -201,15 +201,17 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         was_training = self.network.training
         self.network.eval()
         try:
+            sel = torch.from_numpy(chosen)
+            ref_target = target[sel]
             for _ in range(int(rng.integers(1, g.correction_rounds + 1))):
                 with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
                         else dummy_context():
-                    out = self.network(data.to(self.device, non_blocking=True))
+                    out = self.network(data[sel].to(self.device, non_blocking=True))  # the chosen samples only
                 out = out[0] if isinstance(out, (list, tuple)) else out
-                pred, ref = self._label_maps(out.float(), target)
+                pred, ref = self._label_maps(out.float(), ref_target)
                 guides = data[:, g_lo:g_hi].numpy()  # a view: drawing into it edits the batch
-                for b in chosen:
-                    added[b] += add_correction_guides(guides[b], pred[b], ref[b], targets, spacing, g,
+                for i, b in enumerate(chosen):
+                    added[b] += add_correction_guides(guides[b], pred[i], ref[i], targets, spacing, g,
                                                       self.label_manager.ignore_label)
         finally:
             self.network.train(was_training)
