@@ -127,3 +127,17 @@ def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configurati
     assert n_clicks > 0  # an untrained network is wrong somewhere
     out = tr.train_step(batch)
     assert np.isfinite(out["loss"])
+
+
+def test_correction_label_maps_of_a_region_based_dataset_follow_nnunet():
+    """Region outputs/targets become label maps by nnU-Net's own rule (regions_class_order)."""
+    from types import SimpleNamespace
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    lm = LabelManager({"background": 0, "organ": [1, 2], "lesion": 2}, regions_class_order=[1, 2])
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(size=(2, 2, 4, 5, 6)).astype(np.float32))
+    target = (torch.from_numpy(rng.random((2, 2, 4, 5, 6))) > 0.5).float()
+    pred, ref = nnUNetTrainerGuide._label_maps(SimpleNamespace(label_manager=lm), logits, target)
+    for b in range(2):
+        np.testing.assert_array_equal(pred[b], np.asarray(lm.convert_logits_to_segmentation(logits[b])))
+        np.testing.assert_array_equal(ref[b], np.asarray(lm.convert_probabilities_to_segmentation(target[b])))
