@@ -30,10 +30,7 @@ def build_dataset(root):
         print("../shared/data not found: using the synthetic phantom")
         T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=12, shape=(48, 64, 64))
         did, name = 901, "Dataset901_GuideSynthetic"
-    T.plan_and_preprocess(did, env, ("3d_fullres",))
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[k] = env[k]
-    return os.path.join(env["nnUNet_preprocessed"], name)
+    return T.preprocess_for_this_process(did, name, env)
 
 
 def make_loader(cls, pp, plans_name, configuration):

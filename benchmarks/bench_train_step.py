@@ -45,10 +45,7 @@ def build_dataset(root):
         print(f"LiTS case not available ({e}): using the synthetic phantom")
         T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=8, shape=(32, 96, 96))
         did, name = 901, "Dataset901_GuideSynthetic"
-    T.plan_and_preprocess(did, env, ("3d_fullres",))
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[k] = env[k]
-    return os.path.join(env["nnUNet_preprocessed"], name)
+    return T.preprocess_for_this_process(did, name, env)
 
 
 def make_trainer(cls, pp, plans_name, configuration):

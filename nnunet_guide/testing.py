@@ -148,6 +148,16 @@ def plan_and_preprocess(dataset_id: int, env: Dict[str, str], configurations: It
          *(["1"] * len(configs)), "-npfp", "1", "--verify_dataset_integrity"], env, log)
 
 
+def preprocess_for_this_process(dataset_id: int, name: str, env: Dict[str, str],
+                                configurations: Iterable[str] = ("3d_fullres",)) -> str:
+    """Plan and preprocess a raw dataset, then point this process's nnU-Net folders at ``env``'s
+    (benchmarks build trainers in process). Returns the preprocessed dataset folder."""
+    plan_and_preprocess(dataset_id, env, configurations)
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[k] = env[k]
+    return os.path.join(env["nnUNet_preprocessed"], name)
+
+
 def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPlans",
                        target: str = "nnUNetPlans_small", max_stages: int = 3, base_features: int = 8,
                        batch_size: int = 2, patch_size: Optional[Dict[str, Sequence[int]]] = None) -> str:
