@@ -39,7 +39,7 @@ from nnunet_guide.inference.click_io import ClickSpec
 from nnunet_guide.inference.predictor import GuidedPredictor, ensure_trainers_discoverable
 from nnunet_guide.inference.session import GuidedSession
 from nnunet_guide.settings import PLANS_KEY, GuidedTarget, GuideSettings, build_layout, save_layout
-from nnunet_guide.testing import shared_data_dir
+from nnunet_guide import testing as T
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
                 "file_ending": ".nii.gz", "numTraining": 0}
@@ -49,34 +49,13 @@ def untrained_model(folder: str, patch, features, spacing=(1.0, 1.0, 1.0)) -> st
     """A model folder (plans.json, dataset.json, guide_settings.json, fold_0) with random weights."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_guide.trainers import nnUNetTrainerGuide
-    n = len(features)
-    arch = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": n, "features_per_stage": list(features),
-                            "conv_op": "torch.nn.modules.conv.Conv3d", "kernel_sizes": [[3, 3, 3]] * n,
-                            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1), "n_conv_per_stage": [2] * n,
-                            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
-                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-                            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
-                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-    cfg = {"data_identifier": "bench", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-           "patch_size": list(patch), "median_image_size_in_voxels": [128, 128, 128], "spacing": list(spacing),
-           "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
-           "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
-           "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-           "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-           "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-           "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None},
-           "architecture": arch, "batch_dice": False}
+    cfg = T.configuration_plans(spacing, patch, T.plain_conv_unet(3, features, n_conv=2),
+                                normalization="CTNormalization", data_identifier="bench")
+    cfg["median_image_size_in_voxels"] = [128, 128, 128]
     layout = build_layout(1, [GuidedTarget("liver", (1,)), GuidedTarget("tumor", (2,))], GuideSettings(), ["CT"])
-    plans = {"dataset_name": "Dataset991_Bench", "plans_name": "nnUNetPlans",
-             "original_median_spacing_after_transp": list(spacing), "original_median_shape_after_transp": [128] * 3,
-             "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
-             "configurations": {"3d_fullres": cfg}, "experiment_planner_used": "ExperimentPlanner",
-             "label_manager": "LabelManager",
-             "foreground_intensity_properties_per_channel": {"0": {"mean": 100.0, "std": 50.0, "percentile_00_5": -200.0,
-                                                                   "percentile_99_5": 250.0}},
-             PLANS_KEY: layout.to_dict()}
+    plans = T.hand_written_plans({"3d_fullres": cfg}, "Dataset991_Bench", intensity={
+        "mean": 100.0, "std": 50.0, "percentile_00_5": -200.0, "percentile_99_5": 250.0})
+    plans[PLANS_KEY] = layout.to_dict()
     os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
     with open(os.path.join(folder, "plans.json"), "w") as f:
         json.dump(plans, f)
@@ -95,7 +74,7 @@ def untrained_model(folder: str, patch, features, spacing=(1.0, 1.0, 1.0)) -> st
 def case_and_clicks(folder: str, n_clicks: int):
     """Write the benchmark case (imagesTs-style folder) and pick click positions (ITK index)."""
     os.makedirs(folder, exist_ok=True)
-    shared = shared_data_dir()
+    shared = T.shared_data_dir()
     lits = os.path.join(shared, "lits117") if shared else None
     if lits and os.path.isfile(os.path.join(lits, "ct.nii.gz")):
         img = sitk.ReadImage(os.path.join(lits, "ct.nii.gz"))

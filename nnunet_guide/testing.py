@@ -18,7 +18,7 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 
 from .cli.env import env_value
-from .settings import write_json_atomic
+from .settings import write_atomic, write_json_atomic
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,9 +72,7 @@ def write_image(path: str, array: np.ndarray, spacing_zyx: Sequence[float], orig
         img.SetOrigin(tuple(float(o) for o in origin))
     if direction is not None:
         img.SetDirection(tuple(float(d) for d in direction))
-    tmp = path + ".part.nii.gz"
-    sitk.WriteImage(img, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: sitk.WriteImage(img, tmp))
 
 
 def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "GuideSynthetic", num_cases: int = 8,
@@ -156,6 +154,55 @@ def preprocess_for_this_process(dataset_id: int, name: str, env: Dict[str, str],
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[k] = env[k]
     return os.path.join(env["nnUNet_preprocessed"], name)
+
+
+def plain_conv_unet(dim: int, features: Sequence[int], n_conv: int = 1) -> dict:
+    """The ``architecture`` entry of nnU-Net plans for a PlainConvUNet (3x3 kernels, stride 2 after
+    the first stage, instance norm, leaky ReLU)."""
+    n = len(features)
+    conv = f"torch.nn.modules.conv.Conv{dim}d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{dim}d"
+    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
+                            "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
+                            "n_conv_per_stage": [n_conv] * n, "n_conv_per_stage_decoder": [n_conv] * (n - 1),
+                            "conv_bias": True, "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
+                            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def configuration_plans(spacing: Sequence[float], patch: Sequence[int], architecture: dict,
+                        normalization: str = "ZScoreNormalization", data_identifier: str = "tiny") -> dict:
+    """One configuration of hand-written nnU-Net plans (nnU-Net's default resampling)."""
+    return {"data_identifier": data_identifier, "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+            "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": list(spacing),
+            "normalization_schemes": [normalization], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape",
+            "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                   "force_separate_z": None},
+            "architecture": architecture, "batch_dice": False}
+
+
+def hand_written_plans(configurations: Dict[str, dict], dataset_name: str, transpose: Sequence[int] = (0, 1, 2),
+                       reader: str = "SimpleITKIO", intensity: Optional[dict] = None) -> dict:
+    """nnU-Net plans around the given configurations, for tests and benchmarks that need a model
+    folder or nnU-Net's preprocessor without planning a dataset (``intensity``: the foreground
+    intensity properties of channel 0, used by CT normalisation)."""
+    first = next(iter(configurations.values()))
+    return {"dataset_name": dataset_name, "plans_name": "nnUNetPlans",
+            "original_median_spacing_after_transp": list(first["spacing"]),
+            "original_median_shape_after_transp": list(first["median_image_size_in_voxels"]),
+            "image_reader_writer": reader,
+            "transpose_forward": list(transpose), "transpose_backward": [int(i) for i in np.argsort(transpose)],
+            "configurations": configurations, "experiment_planner_used": "ExperimentPlanner",
+            "label_manager": "LabelManager",
+            "foreground_intensity_properties_per_channel": {"0": intensity or {
+                "mean": 0.0, "std": 1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0}}}
 
 
 def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPlans",

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from nnunet_guide import testing as T
 from nnunet_guide.core.coords import (
     CoordinateError, ImageGeometry, PreprocessedGeometry, array_to_itk_index, itk_index_to_array,
     lps_to_ras, physical_to_preprocessed, physical_to_raw, preprocessed_to_physical, raw_inside,
@@ -162,33 +163,9 @@ def test_2d_image_round_trip():
 # against nnU-Net's own preprocessing
 # ---------------------------------------------------------------------------------------------
 
-def tiny_plans(transpose_forward, target_spacing, reader="SimpleITKIO", config="3d_fullres"):
-    tb = [int(i) for i in np.argsort(transpose_forward)]
-    return {
-        "dataset_name": "Dataset999_Coords", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": list(target_spacing),
-        "original_median_shape_after_transp": [10, 10, 10],
-        "image_reader_writer": reader,
-        "transpose_forward": list(transpose_forward), "transpose_backward": tb,
-        "configurations": {config: {
-            "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": [8, 8, 8][:len(target_spacing)], "median_image_size_in_voxels": [10, 10, 10],
-            "spacing": list(target_spacing), "normalization_schemes": ["ZScoreNormalization"],
-            "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []},
-            "batch_dice": False,
-        }},
-        "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {"0": {"mean": 0, "std": 1, "percentile_00_5": 0,
-                                                              "percentile_99_5": 1}},
-    }
+def tiny_plans(transpose_forward, target_spacing):
+    cfg = T.configuration_plans(target_spacing, (8, 8, 8), T.plain_conv_unet(3, (4, 8)))
+    return T.hand_written_plans({"3d_fullres": cfg}, "Dataset999_Coords", transpose_forward)
 
 
 @pytest.mark.parametrize("transpose,target_spacing", [

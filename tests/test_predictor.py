@@ -14,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
+from nnunet_guide import testing as T
 from nnunet_guide.inference.click_io import ClickFileError, ClickSpec
 from nnunet_guide.inference.predictor import CLICKS_RECORD, GuidedPredictor, ensure_trainers_discoverable
 from nnunet_guide.network import GuidedNetwork
@@ -29,44 +30,12 @@ TRAINER = "nnUNetTrainerGuide"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def arch(dim, features=(4, 8)):
-    n = len(features)
-    conv = "torch.nn.modules.conv.Conv3d" if dim == 3 else "torch.nn.modules.conv.Conv2d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm3d" if dim == 3 else "torch.nn.modules.instancenorm.InstanceNorm2d"
-    return {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-            "arch_kwargs": {"n_stages": n, "features_per_stage": list(features), "conv_op": conv,
-                            "kernel_sizes": [[3] * dim] * n, "strides": [[1] * dim] + [[2] * dim] * (n - 1),
-                            "n_conv_per_stage": [1] * n, "n_conv_per_stage_decoder": [1] * (n - 1),
-                            "conv_bias": True, "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-                            "dropout_op": None, "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
-                            "nonlin_kwargs": {"inplace": True}},
-            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
-
-
-def config(dim, spacing, patch):
-    return {"data_identifier": "tiny", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
-            "patch_size": list(patch), "median_image_size_in_voxels": list(patch), "spacing": list(spacing),
-            "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [False],
-            "resampling_fn_data": "resample_data_or_seg_to_shape",
-            "resampling_fn_seg": "resample_data_or_seg_to_shape",
-            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
-            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
-                                                   "force_separate_z": None},
-            "architecture": arch(dim), "batch_dice": False}
-
-
 def tiny_plans(transpose=(0, 1, 2), spacing3d=(1.5, 1.2, 1.2), patch3d=(8, 16, 16), spacing2d=(1.2, 1.2),
                patch2d=(16, 16)):
-    return {"dataset_name": "Dataset990_Tiny", "plans_name": "nnUNetPlans",
-            "original_median_spacing_after_transp": list(spacing3d),
-            "original_median_shape_after_transp": [12, 20, 20], "image_reader_writer": "SimpleITKIO",
-            "transpose_forward": list(transpose), "transpose_backward": [int(i) for i in np.argsort(transpose)],
-            "configurations": {"3d_fullres": config(3, spacing3d, patch3d), "2d": config(2, spacing2d, patch2d)},
-            "experiment_planner_used": "ExperimentPlanner", "label_manager": "LabelManager",
-            "foreground_intensity_properties_per_channel": {"0": {"mean": 0.0, "std": 1.0, "percentile_00_5": -1,
-                                                                  "percentile_99_5": 1}}}
+    return T.hand_written_plans(
+        {"3d_fullres": T.configuration_plans(spacing3d, patch3d, T.plain_conv_unet(3, (4, 8))),
+         "2d": T.configuration_plans(spacing2d, patch2d, T.plain_conv_unet(2, (4, 8)))},
+        "Dataset990_Tiny", transpose)
 
 
 def tiny_layout(negatives=True, encoding="gaussian", sigma_mm=3.0):
