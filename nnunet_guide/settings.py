@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 SETTINGS_FILE = "guide_settings.json"
 PLANS_KEY = "nnunet_guide"
@@ -283,19 +283,35 @@ def build_layout(num_image_channels: int, targets: Sequence[GuidedTarget], guide
     return ChannelLayout(num_image_channels, list(targets), guide, channels, dict(extra or {}))
 
 
-def write_json_atomic(obj: Any, path: str) -> None:
-    """Write JSON next to ``path`` and rename it into place, so a reader never sees half a file."""
+def write_atomic(path: str, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path`` (same file ending, so writers that
+    choose the format by name still work) and rename it into place: a reader never sees half a
+    file, and a failed write leaves nothing behind."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    base = os.path.basename(path)
+    ext = ".nii.gz" if base.endswith(".nii.gz") else os.path.splitext(base)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=ext, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(text: str, path: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def write_json_atomic(obj: Any, path: str) -> None:
+    """Write JSON next to ``path`` and rename it into place, so a reader never sees half a file."""
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=False), path)
 
 
 def save_layout(layout: ChannelLayout, model_folder: str) -> str:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -71,3 +72,29 @@ def test_missing_or_broken_settings_file(tmp_path):
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({"format_version": 1, "targets": []}))
     with pytest.raises(GuideSettingsError, match="malformed"):
         load_layout(str(tmp_path))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from nnunet_guide.settings import write_atomic, write_json_atomic
+    path = str(tmp_path / "sub" / "case.nii.gz")
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        with open(tmp, "w") as f:
+            f.write("new")
+
+    write_atomic(path, write)
+    assert open(path).read() == "new" and seen[0].endswith(".nii.gz")  # the writer sees the file ending
+
+    def broken(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, broken)
+    assert open(path).read() == "new"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["case.nii.gz"]  # no temporary file left
+    write_json_atomic({"a": [1, 2]}, str(tmp_path / "x.json"))
+    assert json.load(open(tmp_path / "x.json")) == {"a": [1, 2]}

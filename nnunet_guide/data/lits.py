@@ -41,7 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..settings import write_json_atomic
+from ..settings import write_atomic, write_json_atomic
 from ..testing import shared_data_dir  # $NNUNET_GUIDE_SHARED_DATA or <repo>/../shared/data, or None
 
 WHEEL_SPEC = "liver-ct-segmentation-package==1.6.0"
@@ -232,19 +232,7 @@ def _to_sitk(arr: np.ndarray, spacing: Sequence[float], origin: Sequence[float] 
 
 def write_image_atomic(image: sitk.Image, path: str) -> None:
     """Write an image to a temporary name in the same folder and rename it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    base = os.path.basename(path)
-    ext = ".nii.gz" if base.endswith(".nii.gz") else os.path.splitext(base)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:

@@ -23,7 +23,7 @@ from ..core.clicks import Click
 from ..core.metrics import (LesionDetection, class_mask, clicks_to_reach, dice_auc, dice_from_counts, dice_masks,
                             format_float, global_dice, lesion_detection, mean_dice, noc_summary, sum_detections)
 from ..core.user_sim import SessionResult
-from ..settings import write_json_atomic
+from ..settings import write_atomic, write_json_atomic, write_text_atomic
 
 DEFAULT_THRESHOLDS = (0.85, 0.90)
 
@@ -167,10 +167,7 @@ def _csv_atomic(rows: List[List[Any]], path: str) -> None:
     w = csv.writer(buf, lineterminator="\n")
     for row in rows:
         w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in row])
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    write_text_atomic(buf.getvalue(), path)
 
 
 def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
@@ -233,9 +230,7 @@ def _plt():
 
 
 def _save_fig(fig, path: str) -> None:
-    tmp = path[:-4] + ".tmp.png"
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
 
 
 def plot_curves(path: str, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
@@ -455,8 +450,5 @@ def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
                      ov["classes"], ov.get("clicks", ()))
         images.append(rel)
     md = markdown_report(summary, records, title, context, images, thresholds)
-    tmp = os.path.join(out_dir, ".report.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, os.path.join(out_dir, "report.md"))
+    write_text_atomic(md, os.path.join(out_dir, "report.md"))
     return summary
