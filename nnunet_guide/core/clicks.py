@@ -29,12 +29,17 @@ class Click:
         target: index of the guided class (position in the layout's ``targets``).
         position: voxel coordinate per array axis (floats allowed; rendering is sub-voxel exact).
         positive: True for "this is the class", False for "this is not the class".
-        sigma: per-axis Gaussian sigma in voxels for the ``object_gaussian`` encoding; None otherwise.
+        sigma: per-axis Gaussian sigma in voxels for the ``object_gaussian`` encoding and for
+            boxes; None otherwise.
+        kind: ``"point"`` (rendered with the model's encoding) or ``"box"`` (the original work's
+            object-sized Gaussian ellipse ``exp(-sum (x - p)^2 / (2 sigma^2))``, centred at
+            ``position``, whatever the encoding; ``sigma`` is required).
     """
     target: int
     position: Tuple[float, ...]
     positive: bool = True
     sigma: Optional[Tuple[float, ...]] = None
+    kind: str = "point"
 
 
 def label_objects(mask: np.ndarray, connectivity: int = 2, slice_axis: Optional[int] = None

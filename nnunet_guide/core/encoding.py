@@ -43,6 +43,19 @@ def _reach_mm(encoding: str, sigma_mm: float, radius_mm: float) -> float:
     raise ValueError(f"unknown guide encoding {encoding!r}")
 
 
+CLICK_KINDS = ("point", "box")
+
+
+def _click_encoding(click: Click, encoding: str) -> str:
+    if click.kind == "point":
+        return encoding
+    if click.kind == "box":
+        if click.sigma is None:
+            raise ValueError(f"box click at {click.position} has no sigma (its per-axis size in voxels)")
+        return "object_gaussian"
+    raise ValueError(f"unknown click kind {click.kind!r}; expected one of {', '.join(CLICK_KINDS)}")
+
+
 def render_guides(clicks: Sequence[Click], shape: Sequence[int], spacing: Sequence[float], settings,
                   num_targets: int, slice_axis: Optional[int] = None,
                   out: Optional[np.ndarray] = None) -> np.ndarray:
@@ -73,7 +86,6 @@ def render_guides(clicks: Sequence[Click], shape: Sequence[int], spacing: Sequen
         if out.shape != (n_ch, *shape):
             raise ValueError(f"out has shape {out.shape}, expected {(n_ch, *shape)}")
         out.fill(0)
-    enc = settings.encoding
     for c in clicks:
         if not (0 <= c.target < num_targets):
             raise ValueError(f"click target {c.target} out of range for {num_targets} guided classes")
@@ -81,6 +93,7 @@ def render_guides(clicks: Sequence[Click], shape: Sequence[int], spacing: Sequen
             raise ValueError(f"click at {c.position} has {len(c.position)} coordinates; image is {ndim}D")
         ch = guide_channel_index(c.target, c.positive, settings.negatives)
         pos = np.asarray(c.position, dtype=float)
+        enc = _click_encoding(c, settings.encoding)
         if enc == "object_gaussian":
             sig_vox = np.asarray(c.sigma if c.sigma is not None else (settings.min_object_sigma,) * ndim, float)
             sig_vox = np.maximum(sig_vox, 1e-3)
