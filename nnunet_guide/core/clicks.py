@@ -42,6 +42,29 @@ class Click:
     kind: str = "point"
 
 
+#: sigma of a box's Gaussian ellipse per box side length (voxels): the original work's users dragged
+#: an ellipse over the object and its Gaussian had sigma = 0.37 x the axis length
+BOX_SIGMA_PER_SIDE = 0.37
+
+
+def box_click(target: int, lower: Sequence[float], upper: Sequence[float], positive: bool = True,
+              min_sigma: float = 0.5) -> Click:
+    """The click a box becomes: its centre, with a Gaussian ellipse sized by the box.
+
+    Args:
+        target: index of the guided class.
+        lower, upper: the box as half-open voxel bounds per array axis (``upper - lower`` is the
+            side length in voxels; a side of 1 is a box drawn on one slice).
+        min_sigma: lower bound of the per-axis sigma (voxels).
+    """
+    lo, hi = np.asarray(lower, float), np.asarray(upper, float)
+    if lo.shape != hi.shape or np.any(hi <= lo) or not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)):
+        raise ValueError(f"a box needs finite lower < upper per axis, got lower {tuple(lo)} and upper {tuple(hi)}")
+    center = (lo + hi - 1) / 2
+    sigma = np.maximum(BOX_SIGMA_PER_SIDE * (hi - lo), min_sigma)
+    return Click(int(target), tuple(float(v) for v in center), bool(positive), tuple(float(v) for v in sigma), "box")
+
+
 def label_objects(mask: np.ndarray, connectivity: int = 2, slice_axis: Optional[int] = None
                   ) -> Tuple[np.ndarray, int]:
     """Connected components of a boolean mask.
