@@ -1,8 +1,20 @@
-"""batchgeneratorsv2 adapter: guide channels rendered from the augmented segmentation.
+"""batchgeneratorsv2 adapters: clicks simulated from the augmented segmentation, shipped as coordinates.
 
-The transform sits after nnU-Net's spatial and intensity augmentations (so guides are aligned
-with the augmented image and untouched by intensity changes) and before region conversion and
-deep-supervision downsampling (so it still sees the plain label map).
+The data loader only chooses clicks; it never renders them. Dense guide channels exist only on
+the training device, where the trainer renders them (:func:`nnunet_guide.core.encoding.render_guide_batch`)
+at the start of each train/validation step. So guides add no full-size channel to the CPU
+pipeline, to the worker queues or to pinned memory: a sample's clicks are one (K, 3 + 2 * ndim)
+float tensor.
+
+Two transforms, because nnU-Net's loader collates only ``image`` and ``segmentation``:
+- :class:`SimulateClicksTransform` sits after the spatial and intensity augmentations and before
+  region conversion and deep-supervision downsampling (it needs the augmented plain label map);
+  it stores the sample's packed clicks under the key ``guide_clicks``;
+- :class:`AttachClicksTransform` ends the pipeline: it appends the packed clicks to the
+  ``segmentation`` list (making it a list when deep supervision is off), so nnU-Net's own loader
+  stacks them into ``batch["target"][-1]`` of shape (B, K, 3 + 2 * ndim), through its worker
+  processes and pin-memory thread unchanged. The trainer takes them off again before the loss
+  sees the target (:meth:`nnunet_guide.trainers.guide.nnUNetTrainerGuide.guided_batch`).
 """
 from __future__ import annotations
 
@@ -13,18 +25,24 @@ import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
 from .core.clicks import sample_training_clicks
-from .core.encoding import num_guide_channels, render_guides
-from .settings import GuideSettings
+from .core.encoding import pack_clicks
+from .settings import GuideSettings, GuideSettingsError
+
+#: the data_dict key the packed clicks travel under between the two transforms
+CLICKS_KEY = "guide_clicks"
 
 
-class GuideChannelsTransform(BasicTransform):
-    """Append guide channels simulated from ``segmentation[seg_channel]`` to ``image``.
+class SimulateClicksTransform(BasicTransform):
+    """Simulate one sample's clicks from ``segmentation[seg_channel]`` and store them packed
+    (:func:`nnunet_guide.core.encoding.pack_clicks`, ``capacity`` rows) under ``guide_clicks``.
 
     Args:
         settings: the model's GuideSettings.
         targets: per guided class, its label value(s) (in layout order).
         spacing: voxel size (mm) of the patch axes (the configuration's spacing; for a 2D patch
             the last two values).
+        capacity: click rows per sample (all samples of a batch need the same number to be
+            stacked); a sample with more clicks raises GuideSettingsError.
         ignore_label: never clicked, never part of an object.
         seg_channel: which segmentation channel holds the label map.
 
@@ -35,11 +53,12 @@ class GuideChannelsTransform(BasicTransform):
     """
 
     def __init__(self, settings: GuideSettings, targets: Sequence[Tuple[int, ...]], spacing: Sequence[float],
-                 ignore_label: Optional[int] = None, seg_channel: int = 0):
+                 capacity: int = 256, ignore_label: Optional[int] = None, seg_channel: int = 0):
         super().__init__()
         self.settings = settings
         self.targets = [tuple(int(v) for v in t) for t in targets]
         self.spacing = tuple(float(s) for s in spacing)
+        self.capacity = int(capacity)
         self.ignore_label = ignore_label
         self.seg_channel = seg_channel
 
@@ -50,15 +69,24 @@ class GuideChannelsTransform(BasicTransform):
         rng = np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
         clicks = sample_training_clicks(seg, self.targets, spacing, self.settings, rng,
                                         ignore_label=self.ignore_label)
+        if len(clicks) > self.capacity:
+            raise GuideSettingsError(
+                f"a training sample got {len(clicks)} simulated clicks, more than the {self.capacity} click rows "
+                f"per sample; raise the trainer's max_clicks_per_sample")
         return {"clicks": clicks, "spacing": spacing}
 
     def apply(self, data_dict, **params):
-        img = data_dict["image"]
-        shape = tuple(img.shape[1:])
-        n_guide = num_guide_channels(len(self.targets), self.settings.negatives)
-        out = torch.empty((img.shape[0] + n_guide, *shape), dtype=img.dtype)
-        out[:img.shape[0]] = img
-        guides = out[img.shape[0]:].numpy()
-        render_guides(params["clicks"], shape, params["spacing"], self.settings, len(self.targets), out=guides)
-        data_dict["image"] = out
+        ndim = data_dict["segmentation"].ndim - 1
+        data_dict[CLICKS_KEY] = pack_clicks(params["clicks"], ndim, self.capacity)
+        return data_dict
+
+
+class AttachClicksTransform(BasicTransform):
+    """Move the packed clicks (``guide_clicks``) to the end of the ``segmentation`` list, the one
+    per-sample value besides ``image`` that nnU-Net's loader collates."""
+
+    def apply(self, data_dict, **params):
+        clicks = data_dict.pop(CLICKS_KEY)
+        seg = data_dict["segmentation"]
+        data_dict["segmentation"] = (list(seg) if isinstance(seg, (list, tuple)) else [seg]) + [clicks]
         return data_dict

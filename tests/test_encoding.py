@@ -77,3 +77,101 @@ def test_click_outside_image_renders_only_its_tail_and_bad_input_errors():
         render_guides([Click(0, (1, 2, 3), True)], (10, 10), (1, 1), s, 1)
     with pytest.raises(ValueError, match="out of range"):
         render_guides([Click(2, (1, 2), True)], (10, 10), (1, 1), s, 1)
+
+
+# ---- the torch renderer against the numpy reference ------------------------------------------
+import sys  # noqa: E402
+from os.path import dirname  # noqa: E402
+
+import torch  # noqa: E402
+
+from nnunet_guide.core.clicks import box_click  # noqa: E402
+from nnunet_guide.core.encoding import (append_clicks, click_counts, pack_click_batch, pack_clicks,  # noqa: E402
+                                        render_guide_batch, unpack_clicks)
+
+sys.path.insert(0, dirname(__file__))
+from reference_encoding import render_guides as reference_render  # noqa: E402
+
+
+def random_clicks(rng, shape, n, margin=4.0):
+    """Clicks anywhere in and around the image (borders and outside included), points with and
+    without their own sigma, and boxes."""
+    clicks = []
+    for _ in range(n):
+        p = rng.uniform(-margin, np.array(shape) - 1 + margin)
+        t, positive = int(rng.integers(2)), bool(rng.random() < 0.7)
+        if rng.random() < 0.25:
+            lo = np.floor(p - rng.uniform(1, 6, len(shape)))
+            clicks.append(box_click(t, lo, lo + rng.integers(1, 9, len(shape)), positive))
+        else:
+            sigma = tuple(rng.uniform(0.5, 6, len(shape))) if rng.random() < 0.5 else None
+            clicks.append(Click(t, tuple(float(v) for v in p), positive, sigma))
+    return clicks
+
+
+def assert_same_maps(torch_maps, reference):
+    """Equal to float tolerance; a value can only be missing where the other is at the EPS cut."""
+    both = (torch_maps > 0) & (reference > 0)
+    np.testing.assert_allclose(torch_maps[both], reference[both], atol=2e-6, rtol=0)
+    one = (torch_maps > 0) != (reference > 0)
+    assert np.all(np.maximum(torch_maps, reference)[one] < EPS * 1.001)
+
+
+@pytest.mark.parametrize("encoding", ["gaussian", "exp_distance", "ball", "object_gaussian"])
+@pytest.mark.parametrize("shape,spacing,slice_axis", [((14, 40, 30), (3.0, 0.8, 1.0), None),
+                                                       ((50, 60), (0.7, 1.3), None),
+                                                       ((9, 30, 25), (2.5, 1.0, 1.0), 0)])
+@pytest.mark.parametrize("offset_half", [False, True])
+def test_torch_renderer_equals_numpy_reference(encoding, shape, spacing, slice_axis, offset_half):
+    s = GuideSettings(encoding=encoding, sigma_mm=2.5, ball_radius_mm=3.0, offset_half=offset_half)
+    rng = np.random.default_rng(len(shape) * 7 + (slice_axis or 0))
+    for n in (0, 1, 17):
+        clicks = random_clicks(rng, shape, n)
+        ref = reference_render(clicks, shape, spacing, s, 2, slice_axis=slice_axis)
+        got = render_guides(clicks, shape, spacing, s, 2, slice_axis=slice_axis)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert_same_maps(got, ref)
+
+
+def test_batch_rendering_matches_per_sample_and_fills_views():
+    s = GuideSettings(sigma_mm=2.0)
+    shape, spacing = (10, 24, 20), (2.0, 1.0, 1.0)
+    rng = np.random.default_rng(1)
+    per_sample = [random_clicks(rng, shape, n, margin=0) for n in (3, 0, 9)]
+    packed = pack_click_batch(per_sample, 3)
+    assert packed.shape == (3, 9, 9) and click_counts(packed).tolist() == [3, 0, 9]
+    network_input = torch.full((3, 1 + 4, *shape), 7.0)
+    render_guide_batch(packed, shape, spacing, s, 2, out=network_input[:, 1:])  # a non-contiguous view
+    assert torch.all(network_input[:, 0] == 7.0)
+    for b, clicks in enumerate(per_sample):
+        assert_same_maps(network_input[b, 1:].numpy(), reference_render(clicks, shape, spacing, s, 2))
+        assert [(c.target, c.positive, c.kind) for c in unpack_clicks(packed[b])] == \
+            [(c.target, c.positive, c.kind) for c in clicks]
+
+
+def test_appending_clicks_grows_the_rows_and_keeps_the_others():
+    packed = pack_click_batch([[Click(0, (1.0, 2.0))], []], 2, capacity=1)
+    grown = append_clicks(packed, 1, [Click(1, (3.0, 4.0), False), Click(0, (5.0, 6.0))])
+    assert grown.shape == (2, 2, 7) and click_counts(grown).tolist() == [1, 2]
+    assert unpack_clicks(grown[0]) == [Click(0, (1.0, 2.0))]
+    assert [c.position for c in unpack_clicks(grown[1])] == [(3.0, 4.0), (5.0, 6.0)]
+
+
+def test_packing_rejects_what_cannot_be_rendered():
+    with pytest.raises(ValueError, match="2 coordinates; image is 3D"):
+        pack_clicks([Click(0, (1.0, 2.0))], 3)
+    with pytest.raises(ValueError, match="unknown click kind 'lasso'"):
+        pack_clicks([Click(0, (1.0, 2.0), kind="lasso")], 2)
+    with pytest.raises(ValueError, match="do not fit the 1 click rows"):
+        pack_clicks([Click(0, (1.0, 2.0))] * 2, 2, capacity=1)
+    with pytest.raises(ValueError, match="box click"):
+        render_guides([Click(0, (1.0, 2.0), kind="box")], (5, 5), (1, 1), GuideSettings(), 1)
+
+
+def test_a_large_box_does_not_widen_the_windows_of_small_clicks():
+    """Clicks are bucketed by window size: a whole-image box next to many small clicks gives the
+    reference maps (and runs in bounded memory)."""
+    s = GuideSettings(encoding="gaussian", sigma_mm=1.0)
+    shape = (40, 64, 64)
+    clicks = [box_click(0, (0, 0, 0), shape)] + [Click(1, (20.0, float(i), float(i))) for i in range(0, 64, 3)]
+    assert_same_maps(render_guides(clicks, shape, (1, 1, 1), s, 2), reference_render(clicks, shape, (1, 1, 1), s, 2))

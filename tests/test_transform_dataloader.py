@@ -1,4 +1,7 @@
-"""The guide transform inside nnU-Net's real data pipeline (trainer -> dataloader -> batch)."""
+"""Clicks inside nnU-Net's real data pipeline (trainer -> dataloader -> batch), rendered on the
+training device by the trainer's step."""
+import sys
+from os.path import dirname
 
 import numpy as np
 import pytest
@@ -7,7 +10,11 @@ import torch
 from nnunet_guide import testing as T
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideAlways
-from nnunet_guide.transforms import GuideChannelsTransform
+from nnunet_guide.core.encoding import click_counts, packed_width, unpack_clicks
+from nnunet_guide.transforms import AttachClicksTransform, SimulateClicksTransform
+
+sys.path.insert(0, dirname(__file__))
+from reference_encoding import render_guides as reference_render  # noqa: E402
 
 
 def make_trainer(cls, paths, configuration="3d_fullres"):
@@ -30,7 +37,10 @@ def test_batches_carry_guides_aligned_with_the_augmented_labels(nnunet_paths, co
     assert tr.layout.num_channels == 5
     seen_lesion = 0
     for _ in range(4):
-        batch = next(dl_tr)
+        loaded = next(dl_tr)
+        assert loaded["data"].shape[1] == 1  # the loader ships the image and the clicks only
+        assert loaded["target"][-1].shape == (tr.batch_size, tr.max_clicks_per_sample, packed_width(loaded["data"].ndim - 2))
+        batch = tr.guided_batch(loaded)
         data, target = batch["data"], batch["target"]
         target = target[0] if isinstance(target, list) else target
         assert data.shape[1] == 5 and data.shape[2:] == target.shape[2:]
@@ -47,7 +57,7 @@ def test_batches_carry_guides_aligned_with_the_augmented_labels(nnunet_paths, co
             else:
                 assert pos_lesion.max() == 0
     assert seen_lesion > 0
-    val = next(dl_val)
+    val = tr.guided_batch(next(dl_val))
     assert val["data"].shape[1] == 5
 
 
@@ -55,7 +65,9 @@ def test_dropped_guides_are_no_guide(nnunet_paths):
     tr = make_trainer(NeverGuided, nnunet_paths)
     tr.initialize()
     dl_tr, _ = tr.get_dataloaders()
-    data = next(dl_tr)["data"]
+    batch = next(dl_tr)
+    assert torch.all(click_counts(batch["target"][-1]) == 0)
+    data = tr.guided_batch(batch)["data"]
     assert torch.all(data[:, 1:] == 0)
 
 
@@ -64,9 +76,52 @@ def test_transform_sits_before_label_consumers(nnunet_paths):
     t = tr.get_training_transforms(tr.configuration_manager.patch_size, (0, 0), [[1, 1, 1], [0.5, 0.5, 0.5]],
                                    (0, 1, 2), False)
     names = [type(x).__name__ for x in t.transforms]
-    i = names.index("GuideChannelsTransform")
+    i = names.index("SimulateClicksTransform")
     assert names[i - 1].startswith("RemoveLabelT") and names[i + 1] == "DownsampleSegForDSTransform"
-    assert isinstance(t.transforms[i], GuideChannelsTransform)
+    assert isinstance(t.transforms[i], SimulateClicksTransform) and isinstance(t.transforms[-1], AttachClicksTransform)
+
+
+class _OldGuideChannels(SimulateClicksTransform):
+    """The pipeline as it was before clicks travelled as coordinates: clicks rendered into dense
+    channels on the CPU, with the numpy renderer."""
+
+    def apply(self, data_dict, **params):
+        img = data_dict["image"]
+        guides = reference_render(params["clicks"], img.shape[1:], params["spacing"], self.settings, len(self.targets))
+        data_dict["image"] = torch.cat((img, torch.from_numpy(guides)), 0)
+        return data_dict
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_seeded_batch_gives_the_network_input_of_the_dense_cpu_pipeline(nnunet_paths, configuration):
+    """Same numpy seed, same loaded patch: image + guides rendered on the device equal what the
+    old pipeline (dense numpy channels from the same click simulation) fed the network."""
+    tr = make_trainer(nnUNetTrainerGuideAlways, nnunet_paths, configuration)
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    new_pipeline = dl_tr.data_loader.transforms if hasattr(dl_tr, "data_loader") else dl_tr.generator.transforms
+    old_pipeline = type(new_pipeline)([t for t in new_pipeline.transforms if not isinstance(t, AttachClicksTransform)])
+    i = next(k for k, t in enumerate(old_pipeline.transforms) if isinstance(t, SimulateClicksTransform))
+    sim = old_pipeline.transforms[i]
+    old_pipeline.transforms[i] = _OldGuideChannels(sim.settings, sim.targets, sim.spacing, sim.capacity, sim.ignore_label)
+    case = tr.get_tr_and_val_datasets()[0]
+    data, seg, _, _ = case.load_case(case.identifiers[0])
+    patch = tuple(tr.configuration_manager.patch_size)
+    image = torch.from_numpy(np.asarray(data[:])[(slice(None),) + tuple(slice(0, p) for p in patch[-3:])]).float()
+    labels = torch.from_numpy(np.asarray(seg[:])[(slice(None),) + tuple(slice(0, p) for p in patch[-3:])]).short()
+    if len(patch) == 2:
+        image, labels = image[:, labels.shape[1] // 2], labels[:, labels.shape[1] // 2]
+    n_clicks = 0
+    for seed in range(4):
+        np.random.seed(seed), torch.manual_seed(seed)
+        new = new_pipeline(image=image.clone(), segmentation=labels.clone())
+        np.random.seed(seed), torch.manual_seed(seed)
+        old = old_pipeline(image=image.clone(), segmentation=labels.clone())
+        batch = {"data": new["image"][None], "target": [s[None] for s in new["segmentation"]]}
+        n_clicks += len(unpack_clicks(new["segmentation"][-1]))
+        fed = tr.guided_batch(batch)["data"][0]
+        torch.testing.assert_close(fed, old["image"], atol=2e-6, rtol=0)
+    assert n_clicks > 0
 
 
 def test_network_has_extra_channels_and_runs_automatic_and_guided(nnunet_paths):
@@ -102,7 +157,7 @@ def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configurati
     tr = make_trainer(CorrectsAlways, nnunet_paths, configuration)
     tr.initialize()
     dl_tr, _ = tr.get_dataloaders()
-    batch = next(dl_tr)
+    batch = tr.guided_batch(next(dl_tr))
     before = batch["data"].clone()
     target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
     tr.network.eval()
@@ -122,10 +177,12 @@ def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configurati
             truth, predicted = int(target[b, 0][pos]) in labels, int(pred[b][pos]) in labels
             assert truth == c.positive and predicted != truth  # a miss gets +, a false positive gets -
             assert batch["data"][b, tr.layout.guide_channel(c.target, c.positive)][pos] == 1
+            assert (c.target, c.position, c.positive) in [(u.target, u.position, u.positive)
+                                                          for u in unpack_clicks(batch["clicks"][b])]
         if not clicks:
             torch.testing.assert_close(batch["data"][b], before[b])
     assert n_clicks > 0  # an untrained network is wrong somewhere
-    out = tr.train_step(batch)
+    out = tr.train_step(next(dl_tr))
     assert np.isfinite(out["loss"])
 
 

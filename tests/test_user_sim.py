@@ -191,14 +191,8 @@ def test_click_dataclass_is_the_projects():
 
 
 # ---- training-time correction clicks --------------------------------------------------------
-def _guides(shape, settings, n_targets):
-    from nnunet_guide.core.encoding import num_guide_channels
-    return np.full((num_guide_channels(n_targets, settings.negatives), *shape), settings.no_guide_value, np.float32)
-
-
-def test_correction_guides_click_the_largest_error_per_class_with_its_sign():
-    from nnunet_guide.core.encoding import guide_channel_index
-    from nnunet_guide.core.user_sim import add_correction_guides
+def test_correction_clicks_hit_the_largest_error_per_class_with_its_sign():
+    from nnunet_guide.core.user_sim import correction_clicks
     from nnunet_guide.settings import GuideSettings
     s = GuideSettings(encoding="ball", ball_radius_mm=1.0)
     ref = cube((12, 12, 12), (2, 2, 2), (7, 7, 7), value=1)      # class 1, missed
@@ -206,18 +200,13 @@ def test_correction_guides_click_the_largest_error_per_class_with_its_sign():
     pred = np.zeros_like(ref)
     cube((12, 12, 12), (8, 8, 8), (11, 11, 11), value=2, into=pred)
     cube((12, 12, 12), (8, 1, 1), (11, 4, 4), value=2, into=pred)  # class 2 false positive
-    guides = _guides(ref.shape, s, 2)
-    clicks = add_correction_guides(guides, pred, ref, [(1,), (2,)], (1, 1, 1), s)
+    clicks = correction_clicks(pred, ref, [(1,), (2,)], (1, 1, 1), s)
     assert [(c.target, c.positive, c.position) for c in clicks] == [(0, True, (4.0, 4.0, 4.0)),
                                                                      (1, False, (9.0, 2.0, 2.0))]
-    assert guides[guide_channel_index(0, True, True), 4, 4, 4] == 1
-    assert guides[guide_channel_index(1, False, True), 9, 2, 2] == 1
-    assert guides[guide_channel_index(0, False, True)].max() == 0  # no false positive of class 1
-    assert guides[guide_channel_index(1, True, True)].max() == 0   # nothing of class 2 missed
 
 
-def test_correction_guides_keep_existing_clicks_and_stop_without_errors():
-    from nnunet_guide.core.user_sim import add_correction_guides
+def test_correction_clicks_without_negatives_and_without_errors():
+    from nnunet_guide.core.user_sim import correction_clicks
     from nnunet_guide.settings import GuideSettings
     s = GuideSettings(encoding="ball", ball_radius_mm=1.0, negatives=False)
     ref = cube((10, 10, 10), (1, 1, 1), (4, 4, 4))
@@ -225,22 +214,15 @@ def test_correction_guides_keep_existing_clicks_and_stop_without_errors():
     pred = ref.copy()
     pred[6:9, 6:9, 6:9] = 0  # the second object is missed
     pred[0, 9, 9] = 1        # a false positive: ignored without a negative channel
-    guides = _guides(ref.shape, s, 1)
-    guides[0, 2, 2, 2] = 0.7  # an earlier click
-    clicks = add_correction_guides(guides, pred, ref, [(1,)], (1, 1, 1), s)
+    clicks = correction_clicks(pred, ref, [(1,)], (1, 1, 1), s)
     assert len(clicks) == 1 and clicks[0].positive and clicks[0].position == (7.0, 7.0, 7.0)
-    assert guides[0, 2, 2, 2] == np.float32(0.7) and guides[0, 7, 7, 7] == 1
-    before = guides.copy()
-    assert add_correction_guides(guides, ref, ref, [(1,)], (1, 1, 1), s) == []
-    np.testing.assert_array_equal(guides, before)
+    assert correction_clicks(ref, ref, [(1,)], (1, 1, 1), s) == []
 
 
-def test_correction_guides_never_click_the_ignore_label():
-    from nnunet_guide.core.user_sim import add_correction_guides
+def test_correction_clicks_never_click_the_ignore_label():
+    from nnunet_guide.core.user_sim import correction_clicks
     from nnunet_guide.settings import GuideSettings
     s = GuideSettings(encoding="ball", ball_radius_mm=1.0)
     ref = cube((10, 10, 10), (1, 1, 1), (8, 8, 8), value=9)  # all ignore
     pred = cube((10, 10, 10), (2, 2, 2), (7, 7, 7), value=1)
-    guides = _guides(ref.shape, s, 1)
-    assert add_correction_guides(guides, pred, ref, [(1,)], (1, 1, 1), s, ignore_label=9) == []
-    assert guides.max() == 0
+    assert correction_clicks(pred, ref, [(1,)], (1, 1, 1), s, ignore_label=9) == []

@@ -32,7 +32,6 @@ import numpy as np
 from scipy import ndimage
 
 from .clicks import Click, interior_point, label_objects, robust_center_mask
-from .encoding import render_guides
 from .metrics import (DiceResult, LesionDetection, MetricsInputError, check_pair, class_mask, dice_masks,
                       lesion_detection)
 
@@ -134,30 +133,23 @@ def next_clicks(prediction: np.ndarray, reference: np.ndarray, targets: Sequence
     return clicks
 
 
-def add_correction_guides(guides: np.ndarray, prediction: np.ndarray, reference: np.ndarray,
-                          targets: Sequence[Sequence[int]], spacing: Sequence[float], settings,
-                          ignore_label: Optional[int] = None) -> List[Click]:
-    """Training-time correction clicks: the simulated user's next click per guided class, drawn
-    into one sample's guide channels in place (maximum with what is there, as several clicks of
-    a channel combine).
+def correction_clicks(prediction: np.ndarray, reference: np.ndarray, targets: Sequence[Sequence[int]],
+                      spacing: Sequence[float], settings, ignore_label: Optional[int] = None) -> List[Click]:
+    """Training-time correction clicks: the simulated user's next click per guided class, with
+    the model's guide settings (the caller renders them with the rest of the sample's clicks).
 
     Args:
-        guides: the sample's guide channels (n_guide, *shape), float32, modified in place.
         prediction, reference: label maps (*shape) of the model's current output and the truth.
         targets: label value(s) per guided class, in layout order.
         spacing: mm per axis of ``shape``.
-        settings: the model's ``GuideSettings`` (encoding, negatives, connectivity, sigma bound).
+        settings: the model's ``GuideSettings`` (negatives, connectivity, sigma bound).
         ignore_label: reference value neither clicked nor counted as an error.
     Returns:
-        the clicks added (empty where the prediction has no error left).
+        the clicks (empty where the prediction has no error left).
     """
-    clicks = next_clicks(prediction, reference, targets, spacing, connectivity=settings.connectivity,
-                         allow_negative=settings.negatives, ignore_label=ignore_label,
-                         min_sigma=settings.min_object_sigma)
-    if clicks:
-        new = render_guides(clicks, np.shape(reference), spacing, settings, len(targets))
-        np.maximum(guides, new, out=guides)
-    return clicks
+    return next_clicks(prediction, reference, targets, spacing, connectivity=settings.connectivity,
+                       allow_negative=settings.negatives, ignore_label=ignore_label,
+                       min_sigma=settings.min_object_sigma)
 
 
 # --------------------------------------------------------------------------------------------

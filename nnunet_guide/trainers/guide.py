@@ -5,8 +5,10 @@ The trainer is nnU-Net's own, with four small changes:
   against the dataset in ``__init__`` and stored in its copy of the plans (key ``nnunet_guide``),
   so the model folder's plans.json lets stock ``nnUNetv2_predict`` rebuild the network;
 - ``build_network_architecture`` wraps nnU-Net's network in a :class:`GuidedNetwork`;
-- the training/validation pipelines get a :class:`GuideChannelsTransform` before region
-  conversion and deep-supervision downsampling;
+- the training/validation pipelines simulate clicks (:class:`SimulateClicksTransform`, before
+  region conversion and deep-supervision downsampling) and ship them as coordinates; the train
+  and validation steps render them into guide channels on the training device
+  (:meth:`nnUNetTrainerGuide.guided_batch`);
 - validation runs twice: ``validation/`` automatic (for find_best_configuration and ensembling)
   and ``validation_guided/`` with seeded simulated clicks.
 
@@ -31,12 +33,12 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..core.clicks import validation_clicks
-from ..core.encoding import render_guides
-from ..core.user_sim import add_correction_guides
+from ..core.encoding import append_clicks, num_guide_channels, render_guide_batch, render_guides
+from ..core.user_sim import correction_clicks
 from ..network import GuidedNetwork
 from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
                         layout_from_plans, resolve_targets, save_layout)
-from ..transforms import GuideChannelsTransform
+from ..transforms import AttachClicksTransform, SimulateClicksTransform
 
 try:  # these transforms mark the end of the label-map part of nnU-Net's pipeline
     from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
@@ -82,6 +84,8 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     guide_settings: Optional[GuideSettings] = GuideSettings()
     #: run the guided validation pass (validation_guided/) at the end of training
     guided_validation: bool = True
+    #: click rows per training sample (the loader stacks samples, so all get the same number)
+    max_clicks_per_sample: int = 256
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -138,11 +142,13 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     def _with_guides(self, composed):
         if self.layout.guide is None:
             return composed
-        guide = GuideChannelsTransform(self.layout.guide, [t.labels for t in self.layout.targets],
-                                       self._patch_spacing, ignore_label=self.label_manager.ignore_label)
+        simulate = SimulateClicksTransform(self.layout.guide, [t.labels for t in self.layout.targets],
+                                           self._patch_spacing, capacity=self.max_clicks_per_sample,
+                                           ignore_label=self.label_manager.ignore_label)
         transforms = composed.transforms
         at = next((i for i, t in enumerate(transforms) if isinstance(t, _LABEL_CONSUMERS)), len(transforms))
-        transforms.insert(at, guide)
+        transforms.insert(at, simulate)
+        transforms.append(AttachClicksTransform())
         return composed
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -157,13 +163,39 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         return self._with_guides(super().get_validation_transforms(
             deep_supervision_scales, is_cascaded, foreground_labels, regions, ignore_label))
 
-    # ---- correction clicks (iterative click simulation) ---------------------------------
+    # ---- guides rendered on the training device -------------------------------------------
+    def guided_batch(self, batch: dict) -> dict:
+        """A loader batch as the network and the loss take it: the packed clicks are taken off
+        the end of ``batch["target"]`` and rendered into guide channels on ``self.device``
+        (``data`` becomes image + guide channels, on the device; ``clicks`` keeps the packed
+        clicks there). Batches of a trainer without guides pass through unchanged."""
+        if self.layout.guide is None:
+            return batch
+        target = batch["target"]
+        if not isinstance(target, list) or target[-1].ndim != 3:
+            raise RuntimeError("this batch carries no packed clicks: it did not come through the guide trainer's "
+                               "data pipeline (SimulateClicksTransform + AttachClicksTransform)")
+        clicks = target[-1].to(self.device, non_blocking=True)
+        target = target[:-1] if self.enable_deep_supervision else target[0]
+        image = batch["data"].to(self.device, non_blocking=True)
+        n_img, n_guide = image.shape[1], num_guide_channels(len(self.layout.targets), self.layout.guide.negatives)
+        data = torch.empty((image.shape[0], n_img + n_guide, *image.shape[2:]), dtype=image.dtype, device=self.device)
+        data[:, :n_img] = image
+        render_guide_batch(clicks, image.shape[2:], self._patch_spacing[-(image.ndim - 2):], self.layout.guide,
+                           len(self.layout.targets), out=data[:, n_img:])
+        return {**batch, "data": data, "target": target, "clicks": clicks}
+
     def train_step(self, batch: dict) -> dict:
+        batch = self.guided_batch(batch)
         g = self.layout.guide
         if g is not None and g.p_correction > 0:
             self.add_correction_clicks(batch)
         return super().train_step(batch)
 
+    def validation_step(self, batch: dict) -> dict:
+        return super().validation_step(self.guided_batch(batch))
+
+    # ---- correction clicks (iterative click simulation) ---------------------------------
     def _label_maps(self, output: torch.Tensor, target: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
         """Predicted and reference label maps (B, *spatial) of a full-resolution output/target."""
         lm = self.label_manager
@@ -179,10 +211,11 @@ class nnUNetTrainerGuide(nnUNetTrainer):
 
     @torch.no_grad()
     def add_correction_clicks(self, batch: dict, rng: Optional[np.random.Generator] = None) -> List[List]:
-        """Add the simulated user's correction clicks to the guide channels of ``batch["data"]``
-        (in place), for samples drawn with probability ``p_correction``: predict the batch with
-        its current guides, click the largest error of each guided class, repeat for U{1..
-        correction_rounds} rounds. Returns the clicks added per sample."""
+        """Add the simulated user's correction clicks to a :meth:`guided_batch` (in place: its
+        ``clicks`` and the guide channels of its ``data``), for samples drawn with probability
+        ``p_correction``: predict the chosen samples with their current guides, click the largest
+        error of each guided class, re-render their guides with the same renderer, repeat for
+        U{1..correction_rounds} rounds. Returns the clicks added per sample."""
         g = self.layout.guide
         rng = rng if rng is not None else np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
         data = batch["data"]
@@ -197,22 +230,24 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         gi = self.layout.guide_channel_indices
         g_lo, g_hi = gi[0], gi[-1] + 1
         targets = [t.labels for t in self.layout.targets]
+        shape = tuple(data.shape[2:])
         spacing = self._patch_spacing[-(data.ndim - 2):]
+        sel = torch.from_numpy(chosen).to(data.device)
+        ref_target = target[sel.to(target.device)]
         was_training = self.network.training
         self.network.eval()
         try:
-            sel = torch.from_numpy(chosen)
-            ref_target = target[sel]
             for _ in range(int(rng.integers(1, g.correction_rounds + 1))):
                 with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
                         else dummy_context():
-                    out = self.network(data[sel].to(self.device, non_blocking=True))  # the chosen samples only
+                    out = self.network(data[sel])  # the chosen samples only
                 out = out[0] if isinstance(out, (list, tuple)) else out
                 pred, ref = self._label_maps(out.float(), ref_target)
-                guides = data[:, g_lo:g_hi].numpy()  # a view: drawing into it edits the batch
                 for i, b in enumerate(chosen):
-                    added[b] += add_correction_guides(guides[b], pred[i], ref[i], targets, spacing, g,
-                                                      self.label_manager.ignore_label)
+                    new = correction_clicks(pred[i], ref[i], targets, spacing, g, self.label_manager.ignore_label)
+                    batch["clicks"] = append_clicks(batch["clicks"], int(b), new)
+                    added[b] += new
+                data[sel, g_lo:g_hi] = render_guide_batch(batch["clicks"][sel], shape, spacing, g, len(targets))
         finally:
             self.network.train(was_training)
         return added
