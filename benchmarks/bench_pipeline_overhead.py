@@ -1,13 +1,26 @@
-"""Time per training batch: our data pipeline (guide channels) vs plain nnU-Net's, same data and plans.
+"""What guides cost in training: data loader, training step and correction round, against plain nnU-Net.
 
-    python benchmarks/bench_pipeline_overhead.py [--preprocessed FOLDER] [--configuration 3d_fullres]
-                                                 [--plans nnUNetPlans] [--batches 40]
+    python benchmarks/bench_pipeline_overhead.py [--datasets hippocampus lits] [--device cpu|cuda]
+                                                 [--configuration 3d_fullres] [--plans nnUNetPlans]
+                                                 [--batches 24] [--steps 4] [--rounds 4]
 
-Without ``--preprocessed`` it builds a 24-case hippocampus dataset (../shared/data) with
-nnU-Net's own planning, or a synthetic phantom when the real data is absent. Both pipelines
-run in this process, single-threaded (nnUNet_n_proc_DA=0, so the cost is the pipeline's and
-not the worker pool's), with the same seeds, in alternating rounds so machine noise hits both.
-Prints the per-batch times and the ratio ours / plain (aim: <= 1.10 for 3d_fullres patches).
+Datasets (built here with nnU-Net's own planning and preprocessing, from ../shared/data):
+``hippocampus`` (24 MSD hippocampus cases) and ``lits`` (the LiTS case 117 cut into 8 slabs of
+16 x 128 x 128, two guided classes with many tumour components). A synthetic phantom stands in
+when the real data is absent. ``--preprocessed FOLDER`` measures an existing dataset instead.
+
+Printed per dataset, every ratio from timings taken in this process, in alternating rounds so
+machine noise hits both sides:
+1. **loader**: ms per batch of nnU-Net's data loader, single-threaded (nnUNet_n_proc_DA=0, so
+   the cost is the pipeline's, not the worker pool's), nnUNetTrainerGuide vs nnUNetTrainer, for
+   both places of click selection (``click_selection``): ``loader`` (clicks chosen in the
+   loader, shipped as coordinates; the share spent choosing them is printed) and ``device``
+   (the loader is plain nnU-Net's). Guides are never rendered in the loader.
+2. **step**: ms per training step on ``--device`` (clicks chosen there for ``device``, guides
+   rendered, forward with the extra input channels, loss, backward, optimizer step), guide vs
+   plain, and the full iteration (loader + step) ratio.
+3. **correction**: one correction round (forward of the chosen samples, simulated user, guides
+   re-rendered) against one forward pass of the same samples, with every sample chosen.
 """
 import argparse
 import os
@@ -18,14 +31,25 @@ import time
 import numpy as np
 import torch
 
+os.environ.setdefault("nnUNet_compile", "false")
 
 
-def build_dataset(root):
+def build_dataset(root, which):
     from nnunet_guide import testing as T
-    env = T.nnunet_env(root)
-    if T.shared_data_dir():
+    env = T.nnunet_env(os.path.join(root, which))
+    if which == "hippocampus" and T.shared_data_dir():
         T.copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
         did, name = 4, "Dataset004_Hippocampus"
+    elif which == "lits":
+        try:
+            from nnunet_guide.data.lits import load_lits117, write_slab_dataset
+            vol = load_lits117(allow_download=False, allow_phantom=False)
+            write_slab_dataset(vol, env["nnUNet_raw"], 117, n_slabs=8)
+            did, name = 117, "Dataset117_LiTS117Slabs"
+        except Exception as e:  # no real data: the phantom keeps the benchmark runnable
+            print(f"LiTS case not available ({e}): using the synthetic phantom")
+            T.write_synthetic_dataset(env["nnUNet_raw"], 902, num_cases=8, shape=(32, 96, 96))
+            did, name = 902, "Dataset902_GuideSynthetic"
     else:
         print("../shared/data not found: using the synthetic phantom")
         T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=12, shape=(48, 64, 64))
@@ -33,59 +57,186 @@ def build_dataset(root):
     return T.preprocess_for_this_process(did, name, env)
 
 
-def make_loader(cls, pp, plans_name, configuration):
+def use_preprocessed(pp):
+    root = os.path.dirname(os.path.abspath(pp))
+    os.environ["nnUNet_preprocessed"] = root
+    os.environ.setdefault("nnUNet_raw", os.path.join(os.path.dirname(root), "nnUNet_raw"))
+    os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
+
+
+def loader_of(dl):
+    return dl.data_loader if hasattr(dl, "data_loader") else dl.generator
+
+
+class _Timed:
+    """Wraps a transform and adds up the time spent in it."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def __call__(self, **data_dict):
+        t0 = time.perf_counter()
+        out = self.inner(**data_dict)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_rounds(jobs, rounds):
+    """Run each job (name -> callable returning the number of items) in alternating order per
+    round; returns name -> seconds per item (median over rounds)."""
+    times = {k: [] for k in jobs}
+    names = list(jobs)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            np.random.seed(1000 + r)
+            torch.manual_seed(1000 + r)
+            t0 = time.perf_counter()
+            n = jobs[name]()
+            times[name].append((time.perf_counter() - t0) / n)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def measure(pp, args, device):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_guide.settings import GuideSettings
     from nnunet_guide.testing import make_trainer
-    tr = make_trainer(cls, pp, plans_name, configuration, initialize=True)
-    dl, _ = tr.get_dataloaders()
-    return tr, dl
+    from nnunet_guide.trainers import nnUNetTrainerGuide
+    from nnunet_guide.transforms import SimulateClicksTransform
+
+    class CorrectEverySample(nnUNetTrainerGuide):
+        guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1)
+
+    class GuideLoaderSelection(nnUNetTrainerGuide):
+        click_selection = "loader"
+
+    class GuideDeviceSelection(nnUNetTrainerGuide):
+        click_selection = "device"
+
+    use_preprocessed(pp)
+    kinds = (("plain", nnUNetTrainer), ("guide/loader", GuideLoaderSelection), ("guide/device", GuideDeviceSelection))
+    trainers = {name: make_trainer(cls, pp, args.plans, args.configuration, initialize=True, device=device)
+                for name, cls in kinds}
+    loaders = {name: tr.get_dataloaders()[0] for name, tr in trainers.items()}
+    pipeline = loader_of(loaders["guide/loader"]).transforms.transforms
+    i = next(k for k, t in enumerate(pipeline) if isinstance(t, SimulateClicksTransform))
+    pipeline[i] = simulate = _Timed(pipeline[i])
+    for _ in range(3):  # warm-up: first reads of the cases, allocations
+        shape = tuple(next(loaders["plain"])["data"].shape)
+        for name in loaders:
+            next(loaders[name])
+    guide = trainers["guide/loader"]
+    print(f"\n== {os.path.basename(pp)}: {args.configuration}, plans {args.plans}, batch {shape}, "
+          f"{len(guide.layout.targets)} guided classes, device {device}")
+
+    # 1. the data loader
+    simulate.seconds = 0.0
+    per = max(1, args.batches // args.rounds)
+
+    def draw(name):
+        def job():
+            for _ in range(per):
+                next(loaders[name])
+            return per
+        return job
+    load = timed_rounds({name: draw(name) for name in loaders}, args.rounds)
+    select = simulate.seconds / (per * args.rounds)
+    print(f"loader, plain nnU-Net:             {load['plain'] * 1000:8.1f} ms/batch")
+    print(f"loader, clicks chosen in it:       {load['guide/loader'] * 1000:8.1f} ms/batch "
+          f"(choosing clicks {select * 1000:.1f} ms = {select / load['plain'] * 100:.1f}% of plain)")
+    print(f"loader, clicks chosen on device:   {load['guide/device'] * 1000:8.1f} ms/batch")
+    for name in ("guide/loader", "guide/device"):
+        print(f"RATIO loader {name}/plain: {load[name] / load['plain']:.3f}  (aim <= 1.05)")
+
+    # 2. the training step (same number of batches, drawn once per trainer)
+    batches = {name: [next(loaders[name]) for _ in range(args.steps)] for name in trainers}
+    for name, tr in trainers.items():  # warm-up: allocators, cudnn autotuning
+        tr.network.train()
+        tr.train_step(batches[name][0])
+        sync(device)
+
+    def steps(name):
+        def job():
+            for b in batches[name]:
+                trainers[name].train_step(b)
+            sync(device)
+            return len(batches[name])
+        return job
+    step = timed_rounds({name: steps(name) for name in trainers}, args.rounds)
+
+    def prepare(name):
+        def job():
+            for b in batches[name]:
+                trainers[name].guided_batch(b)
+            sync(device)
+            return len(batches[name])
+        return job
+    prep = timed_rounds({name: prepare(name) for name in ("guide/loader", "guide/device")}, args.rounds)
+    print(f"train step, plain nnU-Net:         {step['plain'] * 1000:8.1f} ms/step")
+    for name, what in (("guide/loader", "rendering the guides"), ("guide/device", "choosing + rendering")):
+        print(f"train step, {name + ':':22s} {step[name] * 1000:8.1f} ms/step ({what} on {device.type} "
+              f"{prep[name] * 1000:.2f} ms)")
+    for name in ("guide/loader", "guide/device"):
+        print(f"RATIO train step {name}/plain: {step[name] / step['plain']:.3f}")
+        print(f"RATIO full iteration {name}/plain (single-threaded loader + step): "
+              f"{(load[name] + step[name]) / (load['plain'] + step['plain']):.3f}")
+    batches["guide"] = batches["guide/loader"]
+    trainers["guide"] = guide
+
+    # 3. one correction round vs one forward pass of the same (all chosen) samples
+    corr = make_trainer(CorrectEverySample, pp, args.plans, args.configuration, initialize=True, device=device)
+    corr.network.load_state_dict(trainers["guide"].network.state_dict())
+    guided = [corr.guided_batch(b) for b in batches["guide"]]
+
+    def forward():
+        corr.network.eval()
+        with torch.no_grad():
+            for g in guided:
+                corr.network(g["data"])
+        sync(device)
+        return len(guided)
+
+    def correction():
+        for g in guided:
+            corr.add_correction_clicks({**g, "data": g["data"].clone(), "clicks": g["clicks"].clone()},
+                                       np.random.default_rng(0))
+        sync(device)
+        return len(guided)
+    forward(), correction()  # warm-up
+    c = timed_rounds({"forward": forward, "correction": correction}, args.rounds)
+    print(f"forward pass of the batch:       {c['forward'] * 1000:8.1f} ms")
+    print(f"one correction round:            {c['correction'] * 1000:8.1f} ms")
+    print(f"RATIO correction round / forward pass: {c['correction'] / c['forward']:.3f}  (aim <= 1.0 + a small "
+          f"simulated-user cost)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preprocessed", help="nnUNet_preprocessed/DatasetXXX folder (planned + preprocessed)")
+    p.add_argument("--datasets", nargs="+", choices=("hippocampus", "lits"), default=["hippocampus", "lits"])
+    p.add_argument("--preprocessed", help="measure this nnUNet_preprocessed/DatasetXXX folder instead")
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--plans", default="nnUNetPlans")
-    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batches", type=int, default=24, help="loader batches per side")
+    p.add_argument("--steps", type=int, default=4, help="training steps per side and round")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the training step on the CPU")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    tmp = None
-    pp = args.preprocessed
-    if pp is None:
-        tmp = tempfile.mkdtemp(prefix="nnunet_guide_bench_")
-        pp = build_dataset(tmp)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.preprocessed:
+        folders = [args.preprocessed]
     else:
-        root = os.path.dirname(os.path.abspath(pp))
-        os.environ.setdefault("nnUNet_preprocessed", root)
-        os.environ.setdefault("nnUNet_raw", os.path.join(os.path.dirname(root), "nnUNet_raw"))
-        os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
-
+        tmp = tempfile.mkdtemp(prefix="nnunet_guide_bench_")
+        folders = [build_dataset(tmp, which) for which in args.datasets]
     # single-threaded augmentation, set only now: nnU-Net's planner refuses nnUNet_n_proc_DA=0
     os.environ["nnUNet_n_proc_DA"] = "0"
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_guide.trainers import nnUNetTrainerGuide
-
-    loaders = {}
-    for name, cls in (("plain", nnUNetTrainer), ("guide", nnUNetTrainerGuide)):
-        tr, dl = make_loader(cls, pp, args.plans, args.configuration)
-        loaders[name] = dl
-        batch = next(dl)
-        print(f"{name}: batch data {tuple(batch['data'].shape)}")
-    times = {k: [] for k in loaders}
-    per_round = max(1, args.batches // args.rounds)
-    for r in range(args.rounds):
-        for name in (("plain", "guide") if r % 2 == 0 else ("guide", "plain")):
-            np.random.seed(1000 + r)
-            torch.manual_seed(1000 + r)
-            t0 = time.perf_counter()
-            for _ in range(per_round):
-                next(loaders[name])
-            times[name].append((time.perf_counter() - t0) / per_round)
-    plain, guide = float(np.mean(times["plain"])), float(np.mean(times["guide"]))
-    print(f"configuration {args.configuration}, plans {args.plans}, {per_round * args.rounds} batches each")
-    print(f"plain nnU-Net pipeline: {plain * 1000:.1f} ms/batch")
-    print(f"guide pipeline:         {guide * 1000:.1f} ms/batch")
-    print(f"overhead ratio guide/plain: {guide / plain:.3f}  (aim <= 1.10)")
+    for pp in folders:
+        measure(pp, args, device)
     return 0
 
 

@@ -243,16 +243,17 @@ def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPl
 
 
 def make_trainer(trainer_class, preprocessed_dataset_folder: str, plans_name: str = "nnUNetPlans",
-                 configuration: str = "3d_fullres", fold=0, initialize: bool = False):
-    """A trainer built in this process from a preprocessed dataset folder, on the CPU, the way
-    ``nnUNetv2_train`` builds it (nnU-Net's folders must be in the environment)."""
+                 configuration: str = "3d_fullres", fold=0, initialize: bool = False, device=None):
+    """A trainer built in this process from a preprocessed dataset folder, on ``device`` (default
+    the CPU), the way ``nnUNetv2_train`` builds it (nnU-Net's folders must be in the environment)."""
     import torch
     with open(os.path.join(preprocessed_dataset_folder, plans_name + ".json")) as f:
         plans = json.load(f)
     plans["continue_training"] = False  # nnUNetv2_train sets this; the trainer pops it
     with open(os.path.join(preprocessed_dataset_folder, "dataset.json")) as f:
         dataset_json = json.load(f)
-    trainer = trainer_class(plans, configuration, fold, dataset_json, device=torch.device("cpu"))
+    trainer = trainer_class(plans, configuration, fold, dataset_json,
+                            device=torch.device("cpu") if device is None else device)
     if initialize:
         trainer.initialize()
     return trainer

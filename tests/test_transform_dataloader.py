@@ -198,3 +198,37 @@ def test_correction_label_maps_of_a_region_based_dataset_follow_nnunet():
     for b in range(2):
         np.testing.assert_array_equal(pred[b], np.asarray(lm.convert_logits_to_segmentation(logits[b])))
         np.testing.assert_array_equal(ref[b], np.asarray(lm.convert_probabilities_to_segmentation(target[b])))
+
+
+class ChoosesOnDevice(nnUNetTrainerGuideAlways):
+    click_selection = "device"
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_clicks_chosen_on_the_device_leave_the_loader_plain(nnunet_paths, configuration, one_torch_thread):
+    tr = make_trainer(ChoosesOnDevice, nnunet_paths, configuration)
+    tr.initialize()
+    assert tr.selects_clicks_on_device
+    dl_tr, dl_val = tr.get_dataloaders()
+    pipeline = (dl_tr.data_loader if hasattr(dl_tr, "data_loader") else dl_tr.generator).transforms.transforms
+    assert not any(isinstance(t, (SimulateClicksTransform, AttachClicksTransform)) for t in pipeline)
+    seen = 0
+    for _ in range(3):
+        loaded = next(dl_tr)
+        assert loaded["data"].shape[1] == 1
+        batch = tr.guided_batch(loaded)
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        assert batch["data"].shape[1] == 5
+        for b in range(batch["data"].shape[0]):
+            for c in unpack_clicks(batch["clicks"][b]):
+                seen += 1
+                pos = tuple(int(round(p)) for p in c.position)
+                window = tuple(slice(max(0, p - 2), p + 3) for p in pos)
+                labels = tr.layout.targets[c.target].labels
+                near = np.isin(target[b, 0][window].numpy(), labels)
+                assert near.any() == c.positive or not c.positive
+                assert batch["data"][b, tr.layout.guide_channel(c.target, c.positive)][pos] > 0.5
+    assert seen > 0
+    out = tr.train_step(next(dl_tr))
+    assert np.isfinite(out["loss"])
+    assert "loss" in tr.validation_step(next(dl_val))

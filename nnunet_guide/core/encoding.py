@@ -159,12 +159,13 @@ def append_clicks(packed: torch.Tensor, sample: int, clicks: Sequence[Click]) ->
 
 def render_guide_batch(packed: torch.Tensor, shape: Sequence[int], spacing: Sequence[float], settings,
                        num_targets: int, slice_axis: Optional[int] = None,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None, device: Optional[torch.device] = None) -> torch.Tensor:
     """Guide channels of a batch of packed clicks.
 
     Args:
-        packed: (B, K, 3 + 2 * ndim) clicks (:func:`pack_clicks`); rendered on its device unless
-            ``out`` is given (then on ``out``'s).
+        packed: (B, K, 3 + 2 * ndim) clicks (:func:`pack_clicks`). Best kept on the CPU: the
+            per-click bookkeeping (windows, buckets, validation) runs there in numpy, so the
+            device only sees a few kernels per window size and no host-device synchronisation.
         shape: spatial shape of the image the channels go with (ndim values).
         spacing: voxel size (mm) per axis of ``shape``.
         settings: a ``GuideSettings`` (encoding, sigma_mm, ball_radius_mm, negatives, offset_half,
@@ -173,7 +174,8 @@ def render_guide_batch(packed: torch.Tensor, shape: Sequence[int], spacing: Sequ
         slice_axis: for a 2D model run on a 3D volume: a click only acts on its own slice along
             this axis.
         out: optional float tensor (B, n_channels, *shape) to render into (overwritten; may be a
-            view, e.g. the guide block of the network input).
+            view, e.g. the guide block of the network input); rendering happens on its device.
+        device: where to render when ``out`` is not given (default: ``packed``'s device).
     Returns:
         float32 (B, num_targets * (2 if negatives else 1), *shape); values in [0, 1], 0 = no click
         ([0.5, 1] with 0.5 = no click when ``settings.offset_half``). Clicks of one channel combine
@@ -188,60 +190,112 @@ def render_guide_batch(packed: torch.Tensor, shape: Sequence[int], spacing: Sequ
                          f"(B, K, {packed_width(ndim)})")
     n_ch = num_guide_channels(num_targets, settings.negatives)
     B = packed.shape[0]
-    device = out.device if out is not None else packed.device
-    target_buf = out
     if out is not None:
+        device = out.device
         if tuple(out.shape) != (B, n_ch, *shape):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(B, n_ch, *shape)}")
-        if not out.is_contiguous() or out.dtype != torch.float32:
-            out = torch.zeros((B, n_ch, *shape), dtype=torch.float32, device=device)
-        else:
-            out.zero_()
-    else:
-        out = torch.zeros((B, n_ch, *shape), dtype=torch.float32, device=device)
-
-    packed = packed.to(device=device, dtype=torch.float32)
-    b_idx, k_idx = torch.nonzero(packed[..., _TARGET] >= 0, as_tuple=True)
-    if b_idx.numel():
-        rows = packed[b_idx, k_idx]
-        target = rows[:, _TARGET].long()
-        positive = rows[:, _POSITIVE] > 0.5
-        if int(target.min()) < 0 or int(target.max()) >= num_targets:
-            bad = int(target[(target < 0) | (target >= num_targets)][0])
-            raise ValueError(f"click target {bad} out of range for {num_targets} guided classes")
-        if settings.negatives:
-            channel = 2 * target + (~positive).long()
-        else:
-            if not bool(positive.all()):
-                raise ValueError("negative click given, but the guide settings have no negative channels")
-            channel = target
-        pos = rows[:, _POS:_POS + ndim]
-        sigma = rows[:, _POS + ndim:]
-        sized = rows[:, _KIND] == CLICK_KINDS.index("box")
-        if settings.encoding == "object_gaussian":
-            sized = torch.ones_like(sized)
-        if bool((sized & torch.isnan(sigma).any(1) & (rows[:, _KIND] == CLICK_KINDS.index("box"))).any()):
-            raise ValueError("a box click has no sigma (its per-axis size in voxels)")
-        sigma = torch.where(torch.isnan(sigma), torch.full_like(sigma, float(settings.min_object_sigma)), sigma)
-        sigma = sigma.clamp_min(1e-3)
-        flat_base = (b_idx * n_ch + channel) * math.prod(shape)
-        sp = torch.tensor([float(v) for v in spacing], dtype=torch.float32, device=device)
-        if bool((~sized).any()):
-            m = ~sized
-            reach = (_reach_mm(settings.encoding, settings.sigma_mm, settings.ball_radius_mm) / sp).expand(
-                int(m.sum()), ndim)
-            _splat(out, flat_base[m], pos[m], reach, shape, slice_axis,
-                   lambda d, a: (d * float(spacing[a])) ** 2, _point_value(settings))
-        if bool(sized.any()):
-            m = sized
-            s = sigma[m]
-            _splat(out, flat_base[m], pos[m], s * _GAUSS_REACH, shape, slice_axis, None, None, sigma=s)
+    device = torch.device(device) if device is not None else packed.device
+    work = out if out is not None and out.is_contiguous() and out.dtype == torch.float32 else \
+        torch.empty((B, n_ch, *shape), dtype=torch.float32, device=device)
+    work.zero_()
+    plan = _render_plan(packed.detach().to("cpu", torch.float32).numpy(), shape, spacing, settings, num_targets,
+                        slice_axis)
+    if plan is not None:
+        _splat(work, plan, shape, settings)
     if settings.offset_half:
-        out.mul_(0.5).add_(0.5)
-    if target_buf is not None and target_buf is not out:
-        target_buf.copy_(out)
-        return target_buf
-    return out
+        work.mul_(0.5).add_(0.5)
+    if out is not None and work is not out:
+        out.copy_(work)
+        return out
+    return work
+
+
+def _render_plan(packed: np.ndarray, shape, spacing, settings, num_targets: int, slice_axis: Optional[int]):
+    """Per-click bookkeeping on the CPU: validation, channels, windows, sorted into buckets of one
+    window size. Returns None when nothing is to be drawn."""
+    ndim = len(shape)
+    b_idx, k_idx = np.nonzero(packed[..., _TARGET] >= 0)
+    if b_idx.size == 0:
+        return None
+    rows = packed[b_idx, k_idx].astype(np.float64)
+    target = rows[:, _TARGET].astype(np.int64)
+    positive = rows[:, _POSITIVE] > 0.5
+    if target.max() >= num_targets:
+        raise ValueError(f"click target {int(target.max())} out of range for {num_targets} guided classes")
+    if settings.negatives:
+        channel = 2 * target + (~positive)
+    else:
+        if not positive.all():
+            raise ValueError("negative click given, but the guide settings have no negative channels")
+        channel = target
+    kind = rows[:, _KIND].astype(np.int64)
+    if kind.min() < 0 or kind.max() >= len(CLICK_KINDS):
+        raise ValueError(f"unknown click kind index {int(kind.max())}; expected 0..{len(CLICK_KINDS) - 1}")
+    pos = rows[:, _POS:_POS + ndim]
+    sigma = rows[:, _POS + ndim:]
+    box = kind == CLICK_KINDS.index("box")
+    if np.isnan(sigma[box]).any():
+        raise ValueError("a box click has no sigma (its per-axis size in voxels)")
+    sized = box | (settings.encoding == "object_gaussian")
+    sigma = np.maximum(np.where(np.isnan(sigma), float(settings.min_object_sigma), sigma), 1e-3)
+    sp = np.asarray(spacing, np.float64)
+    point_reach = _reach_mm(settings.encoding, settings.sigma_mm, settings.ball_radius_mm) if (~sized).any() else 0.0
+    reach = np.where(sized[:, None], sigma * _GAUSS_REACH, point_reach / sp[None])
+    # a window of width ceil(2 r) + 1 covers every voxel within reach, wherever the click sits
+    need = np.ceil(2 * reach).astype(np.int64) + 1
+    size = np.minimum(2 ** np.ceil(np.log2(need)).astype(np.int64), np.asarray(shape)[None])
+    start = np.clip(np.floor(pos - reach).astype(np.int64), 0, np.asarray(shape)[None] - size)
+    # per-axis factor of the distance term: (d * scale)^2, mm for points, 1 / (sqrt(2) sigma) for sized clicks
+    scale = np.where(sized[:, None], 1.0 / (math.sqrt(2.0) * sigma), sp[None])
+    keep = np.ones(len(rows), bool)
+    if slice_axis is not None:
+        z = np.round(pos[:, slice_axis]).astype(np.int64)
+        keep = (z >= 0) & (z < shape[slice_axis])
+        size[:, slice_axis], start[:, slice_axis], scale[:, slice_axis] = 1, np.clip(z, 0, shape[slice_axis] - 1), 0.0
+    flat_base = (b_idx * (num_guide_channels(num_targets, settings.negatives)) + channel) * math.prod(shape)
+    # buckets: one window size and one value function each, contiguous after sorting
+    key = np.concatenate((sized[:, None].astype(np.int64), size), axis=1)[keep]
+    if key.shape[0] == 0:
+        return None
+    keys, inverse = np.unique(key, axis=0, return_inverse=True)
+    order = np.argsort(inverse.reshape(-1), kind="stable")
+    bounds = np.searchsorted(inverse.reshape(-1)[order], np.arange(len(keys) + 1))
+    sel = np.flatnonzero(keep)[order]
+    ints = np.concatenate((flat_base[sel, None], start[sel]), axis=1)
+    floats = np.concatenate((pos[sel], scale[sel]), axis=1).astype(np.float32)
+    return {"ints": ints, "floats": floats, "keys": keys, "bounds": bounds}
+
+
+def _splat(out: torch.Tensor, plan: dict, shape, settings) -> None:
+    """Max-combine the planned clicks' windowed maps into ``out`` (contiguous float32): two
+    host-to-device copies, then a few kernels per bucket of one window size."""
+    ndim = len(shape)
+    device = out.device
+    ints = torch.from_numpy(plan["ints"]).to(device, non_blocking=True)
+    floats = torch.from_numpy(plan["floats"]).to(device, non_blocking=True)
+    strides = [math.prod(shape[a + 1:]) for a in range(ndim)]
+    flat_out = out.view(-1)
+    point_value = _point_value(settings)
+    bounds = plan["bounds"]
+    for u, key in enumerate(plan["keys"]):
+        sized, win = bool(key[0]), [int(v) for v in key[1:]]
+        chunk = max(1, _CHUNK_ELEMENTS // math.prod(win))
+        for c0 in range(int(bounds[u]), int(bounds[u + 1]), chunk):
+            c1 = min(c0 + chunk, int(bounds[u + 1]))
+            n = c1 - c0
+            lin = ints[c0:c1, 0].view(n, *([1] * ndim))
+            acc = torch.zeros([n] + [1] * ndim, device=device)
+            for a in range(ndim):
+                view = [n] + [1] * ndim
+                view[a + 1] = win[a]
+                idx = ints[c0:c1, 1 + a:2 + a] + torch.arange(win[a], device=device)[None]
+                d = (idx.to(torch.float32) - floats[c0:c1, a:a + 1]) * floats[c0:c1, ndim + a:ndim + a + 1]
+                acc = acc + (d * d).view(view)
+                lin = lin + (idx * strides[a]).view(view)
+            val = torch.exp(-acc) if sized else point_value(acc)
+            val = torch.where(val >= EPS, val, torch.zeros((), dtype=val.dtype, device=device))
+            val, lin = torch.broadcast_tensors(val, lin)
+            flat_out.scatter_reduce_(0, lin.reshape(-1), val.reshape(-1), reduce="amax")
 
 
 def _point_value(settings):
@@ -252,63 +306,9 @@ def _point_value(settings):
         return lambda acc: torch.exp(-torch.sqrt(acc) / settings.sigma_mm)
     if enc == "ball":
         return lambda acc: (acc <= settings.ball_radius_mm ** 2).to(acc.dtype)
+    if enc == "object_gaussian":  # every click is sized: never called
+        return None
     raise ValueError(f"unknown guide encoding {enc!r}")
-
-
-def _splat(out: torch.Tensor, flat_base: torch.Tensor, pos: torch.Tensor, reach: torch.Tensor, shape, slice_axis,
-           axis_term, value, sigma: Optional[torch.Tensor] = None) -> None:
-    """Max-combine the clicks' windowed maps into ``out`` (contiguous).
-
-    Each click's window starts at floor(pos - reach), clamped so that it stays inside the image;
-    clicks are bucketed by window size (next power of two per axis, at most the image's size), so
-    one large click does not enlarge every other click's window.
-    """
-    ndim = len(shape)
-    device = pos.device
-    # per click and axis: the number of voxels its map can reach
-    need = torch.floor(pos + reach) - torch.floor(pos - reach) + 1
-    size = torch.pow(2, torch.ceil(torch.log2(need.clamp_min(1)))).long()
-    size = torch.minimum(size, torch.tensor(shape, device=device))
-    if slice_axis is not None:
-        size[:, slice_axis] = 1
-    keys, inverse = torch.unique(size, dim=0, return_inverse=True)
-    strides = [math.prod(shape[a + 1:]) for a in range(ndim)]
-    flat_out = out.view(-1)
-    for u in range(keys.shape[0]):
-        win = [int(v) for v in keys[u]]
-        idx_all = torch.nonzero(inverse == u, as_tuple=True)[0]
-        chunk = max(1, _CHUNK_ELEMENTS // math.prod(win))
-        for c0 in range(0, idx_all.numel(), chunk):
-            sel = idx_all[c0:c0 + chunk]
-            p = pos[sel]
-            n = sel.numel()
-            lin = flat_base[sel].view(n, *([1] * ndim))
-            acc = None
-            keep = None
-            for a in range(ndim):
-                view = [n] + [1] * ndim
-                view[a + 1] = win[a]
-                if slice_axis is not None and a == slice_axis:
-                    z = torch.round(p[:, a]).long()
-                    inside = (z >= 0) & (z < shape[a])
-                    keep = inside if keep is None else keep & inside
-                    lin = lin + (z.clamp(0, shape[a] - 1) * strides[a]).view(n, *([1] * ndim))
-                    continue
-                start = torch.floor(p[:, a] - reach[sel, a]).long().clamp(0, shape[a] - win[a])
-                idx = start[:, None] + torch.arange(win[a], device=device)[None]
-                d = idx.to(p.dtype) - p[:, a:a + 1]
-                term = (d / sigma[sel, a:a + 1]) ** 2 / 2 if sigma is not None else axis_term(d, a)
-                term = term.view(view)
-                acc = term if acc is None else acc + term
-                lin = lin + (idx * strides[a]).view(view)
-            if acc is None:  # a 1D image that is all slice axis: the click's own slice only
-                acc = torch.zeros([n] + [1] * ndim, device=device)
-            val = torch.exp(-acc) if sigma is not None else value(acc)
-            val = torch.where(val >= EPS, val, torch.zeros((), dtype=val.dtype, device=device))
-            if keep is not None:
-                val = val * keep.view(n, *([1] * ndim)).to(val.dtype)
-            val, lin = torch.broadcast_tensors(val, lin)
-            flat_out.scatter_reduce_(0, lin.reshape(-1), val.reshape(-1).to(out.dtype), reduce="amax")
 
 
 def render_guides(clicks: Sequence[Click], shape: Sequence[int], spacing: Sequence[float], settings,

@@ -33,6 +33,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..core.clicks import validation_clicks
+from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.encoding import append_clicks, num_guide_channels, render_guide_batch, render_guides
 from ..core.user_sim import correction_clicks
 from ..network import GuidedNetwork
@@ -86,6 +87,13 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     guided_validation: bool = True
     #: click rows per training sample (the loader stacks samples, so all get the same number)
     max_clicks_per_sample: int = 256
+    #: where training clicks are chosen: "loader" (nnU-Net's augmentation workers, numpy/scipy;
+    #: the clicks travel in the batch as coordinates), "device" (the train/validation step, torch,
+    #: on the training device: the loader stays plain nnU-Net's), or "auto": "device" on a GPU,
+    #: "loader" on the CPU (where torch's labelling is slower than scipy's and would run serially
+    #: in the training process). Region-based datasets and the "interior" click policy always
+    #: use the loader.
+    click_selection: str = "auto"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -139,9 +147,31 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     def _patch_spacing(self) -> Tuple[float, ...]:
         return tuple(float(s) for s in self.configuration_manager.spacing)
 
+    @property
+    def selects_clicks_on_device(self) -> bool:
+        g = self.layout.guide
+        if g is None or self.label_manager.has_regions or g.click_policy not in DEVICE_POLICIES:
+            if self.click_selection == "device" and g is not None:
+                raise GuideSettingsError(
+                    f"click_selection='device' is not available for {'region-based datasets' if self.label_manager.has_regions else 'click policy ' + repr(g.click_policy)}; "
+                    f"use 'loader' or 'auto'")
+            return False
+        if self.click_selection not in ("auto", "device", "loader"):
+            raise GuideSettingsError(f"click_selection must be 'auto', 'device' or 'loader', got {self.click_selection!r}")
+        if self.click_selection == "auto":
+            return self.device.type == "cuda"
+        return self.click_selection == "device"
+
+    def _click_generator(self) -> torch.Generator:
+        """The torch generator of clicks chosen on the device, seeded from numpy's global state
+        (which differs per DDP rank and per run, as nnU-Net's own augmentation randomness does)."""
+        if getattr(self, "_click_gen", None) is None:
+            self._click_gen = torch.Generator(device=self.device).manual_seed(int(np.random.randint(0, 2 ** 31 - 1)))
+        return self._click_gen
+
     def _with_guides(self, composed):
-        if self.layout.guide is None:
-            return composed
+        if self.layout.guide is None or self.selects_clicks_on_device:
+            return composed  # the loader stays plain nnU-Net's
         simulate = SimulateClicksTransform(self.layout.guide, [t.labels for t in self.layout.targets],
                                            self._patch_spacing, capacity=self.max_clicks_per_sample,
                                            ignore_label=self.label_manager.ignore_label)
@@ -165,18 +195,27 @@ class nnUNetTrainerGuide(nnUNetTrainer):
 
     # ---- guides rendered on the training device -------------------------------------------
     def guided_batch(self, batch: dict) -> dict:
-        """A loader batch as the network and the loss take it: the packed clicks are taken off
-        the end of ``batch["target"]`` and rendered into guide channels on ``self.device``
-        (``data`` becomes image + guide channels, on the device; ``clicks`` keeps the packed
-        clicks there). Batches of a trainer without guides pass through unchanged."""
+        """A loader batch as the network and the loss take it, with guide channels rendered on
+        ``self.device`` (``data`` becomes image + guide channels, on the device; ``clicks`` holds
+        the packed clicks, on the CPU). The clicks come off the end of ``batch["target"]``
+        (chosen in the loader) or are chosen here from the full-resolution target (chosen on the
+        device, see ``click_selection``). Batches of a trainer without guides pass through."""
         if self.layout.guide is None:
             return batch
         target = batch["target"]
-        if not isinstance(target, list) or target[-1].ndim != 3:
-            raise RuntimeError("this batch carries no packed clicks: it did not come through the guide trainer's "
-                               "data pipeline (SimulateClicksTransform + AttachClicksTransform)")
-        clicks = target[-1].to(self.device, non_blocking=True)
-        target = target[:-1] if self.enable_deep_supervision else target[0]
+        if self.selects_clicks_on_device:
+            target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+                else target.to(self.device, non_blocking=True)
+            labels = (target[0] if isinstance(target, list) else target)[:, 0]
+            clicks = select_training_clicks(labels, [t.labels for t in self.layout.targets], self.layout.guide,
+                                            self._click_generator(), self.label_manager.ignore_label,
+                                            capacity=self.max_clicks_per_sample)
+        else:
+            if not isinstance(target, list) or target[-1].ndim != 3:
+                raise RuntimeError("this batch carries no packed clicks: it did not come through the guide trainer's "
+                                   "data pipeline (SimulateClicksTransform + AttachClicksTransform)")
+            clicks = target[-1]  # stays on the CPU: the renderer plans there and sends the device a few kernels
+            target = target[:-1] if self.enable_deep_supervision else target[0]
         image = batch["data"].to(self.device, non_blocking=True)
         n_img, n_guide = image.shape[1], num_guide_channels(len(self.layout.targets), self.layout.guide.negatives)
         data = torch.empty((image.shape[0], n_img + n_guide, *image.shape[2:]), dtype=image.dtype, device=self.device)
@@ -247,7 +286,8 @@ class nnUNetTrainerGuide(nnUNetTrainer):
                     new = correction_clicks(pred[i], ref[i], targets, spacing, g, self.label_manager.ignore_label)
                     batch["clicks"] = append_clicks(batch["clicks"], int(b), new)
                     added[b] += new
-                data[sel, g_lo:g_hi] = render_guide_batch(batch["clicks"][sel], shape, spacing, g, len(targets))
+                data[sel, g_lo:g_hi] = render_guide_batch(batch["clicks"][torch.from_numpy(chosen)], shape, spacing, g,
+                                                          len(targets), device=data.device)
         finally:
             self.network.train(was_training)
         return added

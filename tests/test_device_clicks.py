@@ -1,0 +1,120 @@
+"""Training clicks chosen in torch on the training device, against the numpy/scipy simulation."""
+import numpy as np
+import pytest
+import torch
+
+from nnunet_guide.core.clicks import label_objects, robust_center_mask
+from nnunet_guide.core.device_clicks import label_components, select_training_clicks
+from nnunet_guide.core.encoding import click_counts, unpack_clicks
+from nnunet_guide.settings import GuideSettings
+
+
+def same_partition(a, b):
+    """Two label maps split the voxels into the same objects (ids may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    m = a > 0
+    pairs = np.unique(np.stack([a[m], b[m]], 1), axis=0)
+    return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+
+
+@pytest.mark.parametrize("shape", [(3, 10, 18, 16), (2, 30, 26)])
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize("density", [0.2, 0.45, 0.7])
+def test_components_equal_scipy(shape, connectivity, density):
+    rng = np.random.default_rng(int(density * 100) + connectivity)
+    mask = rng.random(shape) < density
+    labels = label_components(torch.from_numpy(mask), connectivity).numpy()
+    for b in range(shape[0]):
+        assert same_partition(labels[b], label_objects(mask[b], connectivity)[0])
+    # ids are unique across the batch: no object spans two samples
+    ids = [set(np.unique(labels[b])) - {0} for b in range(shape[0])]
+    assert all(not (ids[i] & ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)))
+
+
+def test_a_winding_object_is_one_component():
+    mask = np.zeros((1, 60, 60), bool)
+    for r in range(0, 60, 4):  # a serpentine: rows joined at alternating ends
+        mask[0, r, :] = True
+        mask[0, r:r + 4, 59 if (r // 4) % 2 == 0 else 0] = True
+    labels = label_components(torch.from_numpy(mask), 1).numpy()
+    assert len(np.unique(labels[mask])) == 1 and np.all(labels[~mask] == 0)
+
+
+def constructed_batch():
+    seg = np.zeros((2, 16, 40, 40), np.int16)
+    seg[0, 2:8, 3:9, 3:12] = 1
+    seg[0, 10:14, 20:30, 20:25] = 1
+    seg[0, 9:12, 30:34, 2:6] = 2
+    seg[1, 4:9, 4:30, 10:14] = 2
+    seg[1, 0:3, 0:3, 0:3] = 1
+    seg[1, 12:16, 30:40, 30:40] = 9  # ignore
+    return seg
+
+
+def test_positive_clicks_sit_at_the_robust_centres_of_the_objects():
+    seg = constructed_batch()
+    s = GuideSettings(p_drop=0.0, perturb_center=False, p_negative=0.0)
+    centres = {}
+    for b in range(2):
+        for t, label in enumerate((1, 2)):
+            lab, n = label_objects(seg[b] == label, 2)
+            centres[(b, t)] = [tuple(robust_center_mask(lab == i, s.min_object_sigma)[0]) for i in range(1, n + 1)]
+            sigmas = [tuple(robust_center_mask(lab == i, s.min_object_sigma)[1]) for i in range(1, n + 1)]
+            centres[(b, t, "sigma")] = sigmas
+    counts = {}
+    for seed in range(20):
+        packed = select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], s,
+                                        torch.Generator().manual_seed(seed), ignore_label=9, capacity=8)
+        assert packed.shape == (2, 8, 9)
+        for b in range(2):
+            for c in unpack_clicks(packed[b]):
+                assert c.positive
+                i = centres[(b, c.target)].index(c.position)
+                np.testing.assert_allclose(c.sigma, centres[(b, c.target, "sigma")][i], rtol=1e-6)
+                counts[(b, c.target, i)] = counts.get((b, c.target, i), 0) + 1
+            # k ~ U{1..n}: every class with objects gets at least one click
+            assert {c.target for c in unpack_clicks(packed[b])} == {0, 1}
+    assert len(counts) == 5  # over 20 draws, every object got clicked at some point
+
+
+def test_drop_perturbation_negatives_and_ignore_label():
+    seg = constructed_batch()
+    g = torch.Generator().manual_seed(0)
+    dropped = sum(int(click_counts(select_training_clicks(torch.from_numpy(seg), [(2,)], GuideSettings(p_drop=0.5),
+                                                          g)).eq(0).sum()) if True else 0 for _ in range(100))
+    assert 70 < dropped < 130  # 200 samples, half dropped
+    s = GuideSettings(p_drop=0.0, p_negative=1.0, max_negative_clicks=3, p_confusable=1.0)
+    for seed in range(10):
+        packed = select_training_clicks(torch.from_numpy(seg), [(2,)], s, torch.Generator().manual_seed(seed),
+                                        ignore_label=9)
+        for b in range(2):
+            clicks = unpack_clicks(packed[b])
+            neg = [c for c in clicks if not c.positive]
+            assert 1 <= len(neg) <= 3
+            for c in neg:  # confusable: the other foreground class, never the ignore label
+                assert seg[b][tuple(int(p) for p in c.position)] == 1
+            for c in clicks:
+                if c.positive:  # perturbed centre: inside the image, near the object
+                    assert all(0 <= p <= n - 1 for p, n in zip(c.position, seg.shape[1:]))
+                    assert seg[b][tuple(int(round(p)) for p in c.position)] in (2, 0)
+
+
+def test_random_policy_clicks_object_voxels_and_interior_is_refused():
+    seg = constructed_batch()
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="random")
+    for seed in range(5):
+        packed = select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], s, torch.Generator().manual_seed(seed))
+        for b in range(2):
+            for c in unpack_clicks(packed[b]):
+                assert seg[b][tuple(int(p) for p in c.position)] == (1, 2)[c.target]
+    with pytest.raises(ValueError, match="'interior' cannot be simulated on the training device"):
+        select_training_clicks(torch.from_numpy(seg), [(1,)], GuideSettings(click_policy="interior"))
+
+
+def test_too_many_clicks_for_the_rows_is_a_clear_error():
+    seg = constructed_batch()
+    with pytest.raises(ValueError, match="max_clicks_per_sample"):
+        for seed in range(20):
+            select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], GuideSettings(p_drop=0.0),
+                                   torch.Generator().manual_seed(seed), capacity=1)
