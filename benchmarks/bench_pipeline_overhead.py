@@ -93,8 +93,6 @@ def timed_rounds(jobs, rounds):
     names = list(jobs)
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            np.random.seed(1000 + r)
-            torch.manual_seed(1000 + r)
             t0 = time.perf_counter()
             n = jobs[name]()
             times[name].append((time.perf_counter() - t0) / n)
@@ -221,7 +219,8 @@ def main(argv=None):
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--plans", default="nnUNetPlans")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batches", type=int, default=24, help="loader batches per side")
+    p.add_argument("--batches", type=int, default=120, help="loader batches per side (many: augmentation draws "
+                                                            "vary a batch's cost far more than guides do)")
     p.add_argument("--steps", type=int, default=4, help="training steps per side and round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training step on the CPU")

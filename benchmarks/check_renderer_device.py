@@ -5,7 +5,9 @@
 1. Renders random clicks (points anywhere in and around the image, points with their own sigma,
    boxes) with every encoding, 2D and 3D, anisotropic, a 2D model's slice axis, on ``--device``,
    and prints the largest difference to the numpy reference renderer (tests/reference_encoding.py).
-2. Times rendering a training batch of guides on the device: 2 samples x 4 guide channels of
+2. Checks the device's connected components (``core.device_clicks.label_components``) against
+   scipy on random masks, 2D and 3D, every connectivity.
+3. Times rendering a training batch of guides on the device: 2 samples x 4 guide channels of
    128^3 with 8 / 64 / 512 clicks, against allocating and zero-filling the same channels (the
    floor of any dense renderer), as a ratio.
 """
@@ -69,6 +71,21 @@ def main(argv=None):
                 assert diff < 1e-5 and diff_cut < 1.001e-3, (enc, shape, n, diff, diff_cut)
     print(f"equivalence: largest difference to the numpy reference {worst:.2e} (every encoding, 2D/3D, "
           f"anisotropic, slice axis, 0/1/40 clicks)")
+    from scipy import ndimage  # noqa: F401
+    from nnunet_guide.core.clicks import label_objects
+    from nnunet_guide.core.device_clicks import label_components
+    for shape in ((2, 12, 40, 40), (3, 64, 64)):
+        for conn in (1, 2, 3):
+            for density in (0.2, 0.5, 0.7):
+                mask = rng.random(shape) < density
+                got = label_components(torch.from_numpy(mask).to(device), conn).cpu().numpy()
+                for b in range(shape[0]):
+                    ref = label_objects(mask[b], conn)[0]
+                    m = ref > 0
+                    pairs = np.unique(np.stack([got[b][m], ref[m]], 1), axis=0)
+                    assert np.array_equal(got[b] > 0, m) and len(pairs) == len(np.unique(pairs[:, 0])) == \
+                        len(np.unique(pairs[:, 1])), (shape, conn, density)
+    print("connected components on the device: same partition as scipy (2D/3D, connectivity 1-3, 3 densities)")
     shape, s = (128, 128, 128), GuideSettings()
     for n in (8, 64, 512):
         packed = pack_click_batch([random_clicks(rng, shape, n) for _ in range(2)], 3).to(device)

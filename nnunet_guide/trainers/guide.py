@@ -87,13 +87,14 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     guided_validation: bool = True
     #: click rows per training sample (the loader stacks samples, so all get the same number)
     max_clicks_per_sample: int = 256
-    #: where training clicks are chosen: "loader" (nnU-Net's augmentation workers, numpy/scipy;
-    #: the clicks travel in the batch as coordinates), "device" (the train/validation step, torch,
-    #: on the training device: the loader stays plain nnU-Net's), or "auto": "device" on a GPU,
-    #: "loader" on the CPU (where torch's labelling is slower than scipy's and would run serially
-    #: in the training process). Region-based datasets and the "interior" click policy always
-    #: use the loader.
-    click_selection: str = "auto"
+    #: where training clicks are chosen: "loader" (nnU-Net's augmentation workers, numpy/scipy; the
+    #: clicks travel in the batch as coordinates) or "device" (the train/validation step, torch, on
+    #: the training device; the loader stays plain nnU-Net's). Measured on an H100
+    #: (benchmarks/bench_pipeline_overhead.py): choosing on the device costs 8-19 ms of every step,
+    #: in the loader 1.5-5 ms of one worker's batch, so "loader" is the default; "device" suits
+    #: machines with few CPU cores per GPU. Region-based datasets and the "interior" click policy
+    #: need "loader".
+    click_selection: str = "loader"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -154,12 +155,10 @@ class nnUNetTrainerGuide(nnUNetTrainer):
             if self.click_selection == "device" and g is not None:
                 raise GuideSettingsError(
                     f"click_selection='device' is not available for {'region-based datasets' if self.label_manager.has_regions else 'click policy ' + repr(g.click_policy)}; "
-                    f"use 'loader' or 'auto'")
+                    f"use 'loader'")
             return False
-        if self.click_selection not in ("auto", "device", "loader"):
-            raise GuideSettingsError(f"click_selection must be 'auto', 'device' or 'loader', got {self.click_selection!r}")
-        if self.click_selection == "auto":
-            return self.device.type == "cuda"
+        if self.click_selection not in ("device", "loader"):
+            raise GuideSettingsError(f"click_selection must be 'loader' or 'device', got {self.click_selection!r}")
         return self.click_selection == "device"
 
     def _click_generator(self) -> torch.Generator:
