@@ -306,6 +306,14 @@ def test_click_effect_hand_computed():
     assert (e.far_dice_before, e.far_dice_after, e.far_changed_voxels, e.n_far_voxels) == (1.0, 0.0, 3, 10)
     d = e.to_dict()
     assert d["lesions_lost_elsewhere"] == [1] and d["change"] == pytest.approx(e.change)
+    # a reach ending inside lesion A (voxels 0..3 near): A's object (2..6 in the union of reference,
+    # before and after) reaches into it, so it leaves the far region: 7..19 remain, B as above
+    far = np.arange(20) >= 4
+    e = click_effect(ref, before, after, [(2.0,)], far)
+    assert (e.far_dice_before, e.far_dice_after, e.far_changed_voxels, e.n_far_voxels) == (1.0, 0.0, 3, 13)
+    # by voxels only (4..19): reference 4, 5 + B; before the same; after 4, 5, 6 -> 2 * 2 / (2 * 2 + 1 + 3)
+    e = click_effect(ref, before, after, [(2.0,)], far, exclude_connected=False)
+    assert (e.far_dice_before, e.far_dice_after, e.far_changed_voxels, e.n_far_voxels) == (1.0, 0.5, 4, 16)
 
 
 def test_click_effect_gain_tolerance_and_no_far_region():

@@ -211,7 +211,7 @@ def test_session_records_harm_of_each_click():
     assert [s.nsd for s in res.traces["fg"].surface][1] < res.traces["fg"].surface[0].nsd
     # a model that only adds what was clicked does no harm, and nothing moves far from the click
     ok = simulate_session("h", FakeModel(ref, auto), ref, (1, 1, 1), [(1,)], {"fg": (1,)}, n_clicks=3,
-                          reach=lambda c: (4.0, 4.0, 4.0))  # covers the 64 cube from its click
+                          reach=lambda c: (3.0, 3.0, 3.0))  # the cube's corners lie beyond, but connected
     assert [s.step for s in ok.effects] == [1, 2, 3] and not any(s.effect.harmful for s in ok.effects)
     assert all(s.effect.lesions_lost == () for s in ok.effects)
     assert ok.effects[0].effect.far_dice_after == ok.effects[0].effect.far_dice_before

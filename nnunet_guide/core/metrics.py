@@ -621,9 +621,10 @@ class ClickEffect:
             before the click and not after it.
         clicked_lesions: indices of the reference lesions the click(s) lie in (empty: the click
             lies outside every lesion, e.g. a negative click on a false positive).
-        far_dice_before, far_dice_after: the class's Dice restricted to voxels beyond the guide's
-            reach from every click so far (None when no far region was given); both empty
-            there gives 1.0, as everywhere.
+        far_dice_before, far_dice_after: the class's Dice restricted to the far region: voxels
+            beyond the guide's reach from every click so far, less the objects reaching into it
+            (see ``exclude_connected`` of :func:`click_effect`); None when no far region was given;
+            both empty there gives 1.0, as everywhere.
         far_changed_voxels: far voxels whose membership of the class changed.
         n_far_voxels: size of the far region.
     """
@@ -665,7 +666,7 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
                  click_positions: Sequence[Sequence[float]] = (), far_mask: Optional[np.ndarray] = None,
                  connectivity: int = 2, min_dice: float = 0.0, harm_tolerance: float = HARM_TOLERANCE,
                  case: Optional[str] = None, detection_before: Optional[LesionDetection] = None,
-                 detection_after: Optional[LesionDetection] = None) -> ClickEffect:
+                 detection_after: Optional[LesionDetection] = None, exclude_connected: bool = True) -> ClickEffect:
     """The effect of one click step on the clicked class.
 
     Args:
@@ -678,6 +679,10 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
         harm_tolerance: a fall of Dice larger than this makes the click harmful.
         detection_before, detection_after: the :func:`lesion_detection` results, if already
             computed with the same connectivity and min_dice.
+        exclude_connected: also leave out of the far region every connected component of
+            (reference | before | after) that reaches into the guide's reach: a clicked object
+            larger than the reach may rightly change beyond it; what stays is what no click
+            touches, not even through the object it lies in.
     """
     ref = np.asarray(reference_mask, bool)
     before, after = np.asarray(before_mask, bool), np.asarray(after_mask, bool)
@@ -702,6 +707,11 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
     if far_mask is not None:
         fm = np.asarray(far_mask, bool)
         check_pair(ref, fm, case)
+        if exclude_connected:
+            lab, n = label_objects(ref | before | after, connectivity)
+            if n:
+                touched = np.unique(lab[~fm])
+                fm = fm & ~np.isin(lab, touched[touched > 0])
         far = dict(far_dice_before=dice_masks(ref[fm], before[fm]).dice,
                    far_dice_after=dice_masks(ref[fm], after[fm]).dice,
                    far_changed_voxels=int(np.count_nonzero(before[fm] != after[fm])),
