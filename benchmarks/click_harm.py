@@ -74,7 +74,8 @@ def report_lines(summary, label: str):
             "auto_minus_plain": None if plain.get("mean_dice") is None else auto - plain["mean_dice"],
             "gain_first_click_step": gain1, "gain_per_click": h["mean_gain"], "dice_n": g["mean_dice"][n],
             "clicks": h["n_clicks"], "harmful_fraction": h["harmful_fraction"], "largest_fall": h["largest_fall"],
-            "lesions_lost_per_click": h["lesions_lost_per_click"], "lesions_lost_elsewhere": h["lesions_lost_elsewhere"],
+            "lesions_lost_per_click": h["lesions_lost_per_click"],
+            "lesions_lost_elsewhere": h["lesions_lost_elsewhere"],
             "far_dice_change_mean": h["far_dice_change_mean"], "far_dice_change_largest": h["far_dice_change_largest"],
             "nsd_0": (g.get("mean_nsd") or [None])[0], "nsd_n": (g.get("mean_nsd") or [None])[-1],
             "fp_mm3_0": (g.get("mean_fp_mm3") or [None])[0], "fn_mm3_0": (g.get("mean_fn_mm3") or [None])[0],
@@ -86,7 +87,8 @@ def report_lines(summary, label: str):
 
 def print_table(rows) -> None:
     cols = [("checkpoint", "checkpoint", None), ("class", "class", None), ("plain", "plain Dice", 3),
-            ("auto", "auto Dice", 3), ("auto_minus_plain", "auto-plain", -3), ("gain_first_click_step", "gain 1st click", -3),
+            ("auto", "auto Dice", 3), ("auto_minus_plain", "auto-plain", -3),
+            ("gain_first_click_step", "gain 1st click", -3),
             ("gain_per_click", "gain/click", -3), ("dice_n", "Dice N", 3), ("clicks", "clicks", None),
             ("harmful_fraction", "harmful", 3), ("largest_fall", "largest fall", 3),
             ("lesions_lost_per_click", "lost/click", 3), ("lesions_lost_elsewhere", "lost elsewhere", None),

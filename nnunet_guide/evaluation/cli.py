@@ -28,7 +28,7 @@ import numpy as np
 
 from ..core.clicks import Click
 from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
-from ..core.metrics import MetricsInputError, check_label_values, check_pair, click_reach_voxels
+from ..core.metrics import MetricsInputError, check_label_values, check_pair, click_reach_voxels, guide_reach_mm
 from ..core.user_sim import START_MODES, PredictFn, simulate_session
 from ..settings import GuidedTarget, resolve_targets
 from .report import DEFAULT_THRESHOLDS, case_record, plain_record, step_label, write_report
@@ -103,6 +103,12 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
     """
     out = EvaluationResult()
     guided_names = [t.name for t in guided]
+    if guide_settings is not None:
+        try:
+            guide_reach_mm(guide_settings)
+        except ValueError as e:  # an encoding whose reach the metrics don't know: no far Dice
+            log(f"far-from-click Dice skipped: {e}")
+            guide_settings = None
     allowed = sorted({0, *(v for vals in classes.values() for v in vals)} |
                      ({options.ignore_label} if options.ignore_label is not None else set()))
     for i, case in enumerate(cases):

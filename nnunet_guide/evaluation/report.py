@@ -83,8 +83,10 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
                         for t in thresholds},
             },
         }
-        if rec["start"] == "box":
-            c["auc_from_box"] = dice_auc(curve[1:])  # the CVPR 2025 protocol's AUC: box + N clicks
+        c["nsd_auc"] = dice_auc(c["nsd"]) if c["nsd"] else None
+        if rec["start"] == "box":  # the CVPR 2025 protocol's AUCs: over the box and the N clicks
+            c["auc_from_box"] = dice_auc(curve[1:])
+            c["nsd_auc_from_box"] = dice_auc(c["nsd"][1:]) if c["nsd"] else None
         rec["classes"][name] = c
     return rec
 
@@ -179,8 +181,10 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
         }
         if any(e["kind"] == "box" for e in effects):
             guided[name]["box_effect"] = harm_summary([e for e in effects if e["kind"] == "box"], steps - 1)
+        guided[name]["mean_nsd_auc"] = _mean([c.get("nsd_auc") for c in cs])
         if all("auc_from_box" in c for c in cs):
             guided[name]["mean_auc_from_box"] = float(np.mean([c["auc_from_box"] for c in cs]))
+            guided[name]["mean_nsd_auc_from_box"] = _mean([c.get("nsd_auc_from_box") for c in cs])
     plain_sum = None
     if plain:
         plain_sum = {}
@@ -347,7 +351,8 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
             p = summary["plain"][name]
             rows.append([name, "plain nnU-Net", p["mean_dice"], p["global_dice"], p["recall"], p["precision"], None]
                         + [None] * (2 * len(thresholds))
-                        + [p.get("mean_nsd"), p.get("mean_fp_mm3"), p.get("mean_fn_mm3")] + [None] * (1 + len(harm_keys)))
+                        + [p.get("mean_nsd"), p.get("mean_fp_mm3"), p.get("mean_fn_mm3")]
+                        + [None] * (1 + len(harm_keys)))
         curve_figures = [g["mean_auc"]] + [g["noc"][_tkey(t)]["mean_clicks"] for t in thresholds] + \
             [g["noc"][_tkey(t)]["n_failed"] for t in thresholds]
         h = g.get("harm") or {}
@@ -543,11 +548,13 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
     out.append(_md_table(["class", "lesions", "recall, 0 clicks", f"recall, {n} steps"]
                          + [f"lesion NoC@{_tkey(t)} (failed)" for t in thresholds], lrows))
     if start == "box":
-        brows = [[name, g.get("mean_auc_from_box"), g["mean_dice"][1], g["mean_dice"][n]]
+        brows = [[name, g.get("mean_auc_from_box"), g.get("mean_nsd_auc_from_box"), g["mean_dice"][1],
+                  g["mean_dice"][n], (g.get("mean_nsd") or [None] * (n + 1))[n]]
                  for name, g in summary["guided"].items() if g["guided"]]
         out += ["", "Box start (CVPR 2025 protocol; AUC over the box and the clicks that follow, without the "
-                "automatic step):", "", _md_table(["class", "Dice AUC, box + clicks", "Dice after the box",
-                                                   f"Dice after {labels[n]}"], brows)]
+                "automatic step):", "", _md_table(["class", "Dice AUC, box + clicks", "NSD AUC, box + clicks",
+                                                   "Dice after the box", f"Dice after {labels[n]}", "final NSD"],
+                                                  brows)]
     out += harm_section(summary)
     out += ["", "## Dice vs clicks", "", "![Dice vs clicks](dice_vs_clicks.png)", "",
             "Per step (per-case mean / global):", ""]
