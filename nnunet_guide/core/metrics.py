@@ -258,9 +258,11 @@ def _pair_overlaps(a_lab: np.ndarray, b_lab: np.ndarray) -> Dict[Tuple[int, int]
     both = (a_lab > 0) & (b_lab > 0)
     if not both.any():
         return {}
-    pairs = np.stack([a_lab[both], b_lab[both]], axis=1).astype(np.int64)
-    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
-    return {(int(a), int(b)): int(c) for (a, b), c in zip(uniq, counts)}
+    # one int64 key per pair: a 1D unique is much faster than a row-wise unique of (a, b) pairs
+    a, b = a_lab[both].astype(np.int64), b_lab[both].astype(np.int64)
+    base = int(b.max()) + 1
+    keys, counts = np.unique(a * base + b, return_counts=True)
+    return {(int(k // base), int(k % base)): int(c) for k, c in zip(keys, counts)}
 
 
 def _matched_dice(n_a: int, sizes_a: np.ndarray, sizes_b: np.ndarray,
@@ -488,13 +490,16 @@ def surface_dice(reference_mask: np.ndarray, prediction_mask: np.ndarray, spacin
     box = mask_bbox(r | p)
     box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, r.shape))
     r, p = r[box], p[box]
-    sr, sp_ = surface_voxels(r), surface_voxels(p)
-    to_r = ndimage.distance_transform_edt(~sr, sampling=sp)
-    to_p = ndimage.distance_transform_edt(~sp_, sampling=sp)
-    eps = 1e-9 * max(1.0, tol)
-    close_p = int(np.count_nonzero(to_r[sp_] <= tol + eps))
-    close_r = int(np.count_nonzero(to_p[sr] <= tol + eps))
-    n_r, n_p = int(sr.sum()), int(sp_.sum())
+    # nearest-border distances between border voxel centres (mm): a k-d tree over the border voxels
+    # only, much cheaper than distance transforms of the whole box for large organs
+    from scipy.spatial import cKDTree
+    pts_r = np.argwhere(surface_voxels(r)) * sp
+    pts_p = np.argwhere(surface_voxels(p)) * sp
+    bound = tol + 1e-9 * max(1.0, tol)
+    d_p, _ = cKDTree(pts_r).query(pts_p, k=1, distance_upper_bound=bound)
+    d_r, _ = cKDTree(pts_p).query(pts_r, k=1, distance_upper_bound=bound)
+    close_p, close_r = int(np.count_nonzero(d_p <= bound)), int(np.count_nonzero(d_r <= bound))
+    n_r, n_p = len(pts_r), len(pts_p)
     return SurfaceDiceResult((close_p + close_r) / (n_r + n_p), tol, n_r, n_p, close_r, close_p)
 
 
