@@ -355,7 +355,7 @@ def run_demo(a) -> str:
         opts = EvaluationOptions(n_clicks=a.clicks, allow_negative=layout.guide.negatives, ignore_label=ignore,
                                  n_overlays=3)
         res = evaluate(load_cases(found, reader, opts.n_overlays), predict, layout.targets, classes, opts,
-                       log=progress)
+                       log=progress, guide_settings=layout.guide)
 
     # 7. report
     progress.start("report")

@@ -263,3 +263,135 @@ def test_extra_classes_of_several_labels():
                        ("x=1,3", r"label value\(s\) \[3\]"), ("liver=1,2", "already exists")]:
         with pytest.raises(EvaluationError, match=match):
             cli.evaluated_classes(dj, [bad])
+
+
+# ---- harm of clicks, surface Dice, error volumes, box start --------------------------------------
+
+class ForgetfulModel(FakeGuideModel):
+    """Once clicked, it keeps only the clicked tumours: a click on one tumour loses the others."""
+
+    def __call__(self, case_id, clicks):
+        pred = super().__call__(case_id, clicks)
+        if clicks:
+            ref = self.refs[case_id]
+            lab, _ = ndimage.label(ref == 2)
+            keep = {lab[tuple(int(round(v)) for v in c.position)] for c in clicks}
+            pred[(pred == 2) & ~np.isin(lab, list(keep))] = 1
+        return pred
+
+
+def test_harm_is_counted_per_click_and_reported(tmp_path):
+    from nnunet_guide.settings import GuideSettings
+    refs, autos, cases = {}, {}, []
+    for i, cid in enumerate(["a", "b"]):
+        ref, auto, img = make_case(i)
+        refs[cid], autos[cid] = ref, auto
+        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
+    res = evaluate(cases, ForgetfulModel(refs, autos), GUIDED, CLASSES, EvaluationOptions(n_clicks=2, n_overlays=0),
+                   log=lambda m: None, guide_settings=GuideSettings(sigma_mm=1.0))
+    eff = res.records[0]["effects"]
+    # step 1: the click on the big tumour finds it and loses the small one (125 TP, 27 FN: 250 / 277);
+    # step 2: a click on the small one brings it back
+    assert [(e["step"], e["class"], e["kind"]) for e in eff] == [(1, "tumor", "point"), (2, "tumor", "point")]
+    assert eff[0]["dice_before"] == pytest.approx(54 / 179) and eff[0]["dice_after"] == pytest.approx(250 / 277)
+    assert eff[0]["lesions_lost"] == [1] and eff[0]["lesions_lost_elsewhere"] == [1]
+    assert eff[0]["clicked_lesions"] == [0]
+    # the small tumour lies beyond the click's reach (3.7 mm): far Dice 1 -> 0 (nothing else far away)
+    assert eff[0]["far_dice_before"] == 1.0 and eff[0]["far_dice_after"] == 0.0 and eff[0]["far_changed_voxels"] == 27
+    assert not eff[0]["harmful"] and eff[1]["lesions_lost"] == [] and eff[1]["dice_after"] == 1.0
+    tumour = res.records[0]["classes"]["tumor"]
+    assert tumour["fn_mm3"] == [250.0, 54.0, 0.0] and tumour["fp_mm3"] == [0.0, 0.0, 0.0]
+    assert tumour["nsd"][2] == 1.0 and tumour["nsd"][0] < tumour["nsd"][1] < 1.0
+    write_report(str(tmp_path), res.records)
+    h = json.load(open(tmp_path / "results.json"))["summary"]["guided"]["tumor"]["harm"]
+    assert (h["n_clicks"], h["n_harmful"], h["harmful_fraction"], h["largest_fall"]) == (4, 0, 0.0, 0.0)
+    assert (h["lesions_lost"], h["lesions_lost_elsewhere"], h["lesions_lost_per_click"]) == (2, 2, 0.5)
+    assert h["lesions_lost_per_step"] == [0, 2, 0] and h["far_dice_change_largest"] == -1.0
+    rows = list(csv.DictReader(open(tmp_path / "clicks.csv")))
+    assert len(rows) == 4 and rows[0]["lesions_lost_elsewhere"] == "1" and rows[0]["case"] == "a"
+    steps = [r for r in csv.DictReader(open(tmp_path / "dice_vs_clicks.csv")) if r["class"] == "tumor"]
+    assert [r["lesions_lost"] for r in steps] == ["0", "2", "0"] and float(steps[0]["mean_fn_mm3"]) == 250.0
+    per_case = list(csv.DictReader(open(tmp_path / "per_case.csv")))
+    assert [r["lesions_lost"] for r in per_case if r["class"] == "tumor"] == ["1", "1"]
+    md = open(tmp_path / "report.md").read()
+    assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000) | 0.000 |" in md and "2 (2)" in md
+
+
+def test_a_harmful_click_is_flagged():
+    ref, auto, _ = make_case(0)
+
+    def worse(case_id, clicks):  # any click erases every tumour
+        return np.where(auto == 2, 1, auto) if clicks else auto
+
+    auto[3:8, 4:9, 4:9] = 2  # the automatic result is already perfect except ...
+    auto[3, 4, 4] = 1  # ... one voxel, so the user clicks there
+    res = evaluate([CaseInput("w", ref, (1, 1, 1))], worse, GUIDED, CLASSES, EvaluationOptions(n_clicks=1),
+                   log=lambda m: None)
+    (e,) = res.records[0]["effects"]
+    assert e["harmful"] and e["dice_after"] == 0.0 and e["lesions_lost"] == [0, 1]
+    h = summarize(res.records)["guided"]["tumor"]["harm"]
+    assert h["harmful_fraction"] == 1.0 and h["largest_fall"] == pytest.approx(e["dice_before"])
+    assert e.get("far_dice_before") is None  # no guide settings given: no far region
+
+
+def test_box_start_with_fake_model(tmp_path):
+    refs, autos, cases = {}, {}, []
+    for i, cid in enumerate(["a", "b"]):
+        ref, auto, img = make_case(i)
+        refs[cid], autos[cid] = ref, auto
+        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
+    res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
+                   EvaluationOptions(n_clicks=2, n_overlays=0, start="box"), log=lambda m: None)
+    rec = res.records[0]
+    assert rec["start"] == "box" and rec["step_kinds"] == ["box", "click", "click"]
+    # one box per reference tumour, as half-open tight boxes: centre (lo + hi - 1) / 2
+    assert rec["clicks"] == [
+        {"step": 1, "target": "tumor", "position": [5.0, 6.0, 6.0], "positive": True, "kind": "box",
+         "sigma": pytest.approx([0.37 * 5] * 3)},
+        {"step": 1, "target": "tumor", "position": [7.0, 13.0, 13.0], "positive": True, "kind": "box",
+         "sigma": pytest.approx([0.37 * 3] * 3)}]
+    t = rec["classes"]["tumor"]
+    assert t["dice"] == pytest.approx([54 / 179, 1.0, 1.0, 1.0]) and t["auc_from_box"] == 1.0
+    assert t["nsd_auc_from_box"] == 1.0 and t["nsd_auc"] == pytest.approx((t["nsd"][0] + 1) / 2 / 3 + 2 / 3)
+    s = write_report(str(tmp_path), res.records)
+    assert s["step_labels"] == ["0 clicks", "box", "box + 1 click step", "box + 2 click steps"]
+    assert s["guided"]["tumor"]["box_effect"]["n_clicks"] == 2 and s["guided"]["tumor"]["harm"]["n_clicks"] == 0
+    md = open(tmp_path / "report.md").read()
+    assert "| tumor | guide model, box + 2 click steps | 1.000 |" in md and "Dice AUC, box + clicks" in md
+
+
+def test_box_reaches_the_network_as_a_box(tmp_path):
+    """A box in the raw array goes through nnU-Net's crop, resampling and transpose as a box: with
+    the probe network (lesion where the guide exceeds 0.3, i.e. within 1.55 sigma = 0.574 x side of
+    the centre), the predicted lesion is centred on the box and about 1.15 x its sides."""
+    from test_predictor import probe_predictor, write_case
+    from nnunet_guide.core.clicks import box_click
+    path, _ = write_case(str(tmp_path / "img"), "c1", shape=(10, 22, 20))
+    predict = cli.predict_fn_from_predictor(probe_predictor(mirroring=False, transpose=(2, 0, 1)), {"c1": [path]})
+    lo, hi = np.array([3, 8, 5]), np.array([8, 17, 12])
+    seg = predict("c1", [box_click(1, lo, hi)])
+    idx = np.argwhere(seg == 2)
+    np.testing.assert_allclose(idx.mean(0), (lo + hi - 1) / 2, atol=0.3)
+    np.testing.assert_allclose(idx.max(0) - idx.min(0) + 1, 2 * 0.574 * (hi - lo), atol=1.2)
+
+
+def test_cli_box_start_with_untrained_model(tmp_path):
+    from test_predictor import make_model_folder
+    from nnunet_guide.inference.predictor import ensure_trainers_discoverable
+    ensure_trainers_discoverable()
+    model = make_model_folder(str(tmp_path / "model"))
+    _case_with_lesion(str(tmp_path / "img"), str(tmp_path / "ref"), "c1")
+    out = tmp_path / "report"
+    assert cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+                     "-n", "1", "--overlays", "0", "--start", "box"]) == 0
+    res = json.load(open(out / "results.json"))
+    case = res["cases"][0]
+    assert res["settings"]["start"] == "box" and case["step_kinds"][0] == "box"
+    assert len(case["classes"]["lesion"]["dice"]) == 3 and len(case["classes"]["lesion"]["nsd"]) == 3
+    boxes = [c for c in case["clicks"] if c.get("kind") == "box"]
+    assert [b["target"] for b in boxes] == ["lesion"]  # the reference has one lesion and no organ
+    assert all(e.get("far_dice_before") is not None for e in case["effects"])
+    assert "## Does a click harm?" in open(out / "report.md").read()
+    rc = cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+                   "--nsd-tolerance", "-1"])
+    assert rc == 1

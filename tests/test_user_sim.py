@@ -184,6 +184,60 @@ def test_session_rejects_prediction_of_wrong_shape():
     assert "liver_9" in str(e.value) and "(16, 16, 15)" in str(e.value)
 
 
+class ClumsyModel(FakeModel):
+    """Like FakeModel, but every positive click also erases the predicted object at (1..6)^3: a
+    click on one lesion that loses another."""
+
+    def __call__(self, case_id, clicks):
+        pred = super().__call__(case_id, clicks)
+        if any(c.positive for c in clicks):
+            pred[1:6, 1:6, 1:6] = 0
+        return pred
+
+
+def test_session_records_harm_of_each_click():
+    ref, auto = _session_case()
+    res = simulate_session("h", ClumsyModel(ref, auto), ref, (1, 1, 1), [(1,)], {"fg": (1,)}, n_clicks=1,
+                           reach=lambda c: (3.0, 3.0, 3.0))
+    (se,) = res.effects
+    e = se.effect
+    assert (se.step, se.target, se.kind) == (1, 0, "point")
+    # before: TP 125, FP 27, FN 72; after the click on the 64-voxel cube: TP 64, FP 27, FN 133
+    assert e.dice_before == pytest.approx(250 / 349) and e.dice_after == pytest.approx(128 / 288)
+    assert e.harmful
+    # lesions in label order: the 125 cube (0), the 8 voxels (1), the 64 cube (2, clicked)
+    assert e.clicked_lesions == (2,) and e.lesions_lost == (0,) and e.lesions_lost_elsewhere == (0,)
+    assert e.far_changed_voxels >= 125 and e.far_dice_after < e.far_dice_before
+    assert [s.nsd for s in res.traces["fg"].surface][1] < res.traces["fg"].surface[0].nsd
+    # a model that only adds what was clicked does no harm, and nothing moves far from the click
+    ok = simulate_session("h", FakeModel(ref, auto), ref, (1, 1, 1), [(1,)], {"fg": (1,)}, n_clicks=3,
+                          reach=lambda c: (3.0, 3.0, 3.0))  # the cube's corners lie beyond, but connected
+    assert [s.step for s in ok.effects] == [1, 2, 3] and not any(s.effect.harmful for s in ok.effects)
+    assert all(s.effect.lesions_lost == () for s in ok.effects)
+    assert ok.effects[0].effect.far_dice_after == ok.effects[0].effect.far_dice_before
+    assert ok.effects[0].effect.far_changed_voxels == 0
+
+
+def test_session_starting_from_boxes():
+    ref, auto = _session_case()
+    model = FakeModel(ref, auto)
+    res = simulate_session("b", model, ref, (1, 1, 1), [(1,)], {"fg": (1,)}, n_clicks=2, start="box")
+    assert res.n_steps == 3 and res.step_kinds == ["box", "click", "click"]
+    boxes = [c for step, c in res.clicks if step == 1]
+    # one box per reference object, the object's tight box: centre (lo + hi - 1) / 2, sigma 0.37 x side
+    assert [c.kind for c in boxes] == ["box"] * 3 and all(c.positive for c in boxes)
+    assert sorted(c.position for c in boxes) == sorted([(3.0, 3.0, 3.0), (1.5, 10.5, 1.5), (10.5, 10.5, 10.5)])
+    big = [c for c in boxes if c.position == (10.5, 10.5, 10.5)][0]
+    assert big.sigma == pytest.approx((0.37 * 4,) * 3)
+    curve = res.traces["fg"].dice_curve
+    # the boxes find every object; the one false cube (27) is removed by the first click
+    assert len(curve) == 4 and curve[1] == pytest.approx(2 * 197 / (2 * 197 + 27)) and curve[2] == 1.0
+    assert [(s.step, s.kind) for s in res.effects] == [(1, "box"), (2, "point")]
+    assert res.stopped_at == 2 and model.calls == [0, 3, 4]
+    with pytest.raises(ValueError, match="start"):
+        simulate_session("b", model, ref, (1, 1, 1), [(1,)], {"fg": (1,)}, n_clicks=1, start="lasso")
+
+
 def test_click_dataclass_is_the_projects():
     ref = cube((6, 6, 6), (1, 1, 1), (4, 4, 4))
     c = next_click(np.zeros_like(ref), ref, (1,), 0, (1, 1, 1))

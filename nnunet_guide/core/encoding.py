@@ -61,6 +61,27 @@ def _reach_mm(encoding: str, sigma_mm: float, radius_mm: float) -> float:
     raise ValueError(f"unknown guide encoding {encoding!r}")
 
 
+def guide_reach_mm(settings) -> Optional[float]:
+    """Distance (mm) from a point click beyond which its guide map is 0 (cut below ``EPS``);
+    None for the ``object_gaussian`` encoding, whose reach depends on each click's sigma."""
+    if settings.encoding == "object_gaussian":
+        return None
+    return float(_reach_mm(settings.encoding, settings.sigma_mm, settings.ball_radius_mm))
+
+
+def click_reach_voxels(click: Click, spacing: Sequence[float], settings) -> np.ndarray:
+    """Per-axis semi-axes (voxels) of the ellipsoid outside which a click's guide map is 0, as
+    the renderer draws it: :func:`guide_reach_mm` for point clicks of the mm encodings,
+    ``sigma * sqrt(2 ln(1/EPS))`` per axis for boxes and ``object_gaussian`` clicks
+    (``settings.min_object_sigma`` where the click has no sigma)."""
+    sp = np.asarray(spacing, float)
+    reach = None if click.kind == "box" else guide_reach_mm(settings)
+    if reach is not None:
+        return reach / sp
+    sigma = click.sigma if click.sigma is not None else (settings.min_object_sigma,) * len(sp)
+    return np.maximum(np.asarray(sigma, float), 1e-3) * _GAUSS_REACH
+
+
 def _click_encoding(click: Click, encoding: str) -> str:
     if click.kind == "point":
         return encoding

@@ -1,4 +1,5 @@
-"""Segmentation metrics of the evaluation: Dice, lesion-wise detection, Dice-vs-clicks summaries.
+"""Segmentation metrics of the evaluation: Dice, surface Dice, error volumes, lesion-wise detection,
+Dice-vs-clicks summaries, and the harm a click does.
 
 Conventions (for every function here):
 - ``reference`` and ``prediction`` are integer label maps over the spatial axes only (no channel
@@ -14,6 +15,9 @@ Conventions (for every function here):
   * Lesion recall is ``None`` when the reference has no lesion, precision is ``None`` when the
     prediction has none (JSON ``null``: undefined, not zero); counts are always reported so
     that they can be summed over cases.
+  * Normalised surface Dice follows the Dice rule: both empty 1.0 (``both_empty``), exactly one
+    empty 0.0. False-positive / false-negative volumes are always defined (0 when empty).
+- Distances and volumes are in mm / mm^3 from ``spacing`` (anisotropic voxels allowed).
 - Dice-vs-clicks curves are sequences ``d[0..N]``: Dice after 0 (automatic), 1, ..., N clicks.
 
 No nnU-Net import: pure numpy/scipy.
@@ -25,8 +29,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
 
-from .clicks import label_objects
+from .clicks import label_objects, mask_bbox
+from .encoding import click_reach_voxels, guide_reach_mm  # noqa: F401  (the reach is the renderer's)
 
 
 class MetricsInputError(ValueError):
@@ -253,9 +259,11 @@ def _pair_overlaps(a_lab: np.ndarray, b_lab: np.ndarray) -> Dict[Tuple[int, int]
     both = (a_lab > 0) & (b_lab > 0)
     if not both.any():
         return {}
-    pairs = np.stack([a_lab[both], b_lab[both]], axis=1).astype(np.int64)
-    uniq, counts = np.unique(pairs, axis=0, return_counts=True)
-    return {(int(a), int(b)): int(c) for (a, b), c in zip(uniq, counts)}
+    # one int64 key per pair: a 1D unique is much faster than a row-wise unique of (a, b) pairs
+    a, b = a_lab[both].astype(np.int64), b_lab[both].astype(np.int64)
+    base = int(b.max()) + 1
+    keys, counts = np.unique(a * base + b, return_counts=True)
+    return {(int(k // base), int(k % base)): int(c) for k, c in zip(keys, counts)}
 
 
 def _matched_dice(n_a: int, sizes_a: np.ndarray, sizes_b: np.ndarray,
@@ -407,3 +415,279 @@ def format_float(v: Optional[float], digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.{digits}f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Surface Dice and error volumes (the CVPR 2025 interactive and autoPET IV metrics)
+
+
+def _check_spacing(spacing: Sequence[float], shape: Tuple[int, ...], case: Optional[str]) -> np.ndarray:
+    sp = np.asarray(spacing, float)
+    if sp.shape != (len(shape),) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise MetricsInputError(
+            f"{_case_prefix(case)}spacing {tuple(float(s) for s in np.ravel(sp))} must be {len(shape)} positive "
+            f"mm values, one per array axis of shape {shape}")
+    return sp
+
+
+def surface_voxels(mask: np.ndarray) -> np.ndarray:
+    """Border voxels of a mask: mask voxels with at least one face neighbour outside it (the image
+    border counts as outside)."""
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return mask.copy()
+    inner = ndimage.binary_erosion(mask, ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
+    return mask & ~inner
+
+
+@dataclass(frozen=True)
+class SurfaceDiceResult:
+    """Normalised surface Dice (NSD) of one class in one case at a tolerance in mm.
+
+    ``nsd = (|S_p within tol of S_r| + |S_r within tol of S_p|) / (|S_p| + |S_r|)``, S the border
+    voxels (:func:`surface_voxels`) of prediction and reference, distances in mm between voxel
+    centres. Never NaN: both masks empty gives 1.0 (``both_empty``); exactly one empty gives 0.0
+    (``empty_reference`` set when it is the reference).
+    """
+    nsd: float
+    tolerance_mm: float
+    n_reference_surface: int
+    n_prediction_surface: int
+    n_reference_close: int
+    n_prediction_close: int
+    both_empty: bool = False
+    empty_reference: bool = False
+
+    def to_dict(self) -> Dict[str, object]:
+        return dict(vars(self))
+
+
+def surface_dice(reference_mask: np.ndarray, prediction_mask: np.ndarray, spacing: Sequence[float],
+                 tolerance_mm: float = 2.0, case: Optional[str] = None) -> SurfaceDiceResult:
+    """Normalised surface Dice at ``tolerance_mm`` (default 2 mm, as the CVPR 2025 interactive
+    challenge), see :class:`SurfaceDiceResult`.
+
+    Args:
+        reference_mask, prediction_mask: boolean masks of the same shape (array axis order).
+        spacing: mm per array axis (anisotropic allowed: distances are Euclidean in mm).
+        tolerance_mm: a border voxel counts as close when the other border is at most this far.
+    """
+    check_pair(reference_mask, prediction_mask, case)
+    r = np.asarray(reference_mask, bool)
+    p = np.asarray(prediction_mask, bool)
+    sp = _check_spacing(spacing, r.shape, case)
+    tol = float(tolerance_mm)
+    if not (math.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tolerance_mm must be a finite number >= 0, got {tolerance_mm!r}")
+    has_r, has_p = bool(r.any()), bool(p.any())
+    if not has_r and not has_p:
+        return SurfaceDiceResult(1.0, tol, 0, 0, 0, 0, both_empty=True, empty_reference=True)
+    if not has_r or not has_p:
+        n_r = int(surface_voxels(r).sum()) if has_r else 0
+        n_p = int(surface_voxels(p).sum()) if has_p else 0
+        return SurfaceDiceResult(0.0, tol, n_r, n_p, 0, 0, empty_reference=not has_r)
+    # distances only matter inside the box of both masks (+1 voxel: the crop's rim is outside both,
+    # so borders and nearest-border distances are those of the whole image)
+    box = mask_bbox(r | p)
+    box = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, r.shape))
+    r, p = r[box], p[box]
+    # nearest-border distances between border voxel centres (mm): a k-d tree over the border voxels
+    # only, much cheaper than distance transforms of the whole box for large organs
+    from scipy.spatial import cKDTree
+    pts_r = np.argwhere(surface_voxels(r)) * sp
+    pts_p = np.argwhere(surface_voxels(p)) * sp
+    bound = tol + 1e-9 * max(1.0, tol)
+    d_p, _ = cKDTree(pts_r).query(pts_p, k=1, distance_upper_bound=bound)
+    d_r, _ = cKDTree(pts_p).query(pts_r, k=1, distance_upper_bound=bound)
+    close_p, close_r = int(np.count_nonzero(d_p <= bound)), int(np.count_nonzero(d_r <= bound))
+    n_r, n_p = len(pts_r), len(pts_p)
+    return SurfaceDiceResult((close_p + close_r) / (n_r + n_p), tol, n_r, n_p, close_r, close_p)
+
+
+@dataclass(frozen=True)
+class ErrorVolumes:
+    """False-positive and false-negative volume of one class in one case (autoPET's FPV / FNV,
+    here voxel-wise: predicted-not-reference and reference-not-predicted voxels)."""
+    fp_voxels: int
+    fn_voxels: int
+    fp_mm3: float
+    fn_mm3: float
+
+    def to_dict(self) -> Dict[str, object]:
+        return dict(vars(self))
+
+
+def error_volumes_from_counts(fp: int, fn: int, spacing: Sequence[float]) -> ErrorVolumes:
+    """:class:`ErrorVolumes` from voxel counts and the voxel size (mm per array axis)."""
+    if int(fp) < 0 or int(fn) < 0:
+        raise ValueError(f"voxel counts must be >= 0, got fp={fp}, fn={fn}")
+    voxel = float(np.prod(np.asarray(spacing, float)))
+    return ErrorVolumes(int(fp), int(fn), int(fp) * voxel, int(fn) * voxel)
+
+
+def error_volumes(reference_mask: np.ndarray, prediction_mask: np.ndarray, spacing: Sequence[float],
+                  case: Optional[str] = None) -> ErrorVolumes:
+    """False-positive / false-negative voxels and their volume in mm^3."""
+    d = dice_masks(reference_mask, prediction_mask, case)
+    _check_spacing(spacing, np.shape(reference_mask), case)
+    return error_volumes_from_counts(d.fp, d.fn, spacing)
+
+
+# --------------------------------------------------------------------------------------------
+# Where a click can act: the guide's reach
+
+
+def far_from_clicks(shape: Sequence[int], positions: Sequence[Sequence[float]],
+                    reaches: Sequence[Sequence[float]], slice_axis: Optional[int] = None) -> np.ndarray:
+    """Voxels beyond the reach of every click: True where no click's guide map is non-zero.
+
+    Args:
+        shape: array shape (array axis order).
+        positions: click positions, voxel coordinates per axis.
+        reaches: per click, the semi-axes (voxels) of its reach ellipsoid (:func:`click_reach_voxels`).
+        slice_axis: for 2D models run on a volume: a click reaches only its own slice
+            (``round(position)``) along this axis.
+    Returns:
+        bool array of ``shape``.
+    """
+    shape = tuple(int(s) for s in shape)
+    far = np.ones(shape, bool)
+    for pos, reach in zip(positions, reaches):
+        pos, reach = np.asarray(pos, float), np.maximum(np.asarray(reach, float), 1e-6)
+        windows, terms = [], []
+        for a, n in enumerate(shape):
+            if slice_axis is not None and a == slice_axis:
+                z = int(round(pos[a]))
+                lo, hi, term = z, z + 1, np.zeros(1)
+            else:
+                lo = max(0, int(math.floor(pos[a] - reach[a])))
+                hi = min(n, int(math.ceil(pos[a] + reach[a])) + 1)
+                term = ((np.arange(lo, hi) - pos[a]) / reach[a]) ** 2
+            if not (0 <= lo < hi <= n):
+                windows = None
+                break
+            windows.append(slice(lo, hi))
+            terms.append(term.reshape((1,) * a + (-1,) + (1,) * (len(shape) - a - 1)))
+        if windows is None:
+            continue
+        acc = sum(terms[1:], terms[0])
+        far[tuple(windows)] &= ~(acc <= 1.0)
+    return far
+
+
+# --------------------------------------------------------------------------------------------
+# Did a click help or harm?
+
+#: a click is harmful when its class's Dice falls by more than this
+HARM_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class ClickEffect:
+    """What one click step did to the clicked class (the step's click(s) of that class).
+
+    Attributes:
+        dice_before, dice_after: the class's Dice before and after the click.
+        harmful: Dice fell by more than the tolerance (:data:`HARM_TOLERANCE`).
+        lesions_detected_before: reference lesions (connected components) detected before.
+        lesions_lost: indices (``label_objects`` order, 0-based) of reference lesions detected
+            before the click and not after it.
+        clicked_lesions: indices of the reference lesions the click(s) lie in (empty: the click
+            lies outside every lesion, e.g. a negative click on a false positive).
+        far_dice_before, far_dice_after: the class's Dice restricted to the far region: voxels
+            beyond the guide's reach from every click so far, less the objects reaching into it
+            (see ``exclude_connected`` of :func:`click_effect`); None when no far region was given;
+            both empty there gives 1.0, as everywhere.
+        far_changed_voxels: far voxels whose membership of the class changed.
+        n_far_voxels: size of the far region.
+    """
+    dice_before: float
+    dice_after: float
+    harmful: bool
+    lesions_detected_before: int
+    lesions_lost: Tuple[int, ...]
+    clicked_lesions: Tuple[int, ...]
+    far_dice_before: Optional[float] = None
+    far_dice_after: Optional[float] = None
+    far_changed_voxels: Optional[int] = None
+    n_far_voxels: Optional[int] = None
+
+    @property
+    def change(self) -> float:
+        return self.dice_after - self.dice_before
+
+    @property
+    def lesions_lost_elsewhere(self) -> Tuple[int, ...]:
+        """Lost lesions other than the clicked one(s): harm done to other objects."""
+        return tuple(j for j in self.lesions_lost if j not in self.clicked_lesions)
+
+    def to_dict(self) -> Dict[str, object]:
+        d = dict(vars(self))
+        d["lesions_lost"] = list(self.lesions_lost)
+        d["clicked_lesions"] = list(self.clicked_lesions)
+        d["lesions_lost_elsewhere"] = list(self.lesions_lost_elsewhere)
+        d["change"] = self.change
+        return d
+
+
+def detected_lesions(det: LesionDetection) -> np.ndarray:
+    """Bool per reference lesion of a :class:`LesionDetection`: detected (matched Dice > min_dice)."""
+    return np.asarray(det.lesion_dice, float) > det.min_dice
+
+
+def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask: np.ndarray,
+                 click_positions: Sequence[Sequence[float]] = (), far_mask: Optional[np.ndarray] = None,
+                 connectivity: int = 2, min_dice: float = 0.0, harm_tolerance: float = HARM_TOLERANCE,
+                 case: Optional[str] = None, detection_before: Optional[LesionDetection] = None,
+                 detection_after: Optional[LesionDetection] = None, exclude_connected: bool = True) -> ClickEffect:
+    """The effect of one click step on the clicked class.
+
+    Args:
+        reference_mask, before_mask, after_mask: boolean masks of the class (same shape): the
+            reference and the predictions before and after the click.
+        click_positions: voxel positions of the step's click(s) on this class (array axis order).
+        far_mask: voxels beyond the guide's reach from every click so far (:func:`far_from_clicks`),
+            or None to skip the far Dice.
+        connectivity, min_dice: lesion definition and detection rule (:func:`lesion_detection`).
+        harm_tolerance: a fall of Dice larger than this makes the click harmful.
+        detection_before, detection_after: the :func:`lesion_detection` results, if already
+            computed with the same connectivity and min_dice.
+        exclude_connected: also leave out of the far region every connected component of
+            (reference | before | after) that reaches into the guide's reach: a clicked object
+            larger than the reach may rightly change beyond it; what stays is what no click
+            touches, not even through the object it lies in.
+    """
+    ref = np.asarray(reference_mask, bool)
+    before, after = np.asarray(before_mask, bool), np.asarray(after_mask, bool)
+    check_pair(ref, before, case)
+    check_pair(ref, after, case)
+    d0, d1 = dice_masks(ref, before).dice, dice_masks(ref, after).dice
+    det0 = detection_before or lesion_detection(ref, before, connectivity, min_dice, case)
+    det1 = detection_after or lesion_detection(ref, after, connectivity, min_dice, case)
+    hit0, hit1 = detected_lesions(det0), detected_lesions(det1)
+    if hit0.shape != hit1.shape:
+        raise ValueError(f"{_case_prefix(case)}lesion counts differ before/after ({hit0.size} vs {hit1.size}); "
+                         f"the detections must come from the same reference")
+    lost = tuple(int(j) for j in np.flatnonzero(hit0 & ~hit1))
+    clicked: List[int] = []
+    if len(click_positions):
+        lab, _ = label_objects(ref, connectivity)
+        for pos in click_positions:
+            idx = tuple(int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(pos, ref.shape))
+            if lab[idx] and int(lab[idx]) - 1 not in clicked:
+                clicked.append(int(lab[idx]) - 1)
+    far = {}
+    if far_mask is not None:
+        fm = np.asarray(far_mask, bool)
+        check_pair(ref, fm, case)
+        if exclude_connected:
+            lab, n = label_objects(ref | before | after, connectivity)
+            if n:
+                touched = np.unique(lab[~fm])
+                fm = fm & ~np.isin(lab, touched[touched > 0])
+        far = dict(far_dice_before=dice_masks(ref[fm], before[fm]).dice,
+                   far_dice_after=dice_masks(ref[fm], after[fm]).dice,
+                   far_changed_voxels=int(np.count_nonzero(before[fm] != after[fm])),
+                   n_far_voxels=int(fm.sum()))
+    return ClickEffect(float(d0), float(d1), bool(d0 - d1 > harm_tolerance), int(hit0.sum()), lost,
+                       tuple(sorted(clicked)), **far)

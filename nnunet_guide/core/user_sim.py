@@ -12,6 +12,12 @@ The user looks at the current prediction of each guided class and clicks once pe
 - no error (or only components smaller than ``min_error_voxels``) means no click: the user stops
   for that class. The user stops altogether when no guided class has an error left.
 
+With ``start="box"`` (the CVPR 2025 interactive protocol: one box, then N clicks) the first step
+instead gives one 3D box per reference object of every guided class, the object's tight box.
+
+Every step records what it did to each clicked class (:class:`StepEffect`): Dice before and after,
+lesions lost, and the Dice beyond the guide's reach of every prompt so far.
+
 The user is deterministic: the same prediction and reference give the same click, so no seed
 is needed here; evaluation runs are repeatable as long as the model's prediction is.
 
@@ -31,9 +37,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .clicks import Click, interior_point, label_objects, robust_center_mask
-from .metrics import (DiceResult, LesionDetection, MetricsInputError, check_pair, class_mask, dice_masks,
-                      lesion_detection)
+from .clicks import Click, box_click, interior_point, label_objects, robust_center_mask
+from .metrics import (HARM_TOLERANCE, ClickEffect, DiceResult, LesionDetection, MetricsInputError,
+                      SurfaceDiceResult, check_pair, class_mask, click_effect, dice_masks, far_from_clicks,
+                      lesion_detection, surface_dice)
 
 
 @dataclass(frozen=True)
@@ -157,17 +164,52 @@ def correction_clicks(prediction: np.ndarray, reference: np.ndarray, targets: Se
 
 
 PredictFn = Callable[[str, List[Click]], np.ndarray]
+ReachFn = Callable[[Click], Sequence[float]]
+
+START_MODES = ("clicks", "box")
+
+
+def object_boxes(reference: np.ndarray, labels: Sequence[int], target: int, connectivity: int = 2,
+                 ignore_label: Optional[int] = None) -> List[Click]:
+    """The box prompts of the CVPR 2025 interactive protocol for one guided class: one 3D box per
+    reference object (connected component), each the object's tightest half-open voxel box
+    (:func:`nnunet_guide.core.clicks.box_click`), positive, in the reference's array order."""
+    mask = class_mask(reference, labels)
+    if ignore_label is not None:
+        mask &= np.asarray(reference) != ignore_label
+    lab, n = label_objects(mask, connectivity)
+    boxes = []
+    for sl in ndimage.find_objects(lab, max_label=n):
+        if sl is not None:
+            boxes.append(box_click(target, [s.start for s in sl], [s.stop for s in sl], True))
+    return boxes
 
 
 @dataclass
 class ClassTrace:
-    """Metrics of one evaluated class after 0..N clicks (index = number of click steps)."""
+    """Metrics of one evaluated class after 0..N steps (index = number of prompt steps).
+
+    ``surface`` holds the normalised surface Dice per step (empty when it was not computed).
+    """
     dice: List[DiceResult] = field(default_factory=list)
     detection: List[LesionDetection] = field(default_factory=list)
+    surface: List[SurfaceDiceResult] = field(default_factory=list)
 
     @property
     def dice_curve(self) -> List[float]:
         return [d.dice for d in self.dice]
+
+
+@dataclass(frozen=True)
+class StepEffect:
+    """What one prompt step did to one guided class: ``step`` (1-based), ``target`` (index into
+    the guided classes), ``kind`` ("point" or "box"), the step's prompt positions on that class,
+    and the :class:`~nnunet_guide.core.metrics.ClickEffect`."""
+    step: int
+    target: int
+    kind: str
+    positions: Tuple[Tuple[float, ...], ...]
+    effect: ClickEffect
 
 
 @dataclass
@@ -176,13 +218,17 @@ class SessionResult:
 
     Attributes:
         case_id: the case.
-        n_steps: N, the number of click steps asked for; every trace has N + 1 entries.
-        stopped_at: step after which the user had nothing left to click (None: used all N).
+        n_steps: the number of prompt steps (N click steps, plus the box step when the session
+            starts from a box); every trace has ``n_steps + 1`` entries.
+        stopped_at: step after which the user had nothing left to click (None: used all steps).
             Steps after it repeat the last metrics (the prediction does not change without a
             new click).
-        clicks: ``(step, Click)`` for every click given; step 1 is the first click.
+        clicks: ``(step, Click)`` for every prompt given (boxes are ``kind="box"`` clicks); step 1
+            is the first.
         traces: evaluated class name -> :class:`ClassTrace`.
-        first_prediction, last_prediction: label maps after 0 and after all clicks.
+        first_prediction, last_prediction: label maps after 0 and after all steps.
+        effects: per step and clicked guided class, what the step did (:class:`StepEffect`).
+        step_kinds: per step 1..n_steps, ``"box"`` or ``"click"``.
     """
     case_id: str
     n_steps: int
@@ -191,13 +237,17 @@ class SessionResult:
     traces: Dict[str, ClassTrace]
     first_prediction: np.ndarray
     last_prediction: np.ndarray
+    effects: List[StepEffect] = field(default_factory=list)
+    step_kinds: List[str] = field(default_factory=list)
 
 
 def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, spacing: Sequence[float],
                      guided: Sequence[Sequence[int]], classes: Dict[str, Sequence[int]], n_clicks: int,
                      connectivity: int = 2, allow_negative: bool = True, ignore_label: Optional[int] = None,
                      min_error_voxels: int = 1, detection_min_dice: float = 0.0,
-                     min_sigma: float = 2.0) -> SessionResult:
+                     min_sigma: float = 2.0, start: str = "clicks", nsd_tolerance_mm: Optional[float] = 2.0,
+                     reach: Optional[ReachFn] = None, slice_axis: Optional[int] = None,
+                     harm_tolerance: float = HARM_TOLERANCE) -> SessionResult:
     """Run the simulated user on one case: predict with no click, then N times add one click
     per guided class at its largest error and predict again.
 
@@ -205,7 +255,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         case_id: passed to ``predict`` and used in error messages.
         predict: ``predict(case_id, clicks) -> label map`` in the reference's voxel grid; clicks
             are all clicks so far (voxel indices of the reference array, ``Click.target`` =
-            index into ``guided``). Called N + 1 times at most.
+            index into ``guided``). Called N + 1 times at most (N + 2 with a box start).
         reference: reference label map.
         spacing: mm per array axis of ``reference``.
         guided: label value(s) of each guided class, in the model's target order.
@@ -214,20 +264,43 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         connectivity, allow_negative, ignore_label, min_error_voxels, min_sigma: see
             :func:`largest_error`; ``connectivity`` also defines lesions of the detection.
         detection_min_dice: see :func:`nnunet_guide.core.metrics.lesion_detection`.
+        start: ``"clicks"`` (default) or ``"box"``: step 1 gives one box per reference object of
+            every guided class (:func:`object_boxes`, the CVPR 2025 interactive protocol), then
+            the N click steps follow.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice measured per step (None: skip).
+        reach: per-axis reach (voxels of the reference array) of a prompt's guide map
+            (e.g. :func:`nnunet_guide.core.metrics.click_reach_voxels`); with it, each step's
+            effect includes the Dice beyond the reach of every prompt so far. None: skipped.
+        slice_axis: for 2D models: prompts reach only their own slice along this axis.
+        harm_tolerance: a step is harmful to its class when its Dice falls by more than this.
     """
     if n_clicks < 0:
         raise ValueError(f"n_clicks must be >= 0, got {n_clicks}")
+    if start not in START_MODES:
+        raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
     reference = np.asarray(reference)
     traces = {name: ClassTrace() for name in classes}
+    keep = None if ignore_label is None else reference != ignore_label
+    n_steps = n_clicks + (1 if start == "box" else 0)
+
+    def masks(pred: np.ndarray, vals: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+        r, p = class_mask(reference, vals), class_mask(pred, vals)
+        return (r, p) if keep is None else (r & keep, p & keep)
 
     def measure(pred: np.ndarray) -> None:
         for name, vals in classes.items():
-            r, p = class_mask(reference, vals), class_mask(pred, vals)
-            if ignore_label is not None:
-                keep = reference != ignore_label
-                r, p = r & keep, p & keep
+            r, p = masks(pred, vals)
             traces[name].dice.append(dice_masks(r, p, case_id))
             traces[name].detection.append(lesion_detection(r, p, connectivity, detection_min_dice, case_id))
+            if nsd_tolerance_mm is not None:
+                traces[name].surface.append(surface_dice(r, p, spacing, nsd_tolerance_mm, case_id))
+
+    def repeat_last() -> None:
+        for tr in traces.values():
+            tr.dice.append(tr.dice[-1])
+            tr.detection.append(tr.detection[-1])
+            if tr.surface:
+                tr.surface.append(tr.surface[-1])
 
     def run(clicks: List[Click]) -> np.ndarray:
         pred = np.asarray(predict(case_id, list(clicks)))
@@ -237,25 +310,56 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             raise MetricsInputError(f"{e} (prediction after {len(clicks)} click(s))") from None
         return pred
 
+    # a guided class that is also an evaluated class (same labels) reuses its lesion detection
+    same = {t: next((n for n, v in classes.items() if tuple(v) == tuple(labels)), None)
+            for t, labels in enumerate(guided)}
+    effects: List[StepEffect] = []
+
+    def record_effects(step: int, new: List[Click], all_clicks: List[Click], before: np.ndarray,
+                       after: np.ndarray) -> None:
+        far = None
+        if reach is not None:
+            far = far_from_clicks(reference.shape, [c.position for c in all_clicks],
+                                  [reach(c) for c in all_clicks], slice_axis)
+        for t in sorted({c.target for c in new}):
+            mine = [c for c in new if c.target == t]
+            r, p0 = masks(before, guided[t])
+            _, p1 = masks(after, guided[t])
+            name = same[t]
+            det = (traces[name].detection[-2], traces[name].detection[-1]) if name else (None, None)
+            eff = click_effect(r, p0, p1, [c.position for c in mine], far, connectivity, detection_min_dice,
+                               harm_tolerance, case_id, *det)
+            effects.append(StepEffect(step, t, mine[0].kind, tuple(tuple(c.position) for c in mine), eff))
+
     pred = run([])
     first = pred
     measure(pred)
     clicks: List[Click] = []
     log: List[Tuple[int, Click]] = []
+    kinds: List[str] = []
     stopped_at = None
-    for step in range(1, n_clicks + 1):
-        new = next_clicks(pred, reference, guided, spacing, connectivity=connectivity,
-                          allow_negative=allow_negative, ignore_label=ignore_label,
-                          min_error_voxels=min_error_voxels, min_sigma=min_sigma, case=case_id)
-        if not new:
-            stopped_at = step - 1
-            for tr in traces.values():
-                for _ in range(step, n_clicks + 1):
-                    tr.dice.append(tr.dice[-1])
-                    tr.detection.append(tr.detection[-1])
-            break
+    for step in range(1, n_steps + 1):
+        if start == "box" and step == 1:
+            kinds.append("box")
+            new = [b for t, labels in enumerate(guided)
+                   for b in object_boxes(reference, labels, t, connectivity, ignore_label)]
+            if not new:  # no object to box: the prediction stays
+                repeat_last()
+                continue
+        else:
+            kinds.append("click")
+            new = next_clicks(pred, reference, guided, spacing, connectivity=connectivity,
+                              allow_negative=allow_negative, ignore_label=ignore_label,
+                              min_error_voxels=min_error_voxels, min_sigma=min_sigma, case=case_id)
+            if not new:
+                stopped_at = step - 1
+                kinds += ["click"] * (n_steps - step)
+                for _ in range(step, n_steps + 1):
+                    repeat_last()
+                break
         clicks += new
         log += [(step, c) for c in new]
-        pred = run(clicks)
+        before, pred = pred, run(clicks)
         measure(pred)
-    return SessionResult(case_id, n_clicks, stopped_at, log, traces, first, pred)
+        record_effects(step, new, clicks, before, pred)
+    return SessionResult(case_id, n_steps, stopped_at, log, traces, first, pred, effects, kinds)

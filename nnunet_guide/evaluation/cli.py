@@ -28,10 +28,10 @@ import numpy as np
 
 from ..core.clicks import Click
 from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
-from ..core.metrics import MetricsInputError, check_label_values, check_pair
-from ..core.user_sim import PredictFn, simulate_session
+from ..core.metrics import MetricsInputError, check_label_values, check_pair, click_reach_voxels, guide_reach_mm
+from ..core.user_sim import START_MODES, PredictFn, simulate_session
 from ..settings import GuidedTarget, resolve_targets
-from .report import DEFAULT_THRESHOLDS, case_record, plain_record, write_report
+from .report import DEFAULT_THRESHOLDS, case_record, plain_record, step_label, write_report
 
 Log = Callable[[str], None]
 
@@ -72,6 +72,8 @@ class EvaluationOptions:
     ignore_label: Optional[int] = None
     n_overlays: int = 3
     seed: int = 0
+    start: str = "clicks"
+    nsd_tolerance_mm: float = 2.0
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
@@ -85,8 +87,8 @@ class EvaluationResult:
 
 
 def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[GuidedTarget],
-             classes: Mapping[str, Sequence[int]], options: EvaluationOptions, log: Log = print
-             ) -> EvaluationResult:
+             classes: Mapping[str, Sequence[int]], options: EvaluationOptions, log: Log = print,
+             guide_settings=None, slice_axis: Optional[int] = None) -> EvaluationResult:
     """Run the simulated user on every case and collect records (see :mod:`.report`).
 
     Args:
@@ -95,9 +97,18 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
         guided: the model's guided classes, in its target order (``Click.target`` indexes it).
         classes: evaluated classes, name -> label value(s).
         options: simulated-user and metric settings.
+        guide_settings: the model's ``GuideSettings``: with it, each click's effect includes the
+            Dice beyond the guide's reach (:func:`rendered_reach`); None skips that figure.
+        slice_axis: raw array axis a 2D model slices along (its clicks reach their slice only).
     """
     out = EvaluationResult()
     guided_names = [t.name for t in guided]
+    if guide_settings is not None:
+        try:
+            guide_reach_mm(guide_settings)
+        except ValueError as e:  # an encoding whose reach the metrics don't know: no far Dice
+            log(f"far-from-click Dice skipped: {e}")
+            guide_settings = None
     allowed = sorted({0, *(v for vals in classes.values() for v in vals)} |
                      ({options.ignore_label} if options.ignore_label is not None else set()))
     for i, case in enumerate(cases):
@@ -107,24 +118,30 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
             case.case_id, predict, case.reference, case.spacing, [t.labels for t in guided], dict(classes),
             options.n_clicks, connectivity=options.connectivity, allow_negative=options.allow_negative,
             ignore_label=options.ignore_label, min_error_voxels=options.min_error_voxels,
-            detection_min_dice=options.detection_min_dice)
+            detection_min_dice=options.detection_min_dice, start=options.start,
+            nsd_tolerance_mm=options.nsd_tolerance_mm,
+            reach=None if guide_settings is None else rendered_reach(case.spacing, guide_settings),
+            slice_axis=slice_axis)
         rec = case_record(session, classes, guided_names, case.spacing, options.thresholds)
         out.records.append(rec)
-        panels = [("0 clicks", session.first_prediction, 0),
-                  (f"{options.n_clicks} click steps", session.last_prediction, options.n_clicks)]
+        last = step_label(session.n_steps, options.start)
+        panels = [("0 clicks", session.first_prediction, 0), (last, session.last_prediction, session.n_steps)]
         if case.plain is not None:
             check_pair(case.reference, case.plain, case.case_id, case.spacing, case.plain_spacing)
             out.plain[case.case_id] = plain_record(case.case_id, case.reference, case.plain, classes,
                                                    options.connectivity, options.detection_min_dice,
-                                                   options.ignore_label)
+                                                   options.ignore_label, case.spacing, options.nsd_tolerance_mm)
             panels.insert(0, ("plain nnU-Net", case.plain, 0))
         if case.image is not None and len(out.overlays) < options.n_overlays:
             out.overlays.append({"case": case.case_id, "image": case.image, "reference": case.reference,
                                  "predictions": panels, "classes": dict(classes), "clicks": session.clicks})
         parts = [f"{n} {c['dice'][0]:.3f} -> {c['dice'][-1]:.3f}" for n, c in rec["classes"].items()]
         stop = "" if session.stopped_at is None else f", user stopped after {session.stopped_at} step(s)"
-        log(f"[{i + 1}] {case.case_id}: Dice 0 -> {options.n_clicks} click steps: {', '.join(parts)} "
-            f"({len(session.clicks)} clicks{stop}, {time.time() - t0:.1f} s)")
+        harmful = sum(1 for e in session.effects if e.kind == "point" and e.effect.harmful)
+        lost = sum(len(e.effect.lesions_lost) for e in session.effects if e.kind == "point")
+        log(f"[{i + 1}] {case.case_id}: Dice 0 clicks -> {last}: {', '.join(parts)} "
+            f"({len(session.clicks)} prompts, {harmful} harmful, {lost} lesion(s) lost{stop}, "
+            f"{time.time() - t0:.1f} s)")
     if not out.records:
         raise EvaluationError("no case was evaluated")
     return out
@@ -202,10 +219,11 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
     """``predict(case_id, clicks)`` from an initialised :class:`GuidedPredictor`.
 
     Each case is preprocessed once by nnU-Net (the last case is cached) and predicted again for
-    every new click list. Simulated clicks (raw array index z, y, x; ``target`` = index into the
-    model's guided classes) go through the predictor's own mapping into preprocessed space, as
-    voxel clicks in ITK order (i, j, k), so the evaluation feeds clicks exactly as a user's
-    click file would.
+    every new click list. Simulated point clicks (raw array index z, y, x; ``target`` = index into
+    the model's guided classes) go through the predictor's own mapping into preprocessed space, as
+    ``space="array"`` clicks, so the evaluation feeds clicks exactly as a user's click file would;
+    box clicks go through :func:`boxes_to_preprocessed`. The returned function carries the
+    predictor as ``predict.predictor``.
 
     Args:
         predictor: a GuidedPredictor after ``initialize_from_trained_model_folder``.
@@ -226,15 +244,63 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         specs = [ClickSpec(tuple(float(v) for v in c.position), layout.targets[c.target].name, bool(c.positive),
                            "array", f"simulated user, case {case_id!r}, click {n + 1}",
                            _size_mm(c.sigma, props["spacing"]))
-                 for n, c in enumerate(clicks)]
+                 for n, c in enumerate(clicks) if c.kind == "point"]
         pre_clicks = predictor.clicks_to_preprocessed(specs, case_id, props, data.shape[1:])
+        boxes = [c for c in clicks if c.kind == "box"]
+        if boxes:
+            pre_clicks += boxes_to_preprocessed(boxes, props, predictor.plans_manager.transpose_forward,
+                                                data.shape[1:])
         logits = predictor.predict_logits_from_preprocessed_data(predictor.add_guides(data, pre_clicks, props))
         seg = convert_predicted_logits_to_segmentation_with_correct_shape(
             logits.cpu(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
             deepcopy(props))
         return np.asarray(seg)
 
+    predict.predictor = predictor
     return predict
+
+
+def raw_slice_axis(predictor) -> Optional[int]:
+    """The raw array axis a 2D model's guides are confined to (None for 3D models): the
+    preprocessed axis 0, which the plans' ``transpose_forward`` takes from this raw axis."""
+    if predictor.slice_axis is None:
+        return None
+    return int(predictor.plans_manager.transpose_forward[predictor.slice_axis])
+
+
+def boxes_to_preprocessed(boxes: Sequence[Click], properties: Mapping, transpose_forward: Sequence[int],
+                          preprocessed_shape: Sequence[int]) -> List[Click]:
+    """Box clicks of the raw array (z, y, x; :func:`nnunet_guide.core.clicks.box_click`) as box
+    clicks of nnU-Net's preprocessed grid: the box's edges go through the same transpose, crop and
+    resampling as point clicks (:class:`~nnunet_guide.core.coords.PreprocessedGeometry`), so the
+    centre maps like a point and the per-axis sigma (proportional to the side) scales with the
+    resampling."""
+    from ..core.coords import PreprocessedGeometry
+    pre = PreprocessedGeometry.from_properties(properties, transpose_forward, preprocessed_shape)
+    out = []
+    for c in boxes:
+        if c.sigma is None:
+            raise EvaluationError(f"box click at {c.position} has no sigma")
+        pos = pre.raw_to_preprocessed(np.asarray(c.position, float))
+        sigma = np.asarray(c.sigma, float)[list(pre.transpose_forward)] * pre.scale
+        out.append(Click(c.target, tuple(float(v) for v in pos), c.positive, tuple(float(v) for v in sigma), "box"))
+    return out
+
+
+def rendered_reach(spacing: Sequence[float], guide_settings) -> Callable[[Click], np.ndarray]:
+    """``reach(click)``: per-axis reach (raw voxels of a case with this ``spacing``) of a simulated
+    click's guide as the predictor renders it (:func:`nnunet_guide.core.metrics.click_reach_voxels`):
+    point clicks of the ``object_gaussian`` encoding go to the predictor with one diameter in mm
+    (:func:`_size_mm`), so their Gaussian is isotropic in mm."""
+    sp = np.asarray(spacing, float)
+
+    def reach(c: Click) -> np.ndarray:
+        if c.kind == "point" and c.sigma is not None:
+            size = _size_mm(c.sigma, sp)
+            c = Click(c.target, c.position, c.positive, tuple(OBJECT_SIGMA_PER_DIAMETER * size / sp), c.kind)
+        return click_reach_voxels(c, sp, guide_settings)
+
+    return reach
 
 
 def _size_mm(sigma_voxels, spacing) -> Optional[float]:
@@ -338,6 +404,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="extra_classes", action="append", default=[], metavar="NAME=L1,L2",
                    help="also evaluate a class made of several labels, e.g. --class liver+tumor=1,2 (the usual "
                         "LiTS liver Dice); repeatable")
+    p.add_argument("--start", choices=START_MODES, default="clicks",
+                   help="clicks (default): click steps only; box: first one 3D box around each reference object of "
+                        "every guided class, then the N click steps (the CVPR 2025 interactive protocol)")
+    p.add_argument("--nsd-tolerance", type=float, default=2.0,
+                   help="tolerance (mm) of the normalised surface Dice (default 2)")
     p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")
     p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower)")
@@ -358,6 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run_cli(a) -> int:
     if a.clicks < 0:
         raise EvaluationError(f"-n/--clicks must be >= 0, got {a.clicks}")
+    if not a.nsd_tolerance >= 0:
+        raise EvaluationError(f"--nsd-tolerance must be >= 0 mm, got {a.nsd_tolerance}")
     random.seed(a.seed)
     np.random.seed(a.seed)
     try:
@@ -386,9 +459,9 @@ def run_cli(a) -> int:
                              allow_negative=bool(layout.guide is not None and layout.guide.negatives),
                              min_error_voxels=a.min_error_voxels, detection_min_dice=a.detection_min_dice,
                              thresholds=tuple(a.thresholds), ignore_label=ignore, n_overlays=a.overlays,
-                             seed=a.seed)
+                             seed=a.seed, start=a.start, nsd_tolerance_mm=a.nsd_tolerance)
     res = evaluate(load_cases(found, plans.image_reader_writer_class, a.overlays), predict, layout.targets,
-                   classes, opts)
+                   classes, opts, guide_settings=layout.guide, slice_axis=raw_slice_axis(predict.predictor))
     settings = {"model": os.path.abspath(folder), "folds": a.f, "checkpoint": a.chk,
                 "images": os.path.abspath(a.images), "reference": os.path.abspath(a.reference),
                 "plain": os.path.abspath(a.plain) if a.plain else None, "device": a.device, "tta": a.tta,

@@ -20,8 +20,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.clicks import Click
-from ..core.metrics import (LesionDetection, class_mask, clicks_to_reach, dice_auc, dice_from_counts, dice_masks,
-                            format_float, global_dice, lesion_detection, mean_dice, noc_summary, sum_detections)
+from ..core.metrics import (HARM_TOLERANCE, LesionDetection, class_mask, clicks_to_reach, dice_auc,
+                            dice_from_counts, dice_masks, error_volumes_from_counts, format_float, global_dice,
+                            lesion_detection, mean_dice, noc_summary, sum_detections, surface_dice)
 from ..core.user_sim import SessionResult
 from ..settings import write_atomic, write_json_atomic, write_text_atomic
 
@@ -49,8 +50,12 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
         "spacing": [float(s) for s in spacing],
         "n_clicks": session.n_steps,
         "stopped_at": session.stopped_at,
-        "clicks": [{"step": step, "target": guided_names[c.target], "position": [float(p) for p in c.position],
-                    "positive": bool(c.positive)} for step, c in session.clicks],
+        "start": "box" if session.step_kinds[:1] == ["box"] else "clicks",
+        "step_kinds": list(session.step_kinds),
+        "clicks": [_click_dict(step, c, guided_names) for step, c in session.clicks],
+        "effects": [{"step": e.step, "class": guided_names[e.target], "kind": e.kind,
+                     "positions": [[float(v) for v in p] for p in e.positions], **e.effect.to_dict()}
+                    for e in session.effects],
         "classes": {},
     }
     for name in classes:
@@ -65,6 +70,10 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
             "empty_reference": bool(tr.dice[0].empty_reference),
             "both_empty": [bool(d.both_empty) for d in tr.dice],
             "auc": dice_auc(curve),
+            "nsd": [d.nsd for d in tr.surface],
+            "nsd_tolerance_mm": tr.surface[0].tolerance_mm if tr.surface else None,
+            "fp_mm3": [error_volumes_from_counts(d.fp, d.fn, spacing).fp_mm3 for d in tr.dice],
+            "fn_mm3": [error_volumes_from_counts(d.fp, d.fn, spacing).fn_mm3 for d in tr.dice],
             "noc": {_tkey(t): vars(clicks_to_reach(curve, t)) for t in thresholds},
             "detection": [d.to_dict(with_lesions=False) for d in tr.detection],
             "lesions": {
@@ -74,14 +83,29 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
                         for t in thresholds},
             },
         }
+        c["nsd_auc"] = dice_auc(c["nsd"]) if c["nsd"] else None
+        if rec["start"] == "box":  # the CVPR 2025 protocol's AUCs: over the box and the N clicks
+            c["auc_from_box"] = dice_auc(curve[1:])
+            c["nsd_auc_from_box"] = dice_auc(c["nsd"][1:]) if c["nsd"] else None
         rec["classes"][name] = c
     return rec
 
 
+def _click_dict(step: int, c: Click, guided_names: Sequence[str]) -> Dict[str, Any]:
+    d: Dict[str, Any] = {"step": step, "target": guided_names[c.target], "position": [float(p) for p in c.position],
+                         "positive": bool(c.positive)}
+    if c.kind != "point":  # points are the default kind
+        d["kind"] = c.kind
+        d["sigma"] = [float(v) for v in c.sigma] if c.sigma is not None else None
+    return d
+
+
 def plain_record(case_id: str, reference: np.ndarray, prediction: np.ndarray, classes: Mapping[str, Sequence[int]],
                  connectivity: int = 2, detection_min_dice: float = 0.0,
-                 ignore_label: Optional[int] = None) -> Dict[str, Any]:
-    """Metrics of an automatic prediction (a plain nnU-Net result) of one case."""
+                 ignore_label: Optional[int] = None, spacing: Optional[Sequence[float]] = None,
+                 nsd_tolerance_mm: Optional[float] = 2.0) -> Dict[str, Any]:
+    """Metrics of an automatic prediction (a plain nnU-Net result) of one case; with ``spacing``
+    also its surface Dice (``nsd``) and FP/FN volumes (``fp_mm3``, ``fn_mm3``)."""
     out: Dict[str, Any] = {}
     for name, vals in classes.items():
         r, p = class_mask(reference, vals), class_mask(prediction, vals)
@@ -91,6 +115,11 @@ def plain_record(case_id: str, reference: np.ndarray, prediction: np.ndarray, cl
         d = dice_masks(r, p, case_id)
         det = lesion_detection(r, p, connectivity, detection_min_dice, case_id)
         out[name] = {**d.to_dict(), "detection": det.to_dict(with_lesions=False)}
+        if spacing is not None:
+            v = error_volumes_from_counts(d.fp, d.fn, spacing)
+            out[name].update(fp_mm3=v.fp_mm3, fn_mm3=v.fn_mm3,
+                             nsd=surface_dice(r, p, spacing, nsd_tolerance_mm, case_id).nsd
+                             if nsd_tolerance_mm is not None else None)
     return out
 
 
@@ -133,6 +162,7 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
             rec_.append(det.recall)
             prec_.append(det.precision)
         lesion_curves = [lc for c in cs for lc in c["lesions"]["dice"]]
+        effects = [e for r in records for e in r.get("effects", ()) if e["class"] == name]
         guided[name] = {
             "guided": bool(cs[0]["guided"]),
             "mean_dice": mean_d,
@@ -144,7 +174,17 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
             "n_lesions": len(lesion_curves),
             "noc": {_tkey(t): noc_summary([c["dice"] for c in cs], t).to_dict() for t in thresholds},
             "lesion_noc": {_tkey(t): noc_summary(lesion_curves, t).to_dict() for t in thresholds},
+            "mean_nsd": _step_means(cs, "nsd", steps),
+            "mean_fp_mm3": _step_means(cs, "fp_mm3", steps),
+            "mean_fn_mm3": _step_means(cs, "fn_mm3", steps),
+            "harm": harm_summary([e for e in effects if e["kind"] == "point"], steps - 1),
         }
+        if any(e["kind"] == "box" for e in effects):
+            guided[name]["box_effect"] = harm_summary([e for e in effects if e["kind"] == "box"], steps - 1)
+        guided[name]["mean_nsd_auc"] = _mean([c.get("nsd_auc") for c in cs])
+        if all("auc_from_box" in c for c in cs):
+            guided[name]["mean_auc_from_box"] = float(np.mean([c["auc_from_box"] for c in cs]))
+            guided[name]["mean_nsd_auc_from_box"] = _mean([c.get("nsd_auc_from_box") for c in cs])
     plain_sum = None
     if plain:
         plain_sum = {}
@@ -154,8 +194,72 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
             det = sum_detections([_det_from_dict(p["detection"]) for p in rows])
             plain_sum[name] = {"n_cases": len(rows), "mean_dice": mean_dice(results).value if rows else None,
                                "global_dice": global_dice(results).dice if rows else None,
-                               "recall": det.recall, "precision": det.precision}
-    return {"n_cases": len(records), "n_clicks": steps - 1, "guided": guided, "plain": plain_sum}
+                               "recall": det.recall, "precision": det.precision,
+                               **{f"mean_{k}": _mean([p.get(k) for p in rows]) for k in ("nsd", "fp_mm3", "fn_mm3")}}
+    starts = {r.get("start", "clicks") for r in records}
+    if len(starts) != 1:
+        raise ValueError(f"cases were evaluated with different starts: {sorted(starts)}")
+    start = starts.pop()
+    tols = [c.get("nsd_tolerance_mm") for r in records for c in r["classes"].values()]
+    return {"n_cases": len(records), "n_clicks": steps - 1, "start": start,
+            "nsd_tolerance_mm": next((t for t in tols if t is not None), None),
+            "step_labels": [step_label(k, start) for k in range(steps)], "guided": guided, "plain": plain_sum}
+
+
+def step_label(k: int, start: str = "clicks") -> str:
+    """How step k is called in tables: "0 clicks", "3 click steps", or with a box start "box",
+    "box + 2 click steps"."""
+    if start == "box" and k >= 1:
+        return "box" if k == 1 else f"box + {k - 1} click step{'s' if k > 2 else ''}"
+    return "0 clicks" if k == 0 else f"{k} click step{'s' if k > 1 else ''}"
+
+
+def _mean(values) -> Optional[float]:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _step_means(cs: Sequence[Mapping[str, Any]], key: str, steps: int) -> Optional[List[Optional[float]]]:
+    """Per step, the mean over cases of a per-step list (None where no case has it)."""
+    if not all(len(c.get(key) or ()) == steps for c in cs):
+        return None
+    return [_mean([c[key][k] for c in cs]) for k in range(steps)]
+
+
+def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str, Any]:
+    """What the clicks of one class did, over all cases (``effects``: the records' ``effects``
+    entries of that class).
+
+    Returns ``n_clicks``; ``n_harmful`` and ``harmful_fraction`` (Dice fell by more than the
+    tolerance); ``largest_fall`` (largest Dice decrease, 0 when none fell); ``mean_gain`` (mean Dice
+    change per click); ``lesions_lost`` (detected before a click, missed after it) and
+    ``lesions_lost_elsewhere`` (of those, not the clicked lesion), their rate per click and their
+    count per step (``lesions_lost_per_step``, index = step, 0 for the automatic result);
+    ``far_dice_change_mean`` / ``far_dice_change_largest`` (signed change of largest magnitude) of
+    the Dice beyond the guide's reach, and ``far_changed_voxels``. Fractions and means over no
+    clicks are None.
+    """
+    n = len(effects)
+    per_step = [0] * (n_steps + 1)
+    for e in effects:
+        per_step[e["step"]] += len(e["lesions_lost"])
+    far = [e["far_dice_after"] - e["far_dice_before"] for e in effects if e.get("far_dice_before") is not None]
+    lost = sum(len(e["lesions_lost"]) for e in effects)
+    return {
+        "n_clicks": n,
+        "n_harmful": sum(1 for e in effects if e["harmful"]),
+        "harmful_fraction": (sum(1 for e in effects if e["harmful"]) / n) if n else None,
+        "largest_fall": max([0.0] + [e["dice_before"] - e["dice_after"] for e in effects]) if n else None,
+        "mean_gain": _mean([e["dice_after"] - e["dice_before"] for e in effects]),
+        "lesions_lost": lost,
+        "lesions_lost_elsewhere": sum(len(e["lesions_lost_elsewhere"]) for e in effects),
+        "lesions_lost_per_click": lost / n if n else None,
+        "lesions_lost_per_step": per_step,
+        "far_dice_change_mean": _mean(far),
+        "far_dice_change_largest": max(far, key=abs) if far else None,
+        "far_changed_voxels": sum(e["far_changed_voxels"] for e in effects if e.get("far_changed_voxels") is not None)
+        if far else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,14 +277,18 @@ def _csv_atomic(rows: List[List[Any]], path: str) -> None:
 def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapping[str, Any],
                plain: Optional[Mapping[str, Mapping[str, Any]]] = None,
                thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> List[str]:
-    """per_case.csv, dice_vs_clicks.csv and summary.csv; returns the paths."""
+    """per_case.csv, dice_vs_clicks.csv (per class and step), clicks.csv (per click step and clicked
+    class: what the click did) and summary.csv; returns the paths."""
     paths = []
     n = summary["n_clicks"] or 0
     head = ["case", "class", "guided"] + [f"dice_{k}" for k in range(n + 1)] + ["auc"]
     for t in thresholds:
         head += [f"noc{_tkey(t)}", f"noc{_tkey(t)}_reached"]
     head += ["n_lesions", "recall_0", "precision_0", f"recall_{n}", f"precision_{n}",
-             "plain_dice", "plain_recall", "plain_precision"]
+             "plain_dice", "plain_recall", "plain_precision",
+             "nsd_0", f"nsd_{n}", "fp_mm3_0", "fn_mm3_0", f"fp_mm3_{n}", f"fn_mm3_{n}",
+             "clicks", "harmful_clicks", "largest_fall", "lesions_lost", "lesions_lost_elsewhere",
+             "far_dice_change_largest", "plain_nsd", "plain_fp_mm3", "plain_fn_mm3"]
     rows: List[List[Any]] = [head]
     for r in records:
         for name, c in r["classes"].items():
@@ -192,31 +300,70 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
             row += [d0["n_reference"], d0["recall"], d0["precision"], dn["recall"], dn["precision"]]
             p = (plain or {}).get(r["case"], {}).get(name)
             row += [p["dice"], p["detection"]["recall"], p["detection"]["precision"]] if p else [None] * 3
+            ends = lambda key: [c[key][0], c[key][-1]] if c.get(key) else [None, None]  # noqa: E731
+            row += ends("nsd") + [ends("fp_mm3")[0], ends("fn_mm3")[0], ends("fp_mm3")[1], ends("fn_mm3")[1]]
+            h = harm_summary([e for e in r.get("effects", ()) if e["class"] == name and e["kind"] == "point"], n)
+            row += [h["n_clicks"], h["n_harmful"], h["largest_fall"], h["lesions_lost"], h["lesions_lost_elsewhere"],
+                    h["far_dice_change_largest"]]
+            row += [p.get("nsd"), p.get("fp_mm3"), p.get("fn_mm3")] if p else [None] * 3
             rows.append(row)
     paths.append(os.path.join(out_dir, "per_case.csv"))
     _csv_atomic(rows, paths[-1])
 
-    rows = [["class", "clicks", "mean_dice", "global_dice", "lesion_recall", "lesion_precision"]]
+    rows = [["class", "clicks", "mean_dice", "global_dice", "lesion_recall", "lesion_precision", "step",
+             "mean_nsd", "mean_fp_mm3", "mean_fn_mm3", "prompts", "harmful_prompts", "lesions_lost",
+             "lesions_lost_elsewhere", "mean_far_dice_change"]]
+    effects = [e for r in records for e in r.get("effects", ())]
     for name, g in summary["guided"].items():
         for k in range(n + 1):
-            rows.append([name, k, g["mean_dice"][k], g["global_dice"][k], g["recall"][k], g["precision"][k]])
+            mine = [e for e in effects if e["class"] == name and e["step"] == k]
+            far = [e["far_dice_after"] - e["far_dice_before"] for e in mine if e.get("far_dice_before") is not None]
+            at = lambda key: g[key][k] if g.get(key) else None  # noqa: E731
+            rows.append([name, k, g["mean_dice"][k], g["global_dice"][k], g["recall"][k], g["precision"][k],
+                         summary.get("step_labels", [None] * (n + 1))[k], at("mean_nsd"), at("mean_fp_mm3"),
+                         at("mean_fn_mm3"), len(mine), sum(1 for e in mine if e["harmful"]),
+                         sum(len(e["lesions_lost"]) for e in mine), sum(len(e["lesions_lost_elsewhere"]) for e in mine),
+                         float(np.mean(far)) if far else None])
     paths.append(os.path.join(out_dir, "dice_vs_clicks.csv"))
     _csv_atomic(rows, paths[-1])
 
+    rows = [["case", "step", "class", "kind", "positions", "dice_before", "dice_after", "change", "harmful",
+             "lesions_detected_before", "lesions_lost", "lesions_lost_elsewhere", "clicked_lesions",
+             "far_dice_before", "far_dice_after", "far_changed_voxels", "n_far_voxels"]]
+    for r in records:
+        for e in r.get("effects", ()):
+            rows.append([r["case"], e["step"], e["class"], e["kind"],
+                         " ".join("(" + ",".join(f"{v:g}" for v in p) + ")" for p in e["positions"]),
+                         e["dice_before"], e["dice_after"], e["change"], int(e["harmful"]),
+                         e["lesions_detected_before"], len(e["lesions_lost"]), len(e["lesions_lost_elsewhere"]),
+                         " ".join(str(j) for j in e["clicked_lesions"]), e.get("far_dice_before"),
+                         e.get("far_dice_after"), e.get("far_changed_voxels"), e.get("n_far_voxels")])
+    paths.append(os.path.join(out_dir, "clicks.csv"))
+    _csv_atomic(rows, paths[-1])
+
+    harm_keys = ["harmful_fraction", "largest_fall", "mean_gain", "lesions_lost_per_click", "far_dice_change_mean"]
     rows = [["class", "method", "mean_dice", "global_dice", "lesion_recall", "lesion_precision", "dice_auc"]
-            + [f"noc{_tkey(t)}_mean" for t in thresholds] + [f"noc{_tkey(t)}_failed" for t in thresholds]]
+            + [f"noc{_tkey(t)}_mean" for t in thresholds] + [f"noc{_tkey(t)}_failed" for t in thresholds]
+            + ["mean_nsd", "mean_fp_mm3", "mean_fn_mm3", "clicks"] + harm_keys]
+    labels = summary.get("step_labels") or [step_label(k) for k in range(n + 1)]
     for name, g in summary["guided"].items():
         if summary.get("plain"):
             p = summary["plain"][name]
             rows.append([name, "plain nnU-Net", p["mean_dice"], p["global_dice"], p["recall"], p["precision"], None]
-                        + [None] * (2 * len(thresholds)))
+                        + [None] * (2 * len(thresholds))
+                        + [p.get("mean_nsd"), p.get("mean_fp_mm3"), p.get("mean_fn_mm3")]
+                        + [None] * (1 + len(harm_keys)))
         curve_figures = [g["mean_auc"]] + [g["noc"][_tkey(t)]["mean_clicks"] for t in thresholds] + \
             [g["noc"][_tkey(t)]["n_failed"] for t in thresholds]
-        steps = [(0, "guide model, 0 clicks")] + ([(n, f"guide model, {n} click steps")] if n > 0 else [])
+        h = g.get("harm") or {}
+        harm_figures = [h.get("n_clicks")] + [h.get(k) for k in harm_keys]
+        steps = [(0, f"guide model, {labels[0]}")] + ([(n, f"guide model, {labels[n]}")] if n > 0 else [])
         for k, label in steps:
             extra = curve_figures if k == n else [None] * len(curve_figures)
+            at = lambda key: g[key][k] if g.get(key) else None  # noqa: E731
             rows.append([name, label, g["mean_dice"][k], g["global_dice"][k], g["recall"][k], g["precision"][k]]
-                        + extra)
+                        + extra + [at("mean_nsd"), at("mean_fp_mm3"), at("mean_fn_mm3")]
+                        + (harm_figures if k == n else [None] * len(harm_figures)))
     paths.append(os.path.join(out_dir, "summary.csv"))
     _csv_atomic(rows, paths[-1])
     return paths
@@ -361,13 +508,17 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
                     thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> str:
     """The report as Markdown: context lines, the summary table, the curve, per-case figures."""
     n = summary["n_clicks"] or 0
+    start = summary.get("start", "clicks")
+    labels = summary.get("step_labels") or [step_label(k) for k in range(n + 1)]
     out = [f"# {title}", ""]
     out += [f"- {c}" for c in context]
+    box = ("Step 1 is a box: one 3D box around each reference object of every guided class (the CVPR 2025 "
+           "interactive protocol: a box, then clicks). Then the") if start == "box" else "The"
     out += ["", "## Summary", "",
-            f"{summary['n_cases']} case(s); the simulated user adds one click per guided class per step at the "
+            f"{summary['n_cases']} case(s). {box} simulated user adds one click per guided class per step at the "
             f"interior-most point of the largest error region (positive on a missed region, negative on a false "
             f"one), up to {n} step(s). Mean = per-case mean Dice; global = Dice of the voxel counts summed over "
-            f"cases (as LiTS reports). NoC = click steps to reach the Dice threshold, failures counted as {n}.", ""]
+            f"cases (as LiTS reports). NoC = steps to reach the Dice threshold, failures counted as {n}.", ""]
     header = ["class", "method", "mean Dice", "global Dice", "lesion recall", "lesion precision", "Dice AUC"] + \
              [f"NoC@{_tkey(t)} (failed)" for t in thresholds]
     rows = []
@@ -376,10 +527,10 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
             p = summary["plain"][name]
             rows.append([name, "plain nnU-Net", p["mean_dice"], p["global_dice"], p["recall"], p["precision"], None]
                         + ["-"] * len(thresholds))
-        rows.append([name, "guide model, 0 clicks", g["mean_dice"][0], g["global_dice"][0], g["recall"][0],
+        rows.append([name, f"guide model, {labels[0]}", g["mean_dice"][0], g["global_dice"][0], g["recall"][0],
                      g["precision"][0], None] + ["-"] * len(thresholds))
         if n > 0:
-            rows.append([name, f"guide model, {n} click steps", g["mean_dice"][n], g["global_dice"][n],
+            rows.append([name, f"guide model, {labels[n]}", g["mean_dice"][n], g["global_dice"][n],
                          g["recall"][n], g["precision"][n], g["mean_auc"]]
                         + [f"{format_float(g['noc'][_tkey(t)]['mean_clicks'], 2)} "
                            f"({g['noc'][_tkey(t)]['n_failed']}/{g['noc'][_tkey(t)]['n_curves']})"
@@ -396,6 +547,15 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
              for name, g in summary["guided"].items() if g["guided"]]
     out.append(_md_table(["class", "lesions", "recall, 0 clicks", f"recall, {n} steps"]
                          + [f"lesion NoC@{_tkey(t)} (failed)" for t in thresholds], lrows))
+    if start == "box":
+        brows = [[name, g.get("mean_auc_from_box"), g.get("mean_nsd_auc_from_box"), g["mean_dice"][1],
+                  g["mean_dice"][n], (g.get("mean_nsd") or [None] * (n + 1))[n]]
+                 for name, g in summary["guided"].items() if g["guided"]]
+        out += ["", "Box start (CVPR 2025 protocol; AUC over the box and the clicks that follow, without the "
+                "automatic step):", "", _md_table(["class", "Dice AUC, box + clicks", "NSD AUC, box + clicks",
+                                                   "Dice after the box", f"Dice after {labels[n]}", "final NSD"],
+                                                  brows)]
+    out += harm_section(summary)
     out += ["", "## Dice vs clicks", "", "![Dice vs clicks](dice_vs_clicks.png)", "",
             "Per step (per-case mean / global):", ""]
     crow = []
@@ -415,8 +575,57 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
     if images:
         out += ["", "## Overlays", ""]
         out += [f"![{os.path.basename(p)}]({p})" for p in images]
-    out += ["", "Files: `results.json` (everything), `per_case.csv`, `dice_vs_clicks.csv`, `summary.csv`.", ""]
+    out += ["", "Files: `results.json` (everything), `per_case.csv`, `dice_vs_clicks.csv`, `clicks.csv`, "
+            "`summary.csv`.", ""]
     return "\n".join(out)
+
+
+def harm_section(summary: Mapping[str, Any]) -> List[str]:
+    """Markdown lines: does a click harm? (per guided class, then NSD / error volumes / lesions lost
+    per step)."""
+    n = summary["n_clicks"] or 0
+    labels = summary.get("step_labels") or [step_label(k) for k in range(n + 1)]
+    guided = {name: g for name, g in summary["guided"].items() if g["guided"] and g.get("harm")}
+    out = ["", "## Does a click harm?", "",
+           f"Per click (one click step on one guided class): *harmful* = the class's Dice fell by more than "
+           f"{HARM_TOLERANCE}; "
+           "*lesions lost* = reference lesions detected before the click and missed after it (*elsewhere*: not the "
+           "clicked lesion); *far Dice* = the class's Dice restricted to voxels beyond the guide's reach from every "
+           "click so far, after minus before (it should not move).", ""]
+    rows = []
+    for name, g in guided.items():
+        h = g["harm"]
+        rows.append([name, h["n_clicks"],
+                     f"{h['n_harmful']} ({format_float(h['harmful_fraction'], 3)})" if h["n_clicks"] else "0",
+                     h["largest_fall"], h["mean_gain"], f"{h['lesions_lost']} ({h['lesions_lost_elsewhere']})",
+                     h["lesions_lost_per_click"], h["far_dice_change_mean"], h["far_dice_change_largest"]])
+    out.append(_md_table(["class", "clicks", "harmful (fraction)", "largest fall", "mean Dice gain per click",
+                          "lesions lost (elsewhere)", "lesions lost per click", "far-Dice change, mean",
+                          "far-Dice change, largest"], rows))
+    box_rows = [[name, g["box_effect"]["n_clicks"], g["box_effect"]["mean_gain"], g["box_effect"]["lesions_lost"]]
+                for name, g in guided.items() if g.get("box_effect")]
+    if box_rows:
+        out += ["", "The box step:", "", _md_table(["class", "box steps", "mean Dice gain", "lesions lost"], box_rows)]
+    tol = summary.get("nsd_tolerance_mm")
+    out += ["", f"Per step: per-case mean normalised surface Dice (NSD, {format_float(tol, 1)} mm), false-positive "
+            "and false-negative volume (mm^3, per-case mean), lesions lost and harmful clicks in that step "
+            "(summed over cases):", ""]
+    srows = []
+    for name, g in summary["guided"].items():
+        h = g.get("harm") or {}
+        per = h.get("lesions_lost_per_step")
+        for k in range(n + 1):
+            at = lambda key: g[key][k] if g.get(key) else None  # noqa: E731
+            srows.append([name, labels[k], g["mean_dice"][k], at("mean_nsd"), at("mean_fp_mm3"), at("mean_fn_mm3"),
+                          per[k] if per and g["guided"] else "-"])
+    out.append(_md_table(["class", "step", "mean Dice", "mean NSD", "FP volume (mm^3)", "FN volume (mm^3)",
+                          "lesions lost"], srows))
+    p = summary.get("plain")
+    if p:
+        out += ["", "Plain nnU-Net: " + "; ".join(
+            f"{name} NSD {format_float(v.get('mean_nsd'))}, FP {format_float(v.get('mean_fp_mm3'), 1)} mm^3, "
+            f"FN {format_float(v.get('mean_fn_mm3'), 1)} mm^3" for name, v in p.items()) + "."]
+    return out
 
 
 def write_report(out_dir: str, records: Sequence[Mapping[str, Any]],
