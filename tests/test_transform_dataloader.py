@@ -232,3 +232,23 @@ def test_clicks_chosen_on_the_device_leave_the_loader_plain(nnunet_paths, config
     out = tr.train_step(next(dl_tr))
     assert np.isfinite(out["loss"])
     assert "loss" in tr.validation_step(next(dl_val))
+
+
+def test_packed_clicks_cross_nnunets_worker_processes(nnunet_paths, monkeypatch):
+    """With augmentation workers (NonDetMultiThreadedAugmenter), the clicks arrive collated at
+    the end of the target list, as in the single-threaded loader."""
+    monkeypatch.setenv("nnUNet_n_proc_DA", "2")
+    tr = make_trainer(nnUNetTrainerGuideAlways, nnunet_paths)
+    tr.initialize()
+    dl_tr, dl_val = tr.get_dataloaders()
+    try:
+        assert type(dl_tr).__name__ == "NonDetMultiThreadedAugmenter"
+        n_clicks = 0
+        for _ in range(3):
+            batch = tr.guided_batch(next(dl_tr))
+            assert batch["data"].shape[1] == 5 and len(batch["target"]) == len(tr._get_deep_supervision_scales())
+            n_clicks += int(click_counts(batch["clicks"]).sum())
+        assert n_clicks > 0
+    finally:
+        for dl in (dl_tr, dl_val):
+            dl._finish()
