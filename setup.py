@@ -11,6 +11,7 @@ setup(
         "nnunetv2==2.8.1",
         "numpy>=1.24",
         "scipy>=1.10",
+        "connected-components-3d>=3.12",  # cc3d; nnU-Net depends on it too (via acvl-utils)
         "SimpleITK>=2.2",
         "matplotlib>=3.6",
     ],

@@ -8,13 +8,14 @@ Conventions (for every function here):
 - A click position is a voxel coordinate (float) per array axis, in the same order.
 - Randomness comes only from the ``rng`` argument (``numpy.random.Generator``): same seed, same clicks.
 
-No nnU-Net import: this module is pure numpy/scipy.
+No nnU-Net import: this module is pure numpy/scipy (and cc3d, an nnU-Net dependency, for labelling).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import cc3d
 import numpy as np
 from scipy import ndimage
 
@@ -75,7 +76,8 @@ def label_objects(mask: np.ndarray, connectivity: int = 2, slice_axis: Optional[
         slice_axis: if given, components are found per slice along this axis (2D configurations
             of 3D volumes): a 3D structure element without links along that axis.
     Returns:
-        (labels, n): int32 label array (0 = no object, 1..n objects) and the object count.
+        (labels, n): int32 label array (0 = no object, 1..n objects, numbered in raster order of
+        their first voxel) and the object count.
     """
     mask = np.asarray(mask, dtype=bool)
     conn = int(min(max(connectivity, 1), mask.ndim if slice_axis is None else mask.ndim - 1))
@@ -128,6 +130,45 @@ def robust_center_mask(obj: np.ndarray, min_sigma: float = 0.0) -> Tuple[np.ndar
     return center, np.maximum(sigma, min_sigma)
 
 
+def _weighted_medians(counts: np.ndarray) -> np.ndarray:
+    """Row-wise :func:`_weighted_median` of the values 0..S-1 held ``counts[i, j]`` times (rows
+    with at least one count): (m, S) -> (m,) in half-integers."""
+    cum = np.cumsum(counts, axis=1)
+    n = cum[:, -1]
+    lo = (cum <= ((n - 1) // 2)[:, None]).sum(axis=1)
+    hi = (cum <= (n // 2)[:, None]).sum(axis=1)
+    return 0.5 * (lo + hi)
+
+
+def robust_centers(labels: np.ndarray, object_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`robust_center_mask` of several objects of a label map at once (no minimum sigma):
+    median coordinate and 1.4826 * MAD per axis, from per-object axis histograms.
+
+    Returns (centers, sigmas), each (len(object_ids), ndim), in ``labels``' voxel coordinates.
+    """
+    ids = np.asarray(object_ids, dtype=np.int64)
+    lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, dtype=np.int64)
+    lut[ids] = np.arange(len(ids))
+    flat = labels.reshape(-1)
+    idx = np.flatnonzero(flat)
+    row = lut[flat[idx]]
+    keep = row >= 0
+    idx, row = idx[keep], row[keep]
+    coords = np.unravel_index(idx, labels.shape)
+    m = len(ids)
+    centers, sigmas = np.empty((m, labels.ndim)), np.empty((m, labels.ndim))
+    for a, size in enumerate(labels.shape):
+        counts = np.bincount(row * size + coords[a], minlength=m * size).reshape(m, size)
+        c = _weighted_medians(counts)
+        # deviations |j - c| are multiples of 0.5: histogram them on that grid
+        dev = np.rint(2 * np.abs(np.arange(size)[None, :] - c[:, None])).astype(np.int64)
+        hist = np.bincount((np.arange(m)[:, None] * (2 * size + 1) + dev).ravel(), weights=counts.ravel(),
+                           minlength=m * (2 * size + 1)).reshape(m, 2 * size + 1)
+        centers[:, a] = c
+        sigmas[:, a] = MAD_TO_SIGMA * 0.5 * _weighted_medians(hist)
+    return centers, sigmas
+
+
 def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, float]:
     """The object's interior-most voxel: maximum of the Euclidean distance (mm) to its outside.
 
@@ -171,13 +212,23 @@ def mask_bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
 
 def cropped_objects(mask: np.ndarray, connectivity: int, slice_axis: Optional[int]
                     ) -> Tuple[Optional[np.ndarray], int, np.ndarray]:
-    """Objects of ``mask`` labelled inside its bounding box only (labelling is the costly step).
+    """Objects of ``mask`` labelled inside its bounding box only (labelling is the costly step);
+    the numbering of the objects is arbitrary.
 
     Returns (labels of the crop or None, object count, offset of the crop (ndim,))."""
     box = mask_bbox(mask)
     if box is None:
         return None, 0, np.zeros(mask.ndim, int)
-    lab, n = label_objects(mask[box], connectivity, slice_axis)
+    crop = mask[box]
+    if slice_axis is None and crop.ndim in (2, 3):
+        # cc3d (connected-components-3d, an nnU-Net dependency): the same objects as scipy, 6-7x
+        # faster on CT patches (labelling is most of what choosing training clicks costs); only
+        # the numbering may differ, which no caller relies on
+        conn = int(min(max(connectivity, 1), crop.ndim))
+        neighbours = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}[crop.ndim][conn]
+        lab, n = cc3d.connected_components(crop, connectivity=neighbours, binary_image=True, return_N=True)
+        return lab.astype(np.int32, copy=False), int(n), np.array([b.start for b in box])
+    lab, n = label_objects(crop, connectivity, slice_axis)
     return lab, n, np.array([b.start for b in box])
 
 
@@ -192,19 +243,18 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
     Each click carries the object's robust sigma (voxels) for the ``object_gaussian`` encoding.
     ``labels`` may be a crop of the image: ``offset`` is its position and ``shape`` the image's.
     """
-    if slices is None:
-        slices = _object_slices(labels, int(labels.max()) if labels.size else 0)
     clicks: List[Click] = []
     base = np.zeros(labels.ndim, int) if offset is None else np.asarray(offset)
     shape = np.array(labels.shape if shape is None else shape)
-    for oid in object_ids:
-        sl = slices[oid - 1]
-        if sl is None:
-            continue
-        offset = np.array([s.start for s in sl]) + base
-        obj = labels[sl] == oid
-        center, raw_sigma = robust_center_mask(obj)
+    object_ids = [int(o) for o in object_ids]
+    if not object_ids:
+        return clicks
+    centers, raw_sigmas = robust_centers(labels, object_ids)
+    if policy != "center" and slices is None:
+        slices = _object_slices(labels, int(labels.max()) if labels.size else 0)
+    for oid, center, raw_sigma in zip(object_ids, centers, raw_sigmas):
         sigma = np.maximum(raw_sigma, min_sigma)
+        offset = base
         if policy == "center":
             pos = center
             if perturb:
@@ -212,13 +262,17 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
                     raise ValueError("perturb=True needs an rng")
                 pos = center + np.maximum(raw_sigma, 0.5) * rng.uniform(-0.2, 0.2, size=center.shape)
                 sigma = np.maximum(sigma * rng.uniform(1 / 1.4, 1.4, size=sigma.shape), min_sigma)
-        elif policy == "interior":
-            pos, _ = interior_point(obj, spacing)
-        elif policy == "random":
-            if rng is None:
-                raise ValueError("policy 'random' needs an rng")
-            coords = np.argwhere(obj)
-            pos = coords[rng.integers(len(coords))].astype(float)
+        elif policy in ("interior", "random"):
+            sl = slices[oid - 1]
+            offset = np.array([s.start for s in sl]) + base
+            obj = labels[sl] == oid
+            if policy == "interior":
+                pos, _ = interior_point(obj, spacing)
+            else:
+                if rng is None:
+                    raise ValueError("policy 'random' needs an rng")
+                coords = np.argwhere(obj)
+                pos = coords[rng.integers(len(coords))].astype(float)
         else:
             raise ValueError(f"unknown click policy {policy!r}")
         pos = np.clip(pos + offset, 0, shape - 1)
