@@ -34,18 +34,10 @@ os.environ.setdefault("nnUNet_compile", "false")
 
 
 def build_dataset(root):
-    from nnunet_guide import testing as T
-    env = T.nnunet_env(root)
-    try:
-        from nnunet_guide.data.lits import load_lits117, write_slab_dataset
-        vol = load_lits117(allow_download=False, allow_phantom=False)
-        write_slab_dataset(vol, env["nnUNet_raw"], 117, n_slabs=8)
-        did, name = 117, "Dataset117_LiTS117Slabs"
-    except Exception as e:  # no real data: the phantom keeps the benchmark runnable
-        print(f"LiTS case not available ({e}): using the synthetic phantom")
-        T.write_synthetic_dataset(env["nnUNet_raw"], 901, num_cases=8, shape=(32, 96, 96))
-        did, name = 901, "Dataset901_GuideSynthetic"
-    return T.preprocess_for_this_process(did, name, env)
+    """The LiTS slabs (or the phantom without the real data), as the pipeline benchmark builds them."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_pipeline_overhead import build_dataset as build
+    return build(root, "lits")
 
 
 def make_trainer(cls, pp, plans_name, configuration):

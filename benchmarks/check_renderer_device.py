@@ -20,25 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from reference_encoding import render_guides as reference_render  # noqa: E402
+from reference_encoding import random_clicks, render_guides as reference_render  # noqa: E402
 
-from nnunet_guide.core.clicks import Click, box_click  # noqa: E402
 from nnunet_guide.core.encoding import pack_click_batch, pack_clicks, render_guide_batch  # noqa: E402
 from nnunet_guide.settings import GuideSettings  # noqa: E402
-
-
-def random_clicks(rng, shape, n):
-    out = []
-    for _ in range(n):
-        p = rng.uniform(-4, np.array(shape) + 3)
-        t, pos = int(rng.integers(2)), bool(rng.random() < 0.7)
-        if rng.random() < 0.25:
-            lo = np.floor(p - rng.uniform(1, 6, len(shape)))
-            out.append(box_click(t, lo, lo + rng.integers(1, 9, len(shape)), pos))
-        else:
-            sigma = tuple(rng.uniform(0.5, 6, len(shape))) if rng.random() < 0.5 else None
-            out.append(Click(t, tuple(float(v) for v in p), pos, sigma))
-    return out
 
 
 def sync(device):

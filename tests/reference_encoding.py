@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from nnunet_guide.core.clicks import Click
+from nnunet_guide.core.clicks import Click, box_click
 
 from nnunet_guide.core.encoding import (EPS, _click_encoding, _reach_mm, guide_channel_index,
                                         num_guide_channels)
@@ -108,3 +108,19 @@ def render_guides(clicks: Sequence[Click], shape: Sequence[int], spacing: Sequen
         out *= 0.5
         out += 0.5
     return out
+
+
+def random_clicks(rng, shape, n, margin=4.0):
+    """Clicks anywhere in and around the image (borders and outside included), points with and
+    without their own sigma, and boxes."""
+    clicks = []
+    for _ in range(n):
+        p = rng.uniform(-margin, np.array(shape) - 1 + margin)
+        t, positive = int(rng.integers(2)), bool(rng.random() < 0.7)
+        if rng.random() < 0.25:
+            lo = np.floor(p - rng.uniform(1, 6, len(shape)))
+            clicks.append(box_click(t, lo, lo + rng.integers(1, 9, len(shape)), positive))
+        else:
+            sigma = tuple(rng.uniform(0.5, 6, len(shape))) if rng.random() < 0.5 else None
+            clicks.append(Click(t, tuple(float(v) for v in p), positive, sigma))
+    return clicks

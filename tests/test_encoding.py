@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nnunet_guide.core.clicks import Click
+from nnunet_guide.core.clicks import Click, box_click
 from nnunet_guide.core.encoding import EPS, render_guides
 from nnunet_guide.settings import GuideSettings
 
@@ -85,28 +85,11 @@ from os.path import dirname  # noqa: E402
 
 import torch  # noqa: E402
 
-from nnunet_guide.core.clicks import box_click  # noqa: E402
 from nnunet_guide.core.encoding import (append_clicks, click_counts, pack_click_batch, pack_clicks,  # noqa: E402
                                         render_guide_batch, unpack_clicks)
 
 sys.path.insert(0, dirname(__file__))
-from reference_encoding import render_guides as reference_render  # noqa: E402
-
-
-def random_clicks(rng, shape, n, margin=4.0):
-    """Clicks anywhere in and around the image (borders and outside included), points with and
-    without their own sigma, and boxes."""
-    clicks = []
-    for _ in range(n):
-        p = rng.uniform(-margin, np.array(shape) - 1 + margin)
-        t, positive = int(rng.integers(2)), bool(rng.random() < 0.7)
-        if rng.random() < 0.25:
-            lo = np.floor(p - rng.uniform(1, 6, len(shape)))
-            clicks.append(box_click(t, lo, lo + rng.integers(1, 9, len(shape)), positive))
-        else:
-            sigma = tuple(rng.uniform(0.5, 6, len(shape))) if rng.random() < 0.5 else None
-            clicks.append(Click(t, tuple(float(v) for v in p), positive, sigma))
-    return clicks
+from reference_encoding import random_clicks, render_guides as reference_render  # noqa: E402
 
 
 def assert_same_maps(torch_maps, reference):
