@@ -129,7 +129,8 @@ class GuidedPredictor(nnUNetPredictor):
         """nnU-Net's manual initialisation; the layout defaults to the one stored in the plans."""
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
-        layout = layout if layout is not None else layout_from_plans(plans_manager.plans)
+        layout = layout if layout is not None else layout_from_plans(
+            plans_manager.plans, source="the plans given to manual_initialization")
         if layout is None:
             raise GuideSettingsError("the plans carry no nnunet_guide layout and none was given: this network was "
                                      "not built by an nnunet_guide trainer")
