@@ -435,10 +435,35 @@ def build_layout(num_image_channels: int, targets: Sequence[GuidedTarget], guide
     return ChannelLayout(num_image_channels, list(targets), guide, channels, dict(extra or {}))
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux, so no other thread sees it change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(prefix: str, dir: str) -> str:
+    """``tempfile.mkdtemp`` with the mode a plain ``os.mkdir`` would give (0777 minus the umask)
+    instead of mkdtemp's 0700, for staging folders that are renamed into place and must stay
+    readable by the people sharing them."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
 def write_atomic(path: str, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` (same file ending, so writers that
     choose the format by name still work) and rename it into place: a reader never sees half a
-    file, and a failed write leaves nothing behind."""
+    file, and a failed write leaves nothing behind. The file gets the mode a plain ``open()``
+    would give (0666 minus the umask), not mkstemp's 0600, so others sharing the folder can
+    read it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
@@ -447,6 +472,7 @@ def write_atomic(path: str, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
