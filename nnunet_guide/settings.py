@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,6 +38,20 @@ def _is_number(v: Any) -> bool:
 def _short(v: Any, limit: int = 80) -> str:
     r = repr(v)
     return r if len(r) <= limit else r[:limit] + "..."
+
+
+def label_value(text: str) -> Optional[int]:
+    """The label value a class written as text stands for: ``"2"`` -> 2; None for anything that is
+    not plain ASCII decimal digits (``"2.9"``, ``"²"``, ``"tumor"`` are names, never values)."""
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() else None
+
+
+def _value_matches(label: Any, labels: Tuple[int, ...]) -> bool:
+    """Whether a class given as an integer or as decimal text is the single label ``labels``."""
+    if isinstance(label, str):
+        v = label_value(label)
+        return v is not None and labels == (v,)
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool) and labels == (int(label),)
 
 
 def _json_type_check(default: Any, v: Any) -> Optional[str]:
@@ -224,8 +239,7 @@ def resolve_targets(dataset_json: dict, guided_labels: Optional[Sequence[Union[s
         return candidates
     chosen: List[GuidedTarget] = []
     for g in guided_labels:
-        match = [t for t in candidates if t.name == g or (
-            not isinstance(g, str) and t.labels == (int(g),)) or (isinstance(g, str) and g.isdigit() and t.labels == (int(g),))]
+        match = [t for t in candidates if t.name == g or _value_matches(g, t.labels)]
         if not match:
             raise GuideSettingsError(
                 f"guided class {g!r} is not a foreground class of this dataset; "
@@ -277,8 +291,7 @@ class ChannelLayout:
     def target_index(self, label: Union[str, int]) -> int:
         """Position in ``targets`` of a class given by name or label value."""
         for i, t in enumerate(self.targets):
-            if t.name == label or (not isinstance(label, str) and t.labels == (int(label),)) or (
-                    isinstance(label, str) and label.isdigit() and t.labels == (int(label),)):
+            if t.name == label or _value_matches(label, t.labels):
                 return i
         raise GuideSettingsError(
             f"label {label!r} is not a guided class of this model; guided classes: "
