@@ -250,7 +250,9 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         staging = join(fold_folder, ".validation_guided_staging")
         final = join(fold_folder, "validation_guided")
         if self.local_rank == 0 and isdir(staging):
-            shutil.rmtree(staging)
+            shutil.rmtree(staging)  # a stale staging folder of an interrupted run
+        if self.is_ddp:  # no rank may write into the staging folder before rank 0 has cleared it
+            torch.distributed.barrier()
         is_2d = len(self.configuration_manager.patch_size) == 2
         spacing = (1.0, *self._patch_spacing) if is_2d else self._patch_spacing
         original_dataset_class = self.dataset_class
