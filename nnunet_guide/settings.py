@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -24,6 +25,47 @@ FORMAT_VERSION = 1
 
 ENCODINGS = ("gaussian", "object_gaussian", "exp_distance", "ball")
 CLICK_POLICIES = ("center", "interior", "random")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def label_value(text: str) -> Optional[int]:
+    """The label value a class written as text stands for: ``"2"`` -> 2; None for anything that is
+    not plain ASCII decimal digits (``"2.9"``, ``"²"``, ``"tumor"`` are names, never values)."""
+    return int(text) if isinstance(text, str) and text.isascii() and text.isdigit() else None
+
+
+def _value_matches(label: Any, labels: Tuple[int, ...]) -> bool:
+    """Whether a class given as an integer or as decimal text is the single label ``labels``."""
+    if isinstance(label, str):
+        v = label_value(label)
+        return v is not None and labels == (v,)
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool) and labels == (int(label),)
+
+
+def _json_type_check(default: Any, v: Any) -> Optional[str]:
+    """None if ``v`` has the JSON type of ``default`` (bool, int, float or str), else what it must
+    be. Fields with any other default are not checked here."""
+    if isinstance(default, bool):
+        return None if isinstance(v, bool) else "true or false"
+    if isinstance(default, int):
+        return None if _is_int(v) else "an integer (not a bool)"
+    if isinstance(default, float):
+        return None if _is_number(v) else "a finite number (not a bool)"
+    if isinstance(default, str):
+        return None if isinstance(v, str) else "a string"
+    return None
 
 
 class GuideSettingsError(ValueError):
@@ -129,12 +171,37 @@ class GuideSettings:
         return d
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "GuideSettings":
+    def from_dict(cls, d: Dict[str, Any], source: Optional[str] = None, field_prefix: str = "") -> "GuideSettings":
+        """Settings from their JSON form, type-checked strictly: a field whose default is a bool
+        must be a JSON bool, an int field an integer (not a bool), a float field a finite number
+        (not a bool), a str field a string; ``guided_labels`` is null or a list of names/values.
+        Errors name ``source`` (a file) and the field (``field_prefix`` + name)."""
+        where = f"{source}: " if source else ""
+        if not isinstance(d, dict):
+            raise GuideSettingsError(f"{where}field {field_prefix.rstrip('.') or 'guide'!r} must be an object, "
+                                     f"got {type(d).__name__} {_short(d)}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise GuideSettingsError(f"unknown guide setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+            raise GuideSettingsError(f"{where}unknown guide setting(s) {[field_prefix + u for u in unknown]}; "
+                                     f"known: {sorted(known)}")
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v, name = d[f.name], field_prefix + f.name
+            if f.name == "guided_labels":
+                if v is not None and not (isinstance(v, list) and all(
+                        isinstance(g, str) or _is_int(g) for g in v)):
+                    raise GuideSettingsError(f"{where}field {name!r} must be null or a list of class names "
+                                             f"(strings) or label values (integers), got {_short(v)}")
+                continue
+            expected = _json_type_check(f.default, v)
+            if expected is not None:
+                raise GuideSettingsError(f"{where}field {name!r} must be {expected}, got {_short(v)}")
+        try:
+            return cls(**d)
+        except GuideSettingsError as e:
+            raise GuideSettingsError(f"{where}{field_prefix.rstrip('.') or 'guide'}: {e}") from e
 
     def replace(self, **changes) -> "GuideSettings":
         return replace(self, **changes)
@@ -172,8 +239,7 @@ def resolve_targets(dataset_json: dict, guided_labels: Optional[Sequence[Union[s
         return candidates
     chosen: List[GuidedTarget] = []
     for g in guided_labels:
-        match = [t for t in candidates if t.name == g or (
-            not isinstance(g, str) and t.labels == (int(g),)) or (isinstance(g, str) and g.isdigit() and t.labels == (int(g),))]
+        match = [t for t in candidates if t.name == g or _value_matches(g, t.labels)]
         if not match:
             raise GuideSettingsError(
                 f"guided class {g!r} is not a foreground class of this dataset; "
@@ -225,8 +291,7 @@ class ChannelLayout:
     def target_index(self, label: Union[str, int]) -> int:
         """Position in ``targets`` of a class given by name or label value."""
         for i, t in enumerate(self.targets):
-            if t.name == label or (not isinstance(label, str) and t.labels == (int(label),)) or (
-                    isinstance(label, str) and label.isdigit() and t.labels == (int(label),)):
+            if t.name == label or _value_matches(label, t.labels):
                 return i
         raise GuideSettingsError(
             f"label {label!r} is not a guided class of this model; guided classes: "
@@ -245,25 +310,125 @@ class ChannelLayout:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], source: str = "settings") -> "ChannelLayout":
-        try:
-            if d.get("format_version") != FORMAT_VERSION:
-                raise GuideSettingsError(
-                    f"{source}: format_version {d.get('format_version')!r}, this nnunet_guide reads {FORMAT_VERSION}")
-            layout = cls(
-                num_image_channels=int(d["num_image_channels"]),
-                targets=[GuidedTarget(t["name"], tuple(int(v) for v in t["labels"])) for t in d["targets"]],
-                guide=GuideSettings.from_dict(d["guide"]) if d.get("guide") is not None else None,
-                channels=[dict(c) for c in d["channels"]],
-                extra=dict(d.get("extra") or {}),
-            )
-        except GuideSettingsError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise GuideSettingsError(f"{source}: malformed nnunet_guide settings ({type(e).__name__}: {e})") from e
-        if "num_channels" in d and int(d["num_channels"]) != layout.num_channels:
+        """A layout from its JSON form (``to_dict``), checked strictly, then rebuilt.
+
+        Every field is type-checked (integers are integers and not bools, numbers are finite,
+        bools are bools, every channel has a known ``kind``); then the channel list is rebuilt
+        from ``num_image_channels``, ``targets``, ``guide`` and (for density models)
+        ``extra["density"]`` with :func:`build_layout` and must equal the stored one, so a
+        deleted, added or reordered channel is refused. Errors are GuideSettingsError naming
+        ``source`` (the file) and the field.
+        """
+        def bad(field_name: str, why: str) -> GuideSettingsError:
+            return GuideSettingsError(f"{source}: field {field_name!r} {why}")
+
+        if not isinstance(d, dict):
+            raise GuideSettingsError(f"{source}: malformed nnunet_guide settings: expected an object, "
+                                     f"got {type(d).__name__} {_short(d)}")
+        unknown = sorted(set(d) - _LAYOUT_KEYS)
+        if unknown:
+            raise GuideSettingsError(f"{source}: unknown field(s) {unknown}; known: {sorted(_LAYOUT_KEYS)}")
+        if not _is_int(d.get("format_version")) or d["format_version"] != FORMAT_VERSION:
             raise GuideSettingsError(
-                f"{source}: num_channels is {d['num_channels']} but {layout.num_channels} channels are listed")
-        return layout
+                f"{source}: format_version {d.get('format_version')!r}, this nnunet_guide reads {FORMAT_VERSION}")
+        missing = [k for k in ("num_image_channels", "targets", "channels") if k not in d]
+        if missing:
+            raise GuideSettingsError(f"{source}: malformed nnunet_guide settings: missing field(s) {missing}")
+        n_img = d["num_image_channels"]
+        if not _is_int(n_img) or n_img < 1:
+            raise bad("num_image_channels", f"must be an integer >= 1, got {_short(n_img)}")
+        if not isinstance(d["targets"], list):
+            raise bad("targets", f"must be a list, got {_short(d['targets'])}")
+        targets: List[GuidedTarget] = []
+        for i, t in enumerate(d["targets"]):
+            f = f"targets[{i}]"
+            if not isinstance(t, dict) or set(t) != {"name", "labels"}:
+                raise bad(f, f"must be an object with exactly 'name' and 'labels', got {_short(t)}")
+            if not isinstance(t["name"], str) or not t["name"]:
+                raise bad(f + ".name", f"must be a non-empty string, got {_short(t['name'])}")
+            if not (isinstance(t["labels"], list) and t["labels"] and all(_is_int(v) for v in t["labels"])):
+                raise bad(f + ".labels", f"must be a non-empty list of integers, got {_short(t['labels'])}")
+            if t["name"] in [x.name for x in targets]:
+                raise bad(f + ".name", f"repeats target {t['name']!r}")
+            targets.append(GuidedTarget(t["name"], tuple(t["labels"])))
+        guide = None
+        if d.get("guide") is not None:
+            guide = GuideSettings.from_dict(d["guide"], source=source, field_prefix="guide.")
+        extra = d.get("extra")
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, dict):
+            raise bad("extra", f"must be an object, got {_short(extra)}")
+        channels = d["channels"]
+        if not isinstance(channels, list):
+            raise bad("channels", f"must be a list, got {_short(channels)}")
+        names = [t.name for t in targets]
+        for i, c in enumerate(channels):
+            f = f"channels[{i}]"
+            if not isinstance(c, dict):
+                raise bad(f, f"must be an object, got {_short(c)}")
+            if "kind" not in c:
+                raise bad(f, f"has no 'kind' (one of {list(CHANNEL_KINDS)}): {_short(c)}")
+            if c["kind"] not in CHANNEL_KINDS:
+                raise bad(f + ".kind", f"must be one of {list(CHANNEL_KINDS)}, got {_short(c['kind'])}")
+            if c["kind"] == "image" and not isinstance(c.get("name"), str):
+                raise bad(f + ".name", f"must be a string (image channel name), got {_short(c.get('name'))}")
+            if c["kind"] == "guide":
+                if c.get("target") not in names:
+                    raise bad(f + ".target", f"must name one of the targets {names}, got {_short(c.get('target'))}")
+                if c.get("sign") not in ("+", "-"):
+                    raise bad(f + ".sign", f"must be '+' or '-', got {_short(c.get('sign'))}")
+        n_listed = sum(1 for c in channels if c["kind"] == "image")
+        if n_listed != n_img:
+            raise bad("num_image_channels", f"is {n_img} but the channel list has {n_listed} image channel(s)")
+        if "num_channels" in d and (not _is_int(d["num_channels"]) or d["num_channels"] != len(channels)):
+            raise bad("num_channels", f"is {_short(d['num_channels'])} but {len(channels)} channels are listed")
+        computed = [dict(c) for c in channels if c["kind"] in ("density", "texture")]
+        rebuilt = build_layout(n_img, targets, guide, [c["name"] for c in channels[:n_img]],
+                               computed, extra)
+        _compare_channels(channels, rebuilt.channels, source,
+                          "num_image_channels, targets and guide (negatives) give")
+        if computed or "density" in extra:
+            _check_density_channels(rebuilt, computed, source)
+        return rebuilt
+
+
+_LAYOUT_KEYS = frozenset(("format_version", "num_image_channels", "num_channels", "targets", "guide",
+                          "channels", "extra"))
+#: kinds of input channel a layout may list
+CHANNEL_KINDS = ("image", "guide", "density", "texture")
+
+
+def _compare_channels(stored: List[Dict[str, Any]], expected: List[Dict[str, Any]], source: str,
+                      what: str) -> None:
+    if stored == expected:
+        return
+    i = next((i for i, (a, b) in enumerate(zip(stored, expected)) if a != b), min(len(stored), len(expected)))
+    raise GuideSettingsError(
+        f"{source}: field 'channels[{i}]' is {stored[i] if i < len(stored) else 'missing'}, but {what} "
+        f"{expected[i] if i < len(expected) else 'no such channel'} ({len(stored)} channels stored, "
+        f"{len(expected)} expected). The channel list no longer matches the settings; restore the file "
+        f"written at training time.")
+
+
+def _check_density_channels(layout: "ChannelLayout", computed: List[Dict[str, Any]], source: str) -> None:
+    """Rebuild the density/texture channels from ``extra["density"]`` (options, histograms)."""
+    ex = layout.extra.get("density")
+    if not isinstance(ex, dict):
+        raise GuideSettingsError(f"{source}: field 'extra.density' is missing or not an object, but the channel "
+                                 f"list has {len(computed)} density/texture channel(s)")
+    from .core.density import DensityError, DensityOptions, density_channels  # torch; only for density models
+    try:
+        opts = DensityOptions.from_dict(ex.get("options", {}))
+        names = [c["name"] for c in layout.channels[:layout.num_image_channels]]
+        guided = [(t.name, t.labels) for t in layout.targets] if layout.guide is not None and opts.case else []
+        expected = density_channels(opts, ex["histograms"], names, guided)
+    except (DensityError, KeyError, TypeError, ValueError) as e:
+        raise GuideSettingsError(f"{source}: field 'extra.density' cannot be used "
+                                 f"({type(e).__name__}: {e})") from e
+    n_fed = layout.num_channels - len(computed)
+    _compare_channels(layout.channels, layout.channels[:n_fed] + expected, source,
+                      "the density options and histograms (extra.density) give")
 
 
 def build_layout(num_image_channels: int, targets: Sequence[GuidedTarget], guide: Optional[GuideSettings],
@@ -283,10 +448,35 @@ def build_layout(num_image_channels: int, targets: Sequence[GuidedTarget], guide
     return ChannelLayout(num_image_channels, list(targets), guide, channels, dict(extra or {}))
 
 
+def current_umask() -> int:
+    """The process's umask (read from /proc on Linux, so no other thread sees it change)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(prefix: str, dir: str) -> str:
+    """``tempfile.mkdtemp`` with the mode a plain ``os.mkdir`` would give (0777 minus the umask)
+    instead of mkdtemp's 0700, for staging folders that are renamed into place and must stay
+    readable by the people sharing them."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=dir)
+    os.chmod(path, 0o777 & ~current_umask())
+    return path
+
+
 def write_atomic(path: str, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path`` (same file ending, so writers that
     choose the format by name still work) and rename it into place: a reader never sees half a
-    file, and a failed write leaves nothing behind."""
+    file, and a failed write leaves nothing behind. The file gets the mode a plain ``open()``
+    would give (0666 minus the umask), not mkstemp's 0600, so others sharing the folder can
+    read it."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     base = os.path.basename(path)
@@ -295,6 +485,7 @@ def write_atomic(path: str, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -320,26 +511,31 @@ def save_layout(layout: ChannelLayout, model_folder: str) -> str:
     return path
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise GuideSettingsError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
 def load_layout(model_folder: str) -> ChannelLayout:
-    """Read ``guide_settings.json`` of a model folder; cross-check it with the folder's plans.json."""
+    """Read ``guide_settings.json`` of a model folder, check it strictly (``ChannelLayout.from_dict``)
+    and cross-check it with the folder's plans.json (key ``"nnunet_guide"``)."""
     path = os.path.join(model_folder, SETTINGS_FILE)
     if not os.path.isfile(path):
         raise GuideSettingsError(
             f"{path} does not exist: {model_folder} was not trained with an nnunet_guide trainer "
             f"(no guide or density channels to feed)")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise GuideSettingsError(f"{path} is not valid JSON: {e}") from e
-    layout = ChannelLayout.from_dict(d, source=path)
+    layout = ChannelLayout.from_dict(_read_json(path), source=path)
     plans_path = os.path.join(model_folder, "plans.json")
     if os.path.isfile(plans_path):
-        with open(plans_path) as f:
-            plans = json.load(f)
+        plans = _read_json(plans_path)
+        if not isinstance(plans, dict):
+            raise GuideSettingsError(f"{plans_path}: expected a JSON object, got {type(plans).__name__}")
         in_plans = plans.get(PLANS_KEY)
         if in_plans is not None:
-            other = ChannelLayout.from_dict(in_plans, source=plans_path)
+            other = ChannelLayout.from_dict(in_plans, source=f"{plans_path} (key {PLANS_KEY!r})")
             if other.to_dict() != layout.to_dict():
                 raise GuideSettingsError(
                     f"{path} does not match the layout the model was trained with ({plans_path}, key "
@@ -348,6 +544,8 @@ def load_layout(model_folder: str) -> ChannelLayout:
     return layout
 
 
-def layout_from_plans(plans: dict) -> Optional[ChannelLayout]:
+def layout_from_plans(plans: dict, source: str = "plans.json") -> Optional[ChannelLayout]:
+    """The layout stored in a plans dict (key ``"nnunet_guide"``), checked as in ``from_dict``;
+    ``source`` names the plans file in errors."""
     d = plans.get(PLANS_KEY)
-    return None if d is None else ChannelLayout.from_dict(d, source="plans.json")
+    return None if d is None else ChannelLayout.from_dict(d, source=f"{source} (key {PLANS_KEY!r})")

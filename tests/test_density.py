@@ -242,6 +242,27 @@ def test_channel_count_mismatches_are_clear_errors():
         DensityFeatures(broken)
 
 
+def test_density_model_folder_checks_itself(tmp_path):
+    """guide_settings.json of a density model: a deleted computed channel, or density options that
+    no longer give the listed channels, are refused on load naming the file and the field."""
+    from nnunet_guide.settings import GuideSettingsError, load_layout, save_layout
+    layout = make_density_layout(toy_histograms(1), DensityOptions(), spacing=[1, 1], guide=GuideSettings(),
+                                 targets=TUMOR)
+    save_layout(layout, str(tmp_path))
+    assert load_layout(str(tmp_path)).to_dict() == layout.to_dict()
+    d = layout.to_dict()
+    d["channels"] = d["channels"][:-1]
+    d["num_channels"] -= 1
+    (tmp_path / "guide_settings.json").write_text(json.dumps(d))
+    with pytest.raises(GuideSettingsError, match=r"guide_settings\.json: field 'channels\[11\]' is missing"):
+        load_layout(str(tmp_path))
+    d = layout.to_dict()
+    d["extra"]["density"]["options"]["texture"] = False
+    (tmp_path / "guide_settings.json").write_text(json.dumps(d))
+    with pytest.raises(GuideSettingsError, match=r"guide_settings\.json: field 'channels\[6\]'.*extra\.density"):
+        load_layout(str(tmp_path))
+
+
 def test_unknown_options_are_rejected():
     with pytest.raises(DensityError, match="unknown density option"):
         DensityOptions.from_dict({"prior": True, "bins": 3})

@@ -298,8 +298,14 @@ def test_failure_during_run_leaves_no_partial_output(tmp_path, model, monkeypatc
     monkeypatch.setattr(g, "predict_logits_from_preprocessed_data", fail_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         g.predict_from_files(inp, out, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-    left = [f for f in os.listdir(out) if f.endswith(".nii.gz")]
-    assert left == [], left
+    # a case exported before the crash is kept (complete, under its final name); nothing partial,
+    # no staged leftovers
+    left = sorted(os.listdir(out))
+    assert set(f for f in left if f.endswith(".nii.gz")) <= {"case_a.nii.gz"}, left
+    for f in left:
+        if f.endswith(".nii.gz"):
+            assert sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f))).shape == (10, 22, 20)
+    assert [f for f in left if f.startswith(".")] == [], left
 
 
 def test_sequential_mode_with_clicks(tmp_path, model):
@@ -359,3 +365,60 @@ def test_command_line_with_dataset_id_and_model_folder(tmp_path, model):
     assert r.returncode == 2
     assert "clicks.json, case 'case_a', click 0: label 'tumour' is not a guided class" in r.stderr
     assert not [f for f in os.listdir(out_bad) if f.endswith(".nii.gz")] if os.path.isdir(out_bad) else True
+
+
+def test_killed_batch_prediction_continues(tmp_path, model):
+    """nnUNetv2_predict_guided killed (SIGKILL) as soon as its first case is written, then run
+    again with --continue_prediction: finished cases are kept and not predicted again, and every
+    output is a valid NIfTI equal to an uninterrupted run."""
+    import signal
+    import subprocess
+    import time
+    n = 8
+    inp = str(tmp_path / "in")
+    for i in range(n):
+        write_case(inp, f"case_{i}", seed=i)
+    clicks = tmp_path / "clicks.json"
+    clicks.write_text(json.dumps({"case_1": [{"point": [8, 11, 5], "label": "lesion", "space": "voxel"}]}))
+    out = str(tmp_path / "out")
+    env = dict(os.environ, nnUNet_results=str(tmp_path / "results"), nnUNet_raw=str(tmp_path / "raw"),
+               nnUNet_preprocessed=str(tmp_path / "pre"), nnUNet_compile="false")
+    shutil.copytree(model, tmp_path / "results" / "Dataset990_Tiny" / f"{TRAINER}__nnUNetPlans__3d_fullres")
+    cmd = ["nnUNetv2_predict_guided", "-i", inp, "-o", out, "-d", "990", "-c", "3d_fullres", "-tr", TRAINER,
+           "--clicks", str(clicks), "-f", "0", "-device", "cpu", "--disable_tta", "--disable_progress_bar"]
+
+    def finished():
+        return sorted(f for f in os.listdir(out) if f.endswith(".nii.gz") and not f.startswith(".")) \
+            if os.path.isdir(out) else []
+
+    proc = subprocess.Popen(cmd + ["-npp", "1", "-nps", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group: the export workers die with it
+    try:
+        while proc.poll() is None and not finished():
+            time.sleep(0.01)
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert killed, "no case was written before the run ended: outputs are renamed only at the end " \
+                   f"(stderr: {proc.stderr.read()[-2000:]})"
+    done = finished()
+    assert 1 <= len(done) < n, f"{done}: the cases did not appear one by one (renamed only at the end?)"
+    for f in done:   # what an interrupted run leaves under a final name is complete
+        sitk.ReadImage(os.path.join(out, f))
+    # continued without worker processes (-npp 0 -nps 0: same outputs, no pool start-up)
+    r = subprocess.run(cmd + ["-npp", "0", "-nps", "0", "--continue_prediction"], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"That's {n - len(done)} cases." in r.stdout, r.stdout[-3000:]
+    assert finished() == sorted(f"case_{i}.nii.gz" for i in range(n))
+    assert [f for f in os.listdir(out) if f.startswith(".")] == []      # no staged leftovers
+    full = str(tmp_path / "full")
+    predictor(model, folds=(0,)).predict_from_files_sequential(inp, full, clicks=str(clicks))
+    for i in range(n):
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, f"case_{i}.nii.gz"))),
+            sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(full, f"case_{i}.nii.gz"))), err_msg=f"case_{i}")

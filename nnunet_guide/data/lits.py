@@ -33,7 +33,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..settings import write_atomic, write_json_atomic
+from ..settings import make_temp_dir, write_atomic, write_json_atomic
 from ..testing import shared_data_dir  # $NNUNET_GUIDE_SHARED_DATA or <repo>/../shared/data, or None
 
 WHEEL_SPEC = "liver-ct-segmentation-package==1.6.0"
@@ -156,7 +155,7 @@ def fetch_lits117_wheel(cache: Optional[str] = None, log: Log = print, timeout_s
         return found[0]
     os.makedirs(folder, exist_ok=True)
     log(f"fetching {WHEEL_SPEC} (4.5 MB, the LiTS case 117) from PyPI into {folder} ...")
-    tmp = tempfile.mkdtemp(prefix=".download_", dir=folder)
+    tmp = make_temp_dir(prefix=".download_", dir=folder)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--quiet", WHEEL_SPEC, "-d", tmp]
     try:
@@ -295,7 +294,7 @@ def write_slab_dataset(volume: Volume, raw_root: str, dataset_id: int, name: str
         except (OSError, json.JSONDecodeError):
             pass
         log(f"{target} exists but was built from other data; rebuilding it")
-    tmp = tempfile.mkdtemp(prefix=f".tmp_{folder_name}_", dir=raw_root)
+    tmp = make_temp_dir(prefix=f".tmp_{folder_name}_", dir=raw_root)
     try:
         os.makedirs(os.path.join(tmp, "imagesTr"))
         os.makedirs(os.path.join(tmp, "labelsTr"))
@@ -326,7 +325,7 @@ def write_slab_dataset(volume: Volume, raw_root: str, dataset_id: int, name: str
         }
         write_json_atomic(dj, os.path.join(tmp, "dataset.json"))
         if os.path.isdir(target):
-            old = tempfile.mkdtemp(prefix=f".old_{folder_name}_", dir=raw_root)
+            old = make_temp_dir(prefix=f".old_{folder_name}_", dir=raw_root)
             os.replace(target, os.path.join(old, "d"))
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, target)

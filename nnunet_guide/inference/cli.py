@@ -29,6 +29,7 @@ nnUNetv2_predict_guided: nnUNetv2_predict with clicks.
                   ({"tumor": [[i, j, k], ...], "background": [...]}), or a folder of such files.
                   Physical points are mm in ITK/LPS as SimpleITK reports; voxel points are the
                   ITK index (i, j, k). Cases without clicks are predicted automatically.
+                  UTF-8 JSON, at most 10,000 clicks per case.
   -m FOLDER       use a model folder directly (nnUNetv2_predict_from_modelfolder's options)
 
 All other options are nnUNetv2_predict's (shown below).

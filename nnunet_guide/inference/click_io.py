@@ -30,12 +30,18 @@ Formats understood (detected from the content):
 
 ``load_clicks`` on a folder reads every ``*.json`` in it (and ``case_id/*.mrk.json``) and merges
 the cases; a case given twice is an error.
+
+Limits: files must be UTF-8 JSON; a case may have at most :data:`MAX_CLICKS_PER_CASE` (10,000)
+clicks (more is refused with a clear error before anything is resolved: an interactive session
+needs tens, and 200,000 took over half a minute to read and resolve). Anything malformed raises
+:class:`ClickFileError` naming the file, case and value.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass
 from numbers import Real
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -46,7 +52,10 @@ from ..core.clicks import Click
 from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
 from ..core.coords import (CoordinateError, ImageGeometry, PreprocessedGeometry, itk_index_to_array,
                            orientation_code, original_geometry, raw_inside)
-from ..settings import ChannelLayout, GuideSettingsError
+from ..settings import ChannelLayout, GuideSettingsError, label_value
+
+#: most clicks one case may have (per file format, and in total over a case folder)
+MAX_CLICKS_PER_CASE = 10_000
 
 SPACES = ("physical", "voxel", "array")  # array: (z, y, x) index of the array nnU-Net's reader returns
 BACKGROUND = "background"
@@ -55,6 +64,24 @@ _OWN_KEYS = {"point", "label", "positive", "space", "size_mm"}
 
 class ClickFileError(ValueError):
     """A click file or a click that cannot be used; the message names the file, case and value."""
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 6, 6, 60, 60, 40
+
+
+def _show(value) -> str:
+    """A short repr for error messages (safe for huge numbers and deeply nested values)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - only for a message
+        return f"<{type(value).__name__}>"
+
+
+def _check_count(n: int, where: str) -> None:
+    if n > MAX_CLICKS_PER_CASE:
+        raise ClickFileError(f"{where}: {n} clicks; at most {MAX_CLICKS_PER_CASE} clicks per case are accepted "
+                             f"(nnunet_guide.inference.click_io.MAX_CLICKS_PER_CASE)")
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,20 @@ class ClickSpec:
     source: str = ""
     size_mm: Optional[float] = None
 
+    def __post_init__(self):
+        """Checked and normalised on construction, also when built through the Python API:
+        raises ClickFileError (a ValueError) naming ``source`` for NaN/inf or huge coordinates,
+        a label that is neither a name nor an integer, a non-bool ``positive`` and so on."""
+        where = self.source or "click"
+        object.__setattr__(self, "point", _point(self.point, where))
+        object.__setattr__(self, "label", _label(self.label, where))
+        if not isinstance(self.positive, (bool, np.bool_)):
+            raise ClickFileError(f"{where}: 'positive' must be true or false, got {_show(self.positive)}")
+        object.__setattr__(self, "positive", bool(self.positive))
+        if not isinstance(self.space, str) or self.space not in SPACES:
+            raise ClickFileError(f"{where}: 'space' must be one of {SPACES}, got {_show(self.space)}")
+        object.__setattr__(self, "size_mm", _size_mm(self.size_mm, where))
+
     def to_dict(self) -> dict:
         d = {"point": list(self.point), "label": self.label, "positive": self.positive, "space": self.space}
         if self.size_mm is not None:
@@ -96,19 +137,60 @@ ClicksByCase = Dict[str, List[ClickSpec]]
 # ---------------------------------------------------------------------------------------------
 
 def _point(value, where: str) -> Tuple[float, ...]:
-    if (not isinstance(value, (list, tuple)) or len(value) not in (2, 3)
-            or not all(isinstance(v, Real) and not isinstance(v, bool) for v in value)
-            or not all(np.isfinite(float(v)) for v in value)):
-        raise ClickFileError(f"{where}: a point must be a list of 2 or 3 finite numbers, got {value!r}")
-    return tuple(float(v) for v in value)
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = value.tolist()
+    bad = ClickFileError(f"{where}: a point must be a list of 2 or 3 finite numbers, got {_show(value)}")
+    if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
+        raise bad
+    out = []
+    for v in value:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, Real):
+            raise bad
+        try:
+            f = float(v)
+        except (OverflowError, ValueError, TypeError):  # e.g. a 400-digit integer
+            raise bad from None
+        if not math.isfinite(f):
+            raise bad
+        out.append(f)
+    return tuple(out)
 
 
 def _label(value, where: str) -> Union[str, int]:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ClickFileError(f"{where}: 'label' must be a class name or a label value (int), got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, np.integer)):
+        raise ClickFileError(f"{where}: 'label' must be a class name or an integer label value, got {_show(value)}")
     if isinstance(value, str) and value.strip() == "":
         raise ClickFileError(f"{where}: 'label' is empty")
-    return value
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _size_mm(size, where: str) -> Optional[float]:
+    if size is None:
+        return None
+    bad = ClickFileError(f"{where}: 'size_mm' must be a positive number of mm, got {_show(size)}")
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, Real):
+        raise bad
+    try:
+        f = float(size)
+    except (OverflowError, ValueError, TypeError):
+        raise bad from None
+    if not (math.isfinite(f) and f > 0):
+        raise bad
+    return f
+
+
+def _class_name(value, where: str, what: str) -> Optional[str]:
+    """A Slicer string field (node name, control point label/description): None or a string."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ClickFileError(f"{where}: {what} must be a string, got {_show(value)}")
+
+
+def _name_or_value(label: str) -> Union[str, int]:
+    """A class given as text: an ASCII decimal ("2") is the label value 2, anything else a name
+    ("2.9", "²" and "tumor" stay names and must match a class name exactly)."""
+    v = label_value(label)
+    return label if v is None else v
 
 
 def _parse_own(obj: Mapping, source: str) -> ClicksByCase:
@@ -116,11 +198,12 @@ def _parse_own(obj: Mapping, source: str) -> ClicksByCase:
     for case, clicks in obj.items():
         if not isinstance(clicks, list):
             raise ClickFileError(f"{source}, case {case!r}: expected a list of clicks, got {type(clicks).__name__}")
+        _check_count(len(clicks), f"{source}, case {case!r}")
         specs = []
         for n, c in enumerate(clicks):
             where = f"{source}, case {case!r}, click {n}"
             if not isinstance(c, dict):
-                raise ClickFileError(f"{where}: expected an object with 'point' and 'label', got {c!r}")
+                raise ClickFileError(f"{where}: expected an object with 'point' and 'label', got {_show(c)}")
             unknown = sorted(set(c) - _OWN_KEYS)
             if unknown:
                 raise ClickFileError(f"{where}: unknown key(s) {unknown}; a click has {sorted(_OWN_KEYS)}")
@@ -129,27 +212,24 @@ def _parse_own(obj: Mapping, source: str) -> ClicksByCase:
                     raise ClickFileError(f"{where}: missing {key!r}")
             positive = c.get("positive", True)
             if not isinstance(positive, bool):
-                raise ClickFileError(f"{where}: 'positive' must be true or false, got {positive!r}")
+                raise ClickFileError(f"{where}: 'positive' must be true or false, got {_show(positive)}")
             space = c.get("space", "physical")
-            if space not in SPACES:
-                raise ClickFileError(f"{where}: 'space' must be one of {SPACES}, got {space!r}")
-            size = c.get("size_mm")
-            if size is not None and not (isinstance(size, (int, float)) and not isinstance(size, bool)
-                                         and math.isfinite(size) and size > 0):
-                raise ClickFileError(f"{where}: 'size_mm' must be a positive number of mm, got {size!r}")
+            if not isinstance(space, str) or space not in SPACES:
+                raise ClickFileError(f"{where}: 'space' must be one of {SPACES}, got {_show(space)}")
             specs.append(ClickSpec(_point(c["point"], where), _label(c["label"], where), positive, space, where,
-                                   None if size is None else float(size)))
+                                   _size_mm(c.get("size_mm"), where)))
         out[str(case)] = specs
     return out
 
 
 def _parse_monai_case(obj: Mapping, case: str, source: str) -> List[ClickSpec]:
     specs = []
+    _check_count(sum(len(p) for p in obj.values() if isinstance(p, list)), f"{source}, case {case!r}")
     for label, points in obj.items():
         where = f"{source}, case {case!r}, label {label!r}"
         if not isinstance(points, list):
-            raise ClickFileError(f"{where}: expected a list of [x, y, z] points, got {points!r}")
-        lab = int(label) if isinstance(label, str) and label.isdigit() else label
+            raise ClickFileError(f"{where}: expected a list of [x, y, z] points, got {_show(points)}")
+        lab = _label(_name_or_value(label), where)
         positive = label != BACKGROUND  # background points are negative clicks for every class
         for n, p in enumerate(points):
             at = f"{where}, point {n}"
@@ -166,36 +246,38 @@ def _parse_slicer(obj: Mapping, case: str, source: str) -> List[ClickSpec]:
     if not isinstance(markups, list):
         raise ClickFileError(f"{source}: 'markups' must be a list of markup nodes")
     specs = []
+    _check_count(sum(len(n["controlPoints"]) for n in markups
+                     if isinstance(n, dict) and isinstance(n.get("controlPoints"), list)), f"{source}, case {case!r}")
     for m, node in enumerate(markups):
         where_node = f"{source}, case {case!r}, markup {m}"
         if not isinstance(node, dict):
-            raise ClickFileError(f"{where_node}: expected an object, got {node!r}")
-        system = str(node.get("coordinateSystem", "RAS")).upper()
-        if system not in ("RAS", "LPS"):
-            raise ClickFileError(f"{where_node}: coordinateSystem must be RAS or LPS, got {system!r}")
-        name = node.get("name")
+            raise ClickFileError(f"{where_node}: expected an object, got {_show(node)}")
+        system = node.get("coordinateSystem", "RAS")
+        if not isinstance(system, str) or system.upper() not in ("RAS", "LPS"):
+            raise ClickFileError(f"{where_node}: coordinateSystem must be RAS or LPS, got {_show(system)}")
+        system = system.upper()
+        name = _class_name(node.get("name"), where_node, "the node's 'name' (the class)")
         points = node.get("controlPoints", [])
         if not isinstance(points, list):
             raise ClickFileError(f"{where_node}: 'controlPoints' must be a list")
         for n, cp in enumerate(points):
             where = f"{where_node} ({name!r}), control point {n}"
             if not isinstance(cp, dict) or "position" not in cp:
-                raise ClickFileError(f"{where}: expected an object with 'position', got {cp!r}")
+                raise ClickFileError(f"{where}: expected an object with 'position', got {_show(cp)}")
             pos = _point(cp["position"], where)
             if len(pos) != 3:
                 raise ClickFileError(f"{where}: Slicer positions have 3 coordinates, got {pos}")
             if system == "RAS":
                 pos = (-pos[0], -pos[1], pos[2])
-            desc = str(cp.get("description", "") or "").strip()
-            cp_label = str(cp.get("label", "") or "").strip()
+            desc = (_class_name(cp.get("description"), where, "'description'") or "").strip()
+            cp_label = (_class_name(cp.get("label"), where, "'label'") or "").strip()
             negative = cp_label.endswith("-") or desc.lower() == "negative"
             label = desc if desc and desc.lower() not in ("negative", "positive") else name
-            if label is None or (isinstance(label, str) and not label.strip()):
+            if label is None or not label.strip():
                 raise ClickFileError(
                     f"{where}: no class: name the markup node after the class (e.g. 'tumor') or put the "
                     f"class in the control point's description")
-            if isinstance(label, str) and label.isdigit():
-                label = int(label)
+            label = _name_or_value(label.strip())
             if label == BACKGROUND:
                 negative = True
             specs.append(ClickSpec(pos, label, not negative, "physical", where))
@@ -235,25 +317,55 @@ def parse_clicks(obj, source: str, case: Optional[str] = None) -> ClicksByCase:
         for k, v in obj.items():
             if not all(_is_point_list(p) for p in v.values()):
                 raise ClickFileError(
-                    f"{source}, case {k!r}: expected {{label: [[x, y, z], ...]}}, got {json.dumps(v)[:200]}")
+                    f"{source}, case {k!r}: expected {{label: [[x, y, z], ...]}}, got {_show(v)}")
             out[str(k)] = _parse_monai_case(v, str(k), source)
         return out
     if all(isinstance(v, list) for v in values):
         return _parse_own(obj, source)
-    bad = next(k for k, v in obj.items() if not isinstance(v, (list, dict)))
+    bad = next((k for k, v in obj.items() if not isinstance(v, (list, dict))), None)
+    if bad is None:
+        raise ClickFileError(
+            f"{source}: cannot tell the click format: some keys hold lists and others objects; expected case ids "
+            f"with lists of clicks, a MONAI-style {{label: [[x, y, z], ...]}} or {{case_id: {{label: [...]}}}}")
     raise ClickFileError(
-        f"{source}: cannot tell the click format: key {bad!r} holds {json.dumps(obj[bad])[:100]}; expected "
+        f"{source}: cannot tell the click format: key {bad!r} holds {_show(obj[bad])}; expected "
         f"case ids with lists of clicks, a MONAI-style {{label: [[x, y, z], ...]}} or a Slicer markups file")
 
 
-def _read_json(path: str):
+def decode_json(data: bytes, source: str):
+    """JSON content of a click file's bytes; ClickFileError naming ``source`` unless it is UTF-8
+    JSON that Python can hold (no nesting deeper than the interpreter's recursion limit, no
+    integer of more than 4300 digits)."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ClickFileError(f"{source}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ClickFileError(f"{path}: not valid JSON ({e})") from e
+        raise ClickFileError(f"{source}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ClickFileError(f"{source}: JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer beyond Python's digit limit
+        raise ClickFileError(f"{source}: not usable JSON ({e})") from None
+
+
+def parse_click_bytes(data: bytes, source: str, case: Optional[str] = None) -> ClicksByCase:
+    """Parse a click file's content (bytes) in any supported format; see :func:`parse_clicks`."""
+    obj = decode_json(data, source)
+    try:
+        return parse_clicks(obj, source, case)
+    except RecursionError:
+        raise ClickFileError(f"{source}: clicks nested too deeply to read") from None
+
+
+def _load_file(path: str, case: Optional[str] = None) -> ClicksByCase:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ClickFileError(f"{path}: cannot read click file ({e.strerror})") from e
+    return parse_click_bytes(data, path, case)
 
 
 def _merge(into: ClicksByCase, new: ClicksByCase, source: str) -> None:
@@ -279,20 +391,21 @@ def load_clicks(path: str) -> ClicksByCase:
                 per_case: List[ClickSpec] = []
                 for sub in sorted(os.listdir(full)):
                     if sub.endswith(".json"):
-                        got = parse_clicks(_read_json(os.path.join(full, sub)), os.path.join(full, sub), case=name)
+                        got = _load_file(os.path.join(full, sub), case=name)
                         per_case += got.get(name, [])
                         if set(got) - {name}:
                             raise ClickFileError(
                                 f"{os.path.join(full, sub)}: files inside the case folder {name!r} may only hold "
                                 f"clicks of that case, found {sorted(set(got) - {name})}")
+                _check_count(len(per_case), f"{full}, case {name!r}")
                 if per_case:
                     _merge(out, {name: per_case}, full)
             elif name.endswith(".json"):
-                _merge(out, parse_clicks(_read_json(full), full), full)
+                _merge(out, _load_file(full), full)
         return out
     if not os.path.isfile(path):
         raise ClickFileError(f"click file {path} does not exist")
-    return parse_clicks(_read_json(path), path)
+    return _load_file(path)
 
 
 def save_clicks(clicks: ClicksByCase, path: str) -> None:
@@ -442,8 +555,9 @@ def as_specs(clicks, source: str = "clicks", case: str = "case") -> List[ClickSp
     out: List[ClickSpec] = []
     if clicks is None:
         return out
-    if isinstance(clicks, (dict, ClickSpec)):
-        raise ClickFileError(f"{source}: expected a list of clicks for case {case!r}, got one {type(clicks).__name__}")
+    if not isinstance(clicks, (list, tuple)):
+        raise ClickFileError(f"{source}: expected a list of clicks for case {case!r}, got {_show(clicks)}")
+    _check_count(len(clicks), f"{source}, case {case!r}")
     for n, c in enumerate(clicks):
         if isinstance(c, ClickSpec):
             out.append(c if c.source else ClickSpec(c.point, c.label, c.positive, c.space,

@@ -10,14 +10,19 @@ fold ensembles (every fold sees the same guides), resampling back and export.
 A case without clicks is fed its image channels only; the :class:`~nnunet_guide.network.GuidedNetwork`
 fills the guide channels with "no guide", exactly as stock ``nnUNetv2_predict`` runs the model.
 
-Outputs are written under a temporary name and renamed into place (``os.replace``) once every
-case of the run has been exported, so an interrupted or failed run leaves no partial
-segmentation under a final name.
+Outputs are written under a hidden staging name (``.<case>.partial<pid>``) and renamed into
+place (``os.replace``) by the export as soon as that case is written, segmentation last. So an
+interrupted or failed run leaves no partial file under a final name, every case finished before
+the interruption is kept, and ``--continue_prediction`` (``overwrite=False``) predicts only the
+rest.
 """
 from __future__ import annotations
 
+import functools
+import glob
 import inspect
 import os
+import re
 from copy import deepcopy
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -29,6 +34,7 @@ from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_se
                                                   export_prediction_from_logits)
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from ..core.clicks import Click
@@ -63,6 +69,72 @@ def case_id_of(first_file: str, file_ending: str) -> str:
 def _staging_name(final_truncated: str) -> str:
     folder, name = os.path.split(final_truncated)
     return os.path.join(folder, f".{name}.partial{os.getpid()}")
+
+
+_STAGED_FILE = re.compile(r"^\.(?P<name>.+)\.partial(?P<pid>\d+)(?P<ending>\..+)$")
+
+
+def _publish_staged(seg_file: str) -> None:
+    """Rename a case's staged outputs (``.<case>.partial<pid><ending>`` and, with probabilities,
+    its ``.npz``/``.pkl``) to their final names, the segmentation last: a final segmentation
+    exists only once everything of its case is in place, which is what
+    ``--continue_prediction`` checks. Files without a staging name are left alone."""
+    folder, base = os.path.split(seg_file)
+    m = _STAGED_FILE.match(base)
+    if m is None:
+        return
+    staged = seg_file[:-len(m["ending"])]
+    final = os.path.join(folder, m["name"])
+    for suffix in (".npz", ".pkl"):
+        if os.path.isfile(staged + suffix):
+            os.replace(staged + suffix, final + suffix)
+    os.replace(seg_file, final + m["ending"])
+
+
+def _remove_stale_staging(final_truncated: str) -> None:
+    """Remove staged files of ``final_truncated`` left by runs that were killed (their process is
+    gone), so a continued run leaves no hidden leftovers."""
+    folder, name = os.path.split(final_truncated)
+    for path in glob.glob(os.path.join(glob.escape(folder or os.curdir), f".{glob.escape(name)}.partial*")):
+        m = _STAGED_FILE.match(os.path.basename(path))
+        if m is None or m["name"] != name or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue  # still running (another run writing the same folder)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+class _PublishingWriter:
+    """Mixin for nnU-Net's image reader/writer: ``write_seg`` to a staging name is followed by
+    :func:`_publish_staged`. Runs inside nnU-Net's export (its worker processes)."""
+
+    def write_seg(self, seg, output_fname: str, properties: dict) -> None:
+        super().write_seg(seg, output_fname, properties)
+        _publish_staged(output_fname)
+
+
+@functools.lru_cache(maxsize=None)
+def _publishing_writer_class(base: type) -> type:
+    # same name as the wrapped class: code that checks the reader/writer by name sees nnU-Net's
+    return type(base.__name__, (_PublishingWriter, base), {"__qualname__": f"Publishing{base.__qualname__}"})
+
+
+class PublishingPlansManager(PlansManager):
+    """nnU-Net's PlansManager whose image writer renames each case's staged outputs into place as
+    soon as the export has written them. It is the predictor's own plans manager (nnU-Net hands it
+    to every export), so nothing in nnU-Net is patched; reading images is unchanged."""
+
+    @property
+    def image_reader_writer_class(self):
+        return _publishing_writer_class(super().image_reader_writer_class)
 
 
 def _output_suffixes(file_ending: str, save_probabilities: bool) -> Tuple[str, ...]:
@@ -129,7 +201,8 @@ class GuidedPredictor(nnUNetPredictor):
         """nnU-Net's manual initialisation; the layout defaults to the one stored in the plans."""
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
-        layout = layout if layout is not None else layout_from_plans(plans_manager.plans)
+        layout = layout if layout is not None else layout_from_plans(
+            plans_manager.plans, source="the plans given to manual_initialization")
         if layout is None:
             raise GuideSettingsError("the plans carry no nnunet_guide layout and none was given: this network was "
                                      "not built by an nnunet_guide trainer")
@@ -168,6 +241,8 @@ class GuidedPredictor(nnUNetPredictor):
                 f"(expected a GuidedNetwork feeding {n_img + len(guide_idx)} channels, got "
                 f"{type(self.network).__name__})")
         self.layout = layout
+        if not isinstance(self.plans_manager, PublishingPlansManager):
+            self.plans_manager = PublishingPlansManager(self.plans_manager.plans)
 
     # ---- guides -----------------------------------------------------------------------------
     @property
@@ -331,6 +406,7 @@ class GuidedPredictor(nnUNetPredictor):
             if self.verbose:
                 print(f"{case}: {len(specs)} click(s)")
             if ofile is not None:
+                _remove_stale_staging(ofile)
                 tmp = _staging_name(ofile)
                 staged.append((tmp, ofile))
                 item["ofile"] = tmp
@@ -340,8 +416,11 @@ class GuidedPredictor(nnUNetPredictor):
                                    num_processes_segmentation_export: int = default_num_processes):
         """nnU-Net's loop over preprocessed items, with guides appended and atomic outputs.
 
-        Items may carry ``"clicks"`` (a list of ClickSpec) and ``"case_id"``; otherwise the clicks
-        of the current :meth:`predict_from_files` run are looked up by output file.
+        Each case is exported under a staging name and renamed into place by the export as soon
+        as it is written (:class:`PublishingPlansManager`), so an interrupted run keeps every
+        finished case for ``--continue_prediction``. Items may carry ``"clicks"`` (a list of
+        ClickSpec) and ``"case_id"``; otherwise the clicks of the current
+        :meth:`predict_from_files` run are looked up by output file.
         """
         staged: List[Tuple[str, str]] = []
         suffixes = _output_suffixes(self.dataset_json["file_ending"], save_probabilities)
@@ -357,10 +436,9 @@ class GuidedPredictor(nnUNetPredictor):
         finally:
             if hasattr(data_iterator, "_finish"):
                 data_iterator._finish()
-        for tmp, final in staged:
-            for s in suffixes:
-                if os.path.isfile(tmp + s):
-                    os.replace(tmp + s, final + s)
+        for tmp, final in staged:  # only where the plans manager was replaced after initialisation
+            if os.path.isfile(tmp + self.dataset_json["file_ending"]):
+                _publish_staged(tmp + self.dataset_json["file_ending"])
         return ret
 
     def predict_from_files_sequential(self, list_of_lists_or_source_folder: Union[str, List[List[str]]],
@@ -456,11 +534,12 @@ class GuidedPredictor(nnUNetPredictor):
         tmp = _staging_name(output_file_truncated)
         suffixes = _output_suffixes(self.dataset_json["file_ending"], save_or_return_probabilities)
         os.makedirs(os.path.dirname(os.path.abspath(output_file_truncated)), exist_ok=True)
-        try:
+        _remove_stale_staging(output_file_truncated)
+        try:  # the export's writer renames the staged files into place (PublishingPlansManager)
             export_prediction_from_logits(logits, props, self.configuration_manager, self.plans_manager,
                                           self.dataset_json, tmp, save_or_return_probabilities)
-            for s in suffixes:
-                os.replace(tmp + s, output_file_truncated + s)
+            if os.path.isfile(tmp + self.dataset_json["file_ending"]):
+                _publish_staged(tmp + self.dataset_json["file_ending"])
         finally:
             for s in suffixes:
                 if os.path.isfile(tmp + s):

@@ -38,7 +38,7 @@ from ..core.encoding import append_clicks, num_guide_channels, render_guide_batc
 from ..core.user_sim import correction_clicks
 from ..network import GuidedNetwork
 from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
-                        layout_from_plans, resolve_targets, save_layout)
+                        layout_from_plans, resolve_targets, save_layout, write_text_atomic)
 from ..transforms import AttachClicksTransform, SimulateClicksTransform
 
 try:  # these transforms mark the end of the label-map part of nnU-Net's pipeline
@@ -324,7 +324,9 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         staging = join(fold_folder, ".validation_guided_staging")
         final = join(fold_folder, "validation_guided")
         if self.local_rank == 0 and isdir(staging):
-            shutil.rmtree(staging)
+            shutil.rmtree(staging)  # a stale staging folder of an interrupted run
+        if self.is_ddp:  # no rank may write into the staging folder before rank 0 has cleared it
+            torch.distributed.barrier()
         is_2d = len(self.configuration_manager.patch_size) == 2
         spacing = (1.0, *self._patch_spacing) if is_2d else self._patch_spacing
         original_dataset_class = self.dataset_class
@@ -341,17 +343,30 @@ class nnUNetTrainerGuide(nnUNetTrainer):
             torch.distributed.barrier()
         if self.local_rank != 0:
             return None
-        # swap in the finished folder only now, so an interrupted run never leaves half a result
+        # the summary names files by the staging path; point it at the final folder (atomically,
+        # still inside the staging folder)
+        staged, summary = join(staging, "validation"), join(final, "summary.json")
+        if isfile(join(staged, "summary.json")):
+            with open(join(staged, "summary.json")) as f:
+                text = f.read().replace(staged, final)
+            write_text_atomic(text, join(staged, "summary.json"))
+        # swap in the finished folder only now, and never delete the old results before the new ones
+        # are in place: the old folder is renamed aside, the new one renamed into place, then the old
+        # one deleted (an interruption leaves either validation_guided/ or .validation_guided_old_*)
+        old = None
         if isdir(final):
-            shutil.rmtree(final)
-        os.replace(join(staging, "validation"), final)
+            old = join(fold_folder, f".validation_guided_old_{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        try:
+            os.replace(staged, final)
+        except BaseException:
+            if old is not None and not isdir(final):
+                os.replace(old, final)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
-        summary = join(final, "summary.json")
-        if isfile(summary):  # the summary names files by the staging path; point it at the final folder
-            with open(summary) as f:
-                text = f.read().replace(join(staging, "validation"), final)
-            with open(summary, "w") as f:
-                f.write(text)
         dice = self._summary_dice(summary)
         if dice is not None:
             self.logger.log_summary("final_val_guided/foreground_dice", dice)
