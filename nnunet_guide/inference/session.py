@@ -191,6 +191,7 @@ class GuidedSession:
         self._cache: List[Optional[torch.Tensor]] = [None] * len(self._slicers)
         self._actions = []
         self._applied: List[Click] = []  # the clicks the logits were last updated for
+        self._group_moved = False  # next local update: one window for all moved clicks if they fit
         for t in range(len(self._slicers)):
             self._cache[t] = self._predict_tile(t)
         self._current = torch.zeros_like(self._sum)
@@ -245,7 +246,9 @@ class GuidedSession:
         self._x[self._n_img:] = new
         overlapping = {t for t, (lo, hi) in enumerate(self._bounds)
                        if all(l < ch and h > cl for l, h, cl, ch in zip(lo, hi, clo, chi))}
-        windows = [self._click_window(c) for c in moved] if self.update == "local" else []
+        group, self._group_moved = self._group_moved, False
+        windows = (self._local_windows(moved) if group else [self._click_window(c) for c in moved]
+                   ) if self.update == "local" else []
         if 0 < len(windows) < len(overlapping):
             self._stale |= overlapping
             self._pending += windows
@@ -291,6 +294,24 @@ class GuidedSession:
             start = min(max(int(round(p + 0.5 - ps / 2)), 0), n - ps)
             window.append((start, start + ps))
         return tuple(window)
+
+    def _local_windows(self, moved: Sequence[Click]) -> List[Tuple[Tuple[int, int], ...]]:
+        """Windows of a local update of one multi-click action (added or undone): one patch centred
+        on its clicks when they all fit in half a patch (a short scribble, a small lasso), else one
+        per click."""
+        if len(moved) > 1:
+            pos = np.array([c.position for c in moved], float)
+            patch = np.array([int(v) for v in self.predictor.configuration_manager.patch_size], float)
+            lo, hi = pos.min(0), pos.max(0)
+            ext = hi - lo
+            if self._is_2d:
+                same_slice = ext[0] == 0
+                ext = ext[1:]
+            else:
+                same_slice = True
+            if same_slice and np.all(ext <= 0.5 * patch):
+                return [self._click_window(Click(moved[0].target, tuple((lo + hi) / 2), True))]
+        return [self._click_window(c) for c in moved]
 
     def _blend_local(self, window) -> Tuple[Tuple[int, int], ...]:
         """Predict one window and blend it into the current logits (weight 1 over the central
@@ -443,13 +464,62 @@ class GuidedSession:
             self._actions.pop()
             raise
 
+    def add_clicks(self, clicks: Sequence[Click], description: str = "clicks", run: bool = True
+                   ) -> Optional[UpdateInfo]:
+        """Add several clicks (preprocessed coordinates, as :attr:`clicks` holds them) as one
+        action: one undo step (a box, a scribble, a lasso). With ``run=False`` the action is only
+        queued; :meth:`apply_pending` (or the next run) updates the segmentation."""
+        self._require_image()
+        clicks = list(clicks)
+        n = len(self.preprocessed_shape)
+        for c in clicks:
+            if not 0 <= c.target < len(self.layout.targets):
+                raise ClickFileError(f"{description}: click target {c.target} out of range "
+                                     f"({len(self.layout.targets)} guided classes)")
+            if len(c.position) != n or not self.geometry.inside(np.array([c.position], float))[0]:
+                raise ClickFileError(f"{description}: preprocessed position {list(c.position)} is outside the "
+                                     f"preprocessed image of shape {self.preprocessed_shape}")
+        self._actions.append(_Action(description, clicks))
+        if not run:
+            return None
+        self._group_moved = len(clicks) > 1
+        try:
+            return self._apply_clicks()
+        except BaseException:
+            self._actions.pop()
+            raise
+
+    @property
+    def pending(self) -> bool:
+        """Whether queued actions (``run=False``) have not been applied yet."""
+        return self._image_loaded and self._all_clicks() != self._applied
+
+    def apply_pending(self) -> UpdateInfo:
+        """Update the segmentation for queued actions (nothing to do: no tile predicted)."""
+        self._require_image()
+        self._group_moved = True
+        return self._apply_clicks()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this session's arrays (input + guides, tile cache, blended logits,
+        weights, segmentation); 0 without an image."""
+        if not self._image_loaded:
+            return 0
+        n = sum(t.numel() * t.element_size() for t in (self._x, self._guides, self._sum, self._current,
+                                                        self._weights))
+        n += sum(t.numel() * t.element_size() for t in self._cache if t is not None)
+        if self._seg is not None:
+            n += self._seg.nbytes
+        return int(n)
+
     def undo(self) -> UpdateInfo:
         """Remove the last click (no-op without clicks)."""
         self._require_image()
         if not self._actions:
             self.last_update = UpdateInfo(0, len(self._slicers), None, 0.0)
             return self.last_update
-        self._actions.pop()
+        removed = self._actions.pop()
+        self._group_moved = len(removed.clicks) > 1
         return self._apply_clicks()
 
     def reset(self) -> UpdateInfo:
