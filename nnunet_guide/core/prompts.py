@@ -161,6 +161,19 @@ def lasso_clicks(target: int, mask: np.ndarray, positive: bool, spacing: Sequenc
     return scribble_clicks(target, fill_region(mask), positive, spacing, step_mm, shape, offset, max_clicks, sigma)
 
 
+def prompt_step_mm(settings, spacing: Sequence[float]) -> float:
+    """Grid step (mm) of scribble and lasso clicks for a ``GuideSettings``: ``STEP_PER_SIGMA`` x
+    the guide's scale (``sigma_mm``; ball: ``ball_radius_mm``; object Gaussian: its minimal sigma
+    in voxels x the finest spacing)."""
+    if settings.encoding == "ball":
+        scale = settings.ball_radius_mm
+    elif settings.encoding == "object_gaussian":
+        scale = settings.min_object_sigma * float(np.min(spacing))
+    else:
+        scale = settings.sigma_mm
+    return STEP_PER_SIGMA * float(scale)
+
+
 # ---- training simulation ----------------------------------------------------------------------
 def simulate_box(obj_mask: np.ndarray, rng: np.random.Generator, jitter: float = 0.1,
                  two_d_axis: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -181,20 +194,53 @@ def simulate_box(obj_mask: np.ndarray, rng: np.random.Generator, jitter: float =
     return lo, hi
 
 
-def simulate_scribble(obj_mask: np.ndarray, spacing: Sequence[float], rng: np.random.Generator,
-                      slice_axis: int = 0) -> np.ndarray:
-    """A user's stroke inside one object: on a random slice (along ``slice_axis``) through the
-    object, the object's medial voxels (cross-section eroded to its skeleton-like core: voxels at
-    least half the section's maximal depth inside). Returns a boolean mask of the full shape."""
+def simulate_stroke(obj_mask: np.ndarray, spacing: Sequence[float], rng: np.random.Generator,
+                    slice_axis: Optional[int] = 0, kind: str = "scribble") -> np.ndarray:
+    """A user's stroke inside one object, on a random slice through it (along ``slice_axis``;
+    None or 2D masks: the whole mask is the section).
+
+    ``kind="scribble"``: the section's medial voxels (at least half its maximal depth inside);
+    ``kind="lasso"``: the section's interior (at least one voxel inside its border), i.e. a lasso
+    drawn just inside the outline. Returns a boolean mask of ``obj_mask``'s shape."""
     obj_mask = np.asarray(obj_mask, bool)
-    zs = np.flatnonzero(obj_mask.any(axis=tuple(a for a in range(obj_mask.ndim) if a != slice_axis)))
-    z = int(rng.choice(zs))
-    section = np.take(obj_mask, z, axis=slice_axis)
-    sp2 = [s for a, s in enumerate(spacing) if a != slice_axis]
-    depth = ndimage.distance_transform_edt(np.pad(section, 1), sampling=sp2)[1:-1, 1:-1]
-    core = depth >= 0.5 * depth.max()
+    if slice_axis is None or obj_mask.ndim == 2:
+        section, sp2, idx = obj_mask, list(spacing), (slice(None),) * obj_mask.ndim
+    else:
+        zs = np.flatnonzero(obj_mask.any(axis=tuple(a for a in range(obj_mask.ndim) if a != slice_axis)))
+        z = int(rng.choice(zs))
+        section = np.take(obj_mask, z, axis=slice_axis)
+        sp2 = [s for a, s in enumerate(spacing) if a != slice_axis]
+        idx = tuple(z if a == slice_axis else slice(None) for a in range(obj_mask.ndim))
+    depth = ndimage.distance_transform_edt(np.pad(section, 1), sampling=sp2)
+    depth = depth[tuple(slice(1, -1) for _ in range(section.ndim))]
+    if kind == "scribble":
+        core = depth >= 0.5 * depth.max()
+    elif kind == "lasso":
+        core = depth > min(sp2) * 1.01 if (depth > min(sp2) * 1.01).any() else section
+    else:
+        raise ValueError(f"unknown stroke kind {kind!r} (scribble or lasso)")
     out = np.zeros_like(obj_mask)
-    idx = [slice(None)] * obj_mask.ndim
-    idx[slice_axis] = z
-    out[tuple(idx)] = core
+    out[idx] = core
     return out
+
+
+def simulate_prompt(obj_mask: np.ndarray, target: int, kind: str, spacing: Sequence[float], settings,
+                    rng: np.random.Generator, slice_axis: Optional[int] = None,
+                    max_clicks: int = 64) -> List[Click]:
+    """The clicks of one simulated positive prompt of ``kind`` ("box" or "stroke") on one object
+    (``obj_mask`` over the whole sample). ``slice_axis``: a 2D configuration's slice axis (boxes and
+    strokes on that slice); in 3D, boxes are drawn on one axial slice (axis 0) in half the cases
+    and strokes always are."""
+    shape = obj_mask.shape
+    if kind == "box":
+        two_d = slice_axis if slice_axis is not None else (0 if obj_mask.ndim == 3 and rng.random() < 0.5 else None)
+        lo, hi = simulate_box(obj_mask, rng, two_d_axis=two_d)
+        return [box_click(target, lo, hi, True)]
+    if kind == "stroke":
+        sub = "scribble" if rng.random() < 0.5 else "lasso"
+        axis = slice_axis if slice_axis is not None else (0 if obj_mask.ndim == 3 else None)
+        stroke = simulate_stroke(obj_mask, spacing, rng, axis, sub)
+        sigma = (settings.min_object_sigma,) * obj_mask.ndim if settings.encoding == "object_gaussian" else None
+        return scribble_clicks(target, stroke, True, spacing, prompt_step_mm(settings, spacing), shape,
+                               (0,) * obj_mask.ndim, max_clicks, sigma)
+    raise ValueError(f"unknown simulated prompt kind {kind!r} (box or stroke)")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..core.clicks import Click, box_click
-from ..core.prompts import (STEP_PER_SIGMA, PromptError, check_inside, clip_box, lasso_clicks,
+from ..core.prompts import (PromptError, prompt_step_mm, check_inside, clip_box, lasso_clicks,
                             scribble_clicks)
 from ..inference.click_io import object_sigma
 from ..inference.predictor import GuidedPredictor
@@ -110,11 +110,9 @@ class GuideModel:
         s._networks = self._networks  # weights shared by all sessions (read-only in inference)
         return s
 
-    def guide_step_mm(self) -> float:
-        """Grid step (mm) of scribble and lasso clicks: half the guide's sigma (ball: radius)."""
-        g = self.layout.guide
-        scale = g.ball_radius_mm if g.encoding == "ball" else g.sigma_mm
-        return STEP_PER_SIGMA * float(scale)
+    def guide_step_mm(self, spacing) -> float:
+        """Grid step (mm) of scribble and lasso clicks, as the trainer simulates them."""
+        return prompt_step_mm(self.layout.guide, spacing)
 
     # ---- images ------------------------------------------------------------------------------
     def image_to_model(self, image: np.ndarray, spacing) -> Tuple[np.ndarray, List[float]]:
@@ -260,7 +258,7 @@ class GuideModel:
         raw_shape = session.geometry.raw_shape
         raw_spacing = np.asarray(session.properties["spacing"], float)
         fn = scribble_clicks if kind == "scribble" else lasso_clicks
-        raw = fn(self.target, m, positive, raw_spacing, self.guide_step_mm(), raw_shape, off)
+        raw = fn(self.target, m, positive, raw_spacing, self.guide_step_mm(raw_spacing), raw_shape, off)
         return self._to_pre(session, raw, f"{kind} mask", drop_outside=True)
 
     def _check_sign(self, positive: bool) -> None:
