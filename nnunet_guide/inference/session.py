@@ -171,8 +171,7 @@ class GuidedSession:
         self._n_img = n_img
         self._x = torch.zeros((n_img + n_guide, *padded.shape[1:]), dtype=torch.float32)
         self._x[:n_img] = padded
-        self._guides = self._guide_block([])
-        self._x[n_img:] = self._guides
+        self._x[n_img:] = self._guide_block([])  # the guides live in _x only (no second copy)
         self._slicers = p._internal_get_sliding_window_slicers(tuple(padded.shape[1:]))
         self._bounds = [self._tile_bounds(s) for s in self._slicers]
         patch = tuple(int(v) for v in p.configuration_manager.patch_size)
@@ -234,8 +233,7 @@ class GuidedSession:
         t0 = time.perf_counter()
         clicks = self._all_clicks()
         new = self._guide_block(clicks)
-        changed = (new != self._guides).any(0)
-        self._guides = new
+        changed = (new != self._x[self._n_img:]).any(0)
         moved = [c for c in clicks if c not in self._applied] + [c for c in self._applied if c not in clicks]
         self._applied = list(clicks)
         if not changed.any():
@@ -505,7 +503,7 @@ class GuidedSession:
         weights, segmentation); 0 without an image."""
         if not self._image_loaded:
             return 0
-        n = sum(t.numel() * t.element_size() for t in (self._x, self._guides, self._sum, self._current,
+        n = sum(t.numel() * t.element_size() for t in (self._x, self._sum, self._current,
                                                         self._weights))
         n += sum(t.numel() * t.element_size() for t in self._cache if t is not None)
         if self._seg is not None:

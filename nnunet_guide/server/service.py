@@ -182,7 +182,7 @@ class GuideModel:
         k = p.label_manager.num_segmentation_heads
         item = torch.tensor([], dtype=self.cache_dtype).element_size()
         overlap = 2 ** len(patch)
-        per_pre = 4 * (c + 2 * g + 2 * k + 1) + overlap * k * item
+        per_pre = 4 * (c + g + 2 * k + 1) + overlap * k * item
         return int(n_pre * per_pre + float(np.prod(raw)) * (1 + 1))
 
     # ---- prompts ----------------------------------------------------------------------------
