@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
 from ..core.clicks import Click, box_click
 from ..core.prompts import (PromptError, prompt_step_mm, check_inside, clip_box, lasso_clicks,
@@ -165,8 +166,8 @@ class GuideModel:
 
     def estimate_memory(self, client_shape: Sequence[int], spacing_model: Sequence[float]) -> int:
         """Bytes a session on this image will hold (before it is built): input, guides, blended
-        logits and weights per preprocessed voxel, tile cache (about 8 overlapping tiles per voxel
-        at step 0.5), segmentation and the client mask per raw voxel."""
+        logits and weights per preprocessed voxel, the tile cache (nnU-Net's sliding-window tiles
+        x patch x classes), segmentation and the client mask per raw voxel."""
         p = self.predictor
         raw = np.asarray([client_shape[i] for i in self.inv], float)
         target = np.nan_to_num(self.train_spacing, nan=1.0)
@@ -174,16 +175,18 @@ class GuideModel:
         pre = np.maximum(raw * np.asarray(spacing_model, float) / target, 1)
         if p.is_2d:
             pre[0] = raw[0]
-        patch = np.asarray(p.configuration_manager.patch_size, float)
+        patch = [int(v) for v in p.configuration_manager.patch_size]
+        pre = np.round(pre).astype(int)
         pre[-len(patch):] = np.maximum(pre[-len(patch):], patch)
         n_pre = float(np.prod(pre))
         c = self.layout.num_image_channels
         g = len(self.layout.guide_channel_indices)
         k = p.label_manager.num_segmentation_heads
         item = torch.tensor([], dtype=self.cache_dtype).element_size()
-        overlap = 2 ** len(patch)
-        per_pre = 4 * (c + g + 2 * k + 1) + overlap * k * item
-        return int(n_pre * per_pre + float(np.prod(raw)) * (1 + 1))
+        steps = compute_steps_for_sliding_window(tuple(pre[-len(patch):]), tuple(patch), p.tile_step_size)
+        tiles = int(np.prod([len(s) for s in steps])) * (int(pre[0]) if p.is_2d else 1)
+        cache = tiles * float(np.prod(patch)) * k * item
+        return int(n_pre * 4 * (c + g + 2 * k + 1) + cache + float(np.prod(raw)) * (1 + 1))
 
     # ---- prompts ----------------------------------------------------------------------------
     def _model_point(self, coords) -> np.ndarray:
