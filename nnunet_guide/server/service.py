@@ -281,7 +281,7 @@ class GuideModel:
             "num_interaction_channels": len(self.layout.guide_channel_indices),
             "supports_initial_label": False,
             "supports_zero_shot_label_refinement": False,
-            "preferred_scribble_thickness": [1, 1, 1],
+            "preferred_scribble_thickness": [3, 3, 3],
             "interaction_decay": 1.0,
             "inference_session_version": "nnunet-guide",
             "license": "!!MISSING!!",
