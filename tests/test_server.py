@@ -122,9 +122,11 @@ class Reference:
         self.s.add_clicks(self.model.mask_clicks(self.s, kind, mask, positive, ibox), kind)
 
 
-def test_whole_flow_equals_in_process_session(server, guide_model, image):
-    c, buf = connect(server.url, image)
-    ref = Reference(guide_model, image)
+@pytest.mark.parametrize("spacing", [SPACING, [1.5, 1.2, 1.2]], ids=["resampled", "model_grid"])
+def test_whole_flow_equals_in_process_session(server, guide_model, image, spacing):
+    """On the model's own grid the responses only diff the updated region; resampled, everything."""
+    c, buf = connect(server.url, image, spacing)
+    ref = Reference(guide_model, image, spacing)
     try:
         assert c.original_image_shape == image.shape
         assert c.supported_interactions["bbox2d"] and c.supported_interactions["scribble"]
@@ -287,16 +289,21 @@ def test_axis_order_is_configurable(model_folder, guide_model, image):
 
 
 def test_leases_expire_and_capacity(guide_model, image):
-    leases = LeaseTable(max_sessions=1, idle_timeout=0.6, liveness_timeout=0.0)
-    srv = Served(create_app(guide_model, leases=leases, reap_interval=0.1))
+    now = [1000.0]  # the lease clock, moved by hand: expiry does not depend on the machine's load
+    leases = LeaseTable(max_sessions=1, idle_timeout=60, liveness_timeout=0.0, clock=lambda: now[0])
+    srv = Served(create_app(guide_model, leases=leases, reap_interval=0.05))
     try:
         c = client(srv.url, key=None)
         with pytest.raises(ServerAtCapacityError):
             client(srv.url, key=None)
         r = httpx.post(srv.url + "/claim")
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
-        assert c.lease_status()["remaining_seconds"] <= 0.6
-        time.sleep(0.9)
+        now[0] += 30
+        assert c.lease_status()["remaining_seconds"] == 30  # lease_status does not refresh it
+        c.heartbeat()  # liveness only: does not postpone the idle timeout either
+        now[0] += 31
+        time.sleep(0.2)  # the reaper drops it
+        assert len(leases) == 0
         with pytest.raises(SessionExpiredError):
             c.set_image(image, {"spacing": SPACING})
         c2 = client(srv.url, key=None)  # the slot is free again

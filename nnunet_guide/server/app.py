@@ -182,15 +182,26 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
         prediction response: X-Meta {ran_prediction, bbox}, body = packed new buffer content."""
         st = lease.state
         shown = st.get("shown")
+        empty = Response(b"", media_type="application/octet-stream",
+                         headers={META: json.dumps({"ran_prediction": bool(ran), "bbox": None})})
         if not ran or shown is None:
-            return Response(b"", media_type="application/octet-stream",
-                            headers={META: json.dumps({"ran_prediction": bool(ran), "bbox": None})})
-        new = model.mask(lease.session)
-        box = mask_bbox(new != shown)
+            return empty
+        s = lease.session
+        # only where the last update can have changed the mask, unless the mirror may differ elsewhere
+        # (new buffer, reset, an update that failed half-way) or the export resamples
+        region = None if st.get("full", True) else model.changed_box(s)
+        st["full"] = False
+        if region == ():
+            return empty
+        if region is None:
+            region = tuple(slice(0, n) for n in shown.shape)
+        new = model.mask_in(s, region)
+        box = mask_bbox(new != shown[region])
         if box is None:
-            return Response(b"", media_type="application/octet-stream",
-                            headers={META: json.dumps({"ran_prediction": True, "bbox": None})})
-        part = new[box]
+            return empty
+        new = new[box]
+        box = tuple(slice(r.start + b.start, r.start + b.stop) for r, b in zip(region, box))
+        part = new
         shown[box] = part
         body = pack(part.astype(st["dtype"]))
         meta = {"ran_prediction": True, "bbox": [[s.start, s.stop] for s in box]}
@@ -204,8 +215,13 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
             except (PromptError, ClickFileError, ImageError) as e:
                 raise _err(422, str(e)) from None
 
-    async def run(fn: Callable[[], Any]) -> Any:
-        return await run_in_threadpool(guarded, fn)
+    async def run(fn: Callable[[], Any], lease: Optional[Lease] = None) -> Any:
+        try:
+            return await run_in_threadpool(guarded, fn)
+        except BaseException:
+            if lease is not None:  # the session may have changed half-way: next response diffs everything
+                lease.state["full"] = True
+            raise
 
     # ---- endpoints: no lease ------------------------------------------------------------------
     @app.get("/healthz")
@@ -277,7 +293,8 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
                 _ = s.segmentation
                 lease.session = s
                 lease.memory = s.memory_bytes()
-                lease.state.update(shape=tuple(int(v) for v in image.shape[1:]), shown=None, dtype=np.uint8)
+                lease.state.update(shape=tuple(int(v) for v in image.shape[1:]), shown=None, dtype=np.uint8,
+                                   full=True)
 
         try:
             await run(work)
@@ -305,6 +322,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
             raise _err(422, f"set_target_buffer: dtype {dtype!r} is not numeric")
         st["dtype"] = dt
         st["shown"] = np.zeros(st["shape"], bool)
+        st["full"] = True
         return {}
 
     @app.post("/set_do_autozoom")
@@ -320,6 +338,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
         _json_obj(await _read_body(request, 1 << 16), "reset_interactions")
         if lease.state.get("shown") is not None:
             lease.state["shown"][...] = False  # the client zeroes its buffer
+        lease.state["full"] = True
         if lease.session is not None and lease.session._image_loaded:
             await run(lambda: lease.session.reset())
         return {}
@@ -336,7 +355,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
                     return prediction_response(lease, True)
                 return prediction_response(lease, False)
 
-        return await run(work)
+        return await run(work, lease)
 
     @app.post("/add_point_interaction")
     async def add_point(request: Request):
@@ -405,7 +424,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
                     s.apply_pending()
                 return prediction_response(lease, True)
 
-        return await run(work)
+        return await run(work, lease)
 
     @app.post("/undo")
     async def undo(request: Request):
@@ -420,6 +439,6 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
                 s.undo()
                 return prediction_response(lease, True)
 
-        return await run(work)
+        return await run(work, lease)
 
     return app

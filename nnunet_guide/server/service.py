@@ -164,6 +164,31 @@ class GuideModel:
         m = seg == self.label_values[0] if len(self.label_values) == 1 else np.isin(seg, self.label_values)
         return self.to_client(m)
 
+    def mask_in(self, session: GuidedSession, box: Tuple[slice, ...]) -> np.ndarray:
+        """:meth:`mask` inside ``box`` (slices in the client's axis order) only."""
+        seg = session.segmentation[tuple(box[i] for i in self.inv)]
+        m = seg == self.label_values[0] if len(self.label_values) == 1 else np.isin(seg, self.label_values)
+        return self.to_client(m)
+
+    def changed_box(self, session: GuidedSession) -> Optional[Tuple[slice, ...]]:
+        """Where the session's last update can have changed the segmentation, as slices in the
+        client's axis order; ``()`` if it changed nothing; None if unknown (resampling: nnU-Net's
+        export rebuilds the whole segmentation)."""
+        info = session.last_update
+        if info.region is None:
+            return ()
+        if session._resampled:
+            return None
+        geo = session.geometry
+        lo_t, hi_t = [], []
+        for (a, b), inner, start, n in zip(info.region, session._inner, geo.bbox_start, session.preprocessed_shape):
+            lo_t.append(min(max(a - inner.start, 0), n) + start)
+            hi_t.append(min(max(b - inner.start, 0), n) + start)
+        tb = geo.transpose_backward
+        lo_raw, hi_raw = [lo_t[tb[i]] for i in range(len(tb))], [hi_t[tb[i]] for i in range(len(tb))]
+        box = tuple(slice(int(lo_raw[j]), int(hi_raw[j])) for j in self.perm)
+        return () if any(s_.stop <= s_.start for s_ in box) else box
+
     def estimate_memory(self, client_shape: Sequence[int], spacing_model: Sequence[float]) -> int:
         """Bytes a session on this image will hold (before it is built): input, guides, blended
         logits and weights per preprocessed voxel, the tile cache (nnU-Net's sliding-window tiles
