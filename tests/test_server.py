@@ -255,12 +255,14 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, guide_model, imag
         c.set_image(image, {"spacing": SPACING})
         c.set_target_buffer(buf)
         for call, args in ((c.add_point_interaction, ([50, 1, 1], True)),
+                           (c.add_point_interaction, (["a", 1, 1], True)),
                            (c.add_bbox_interaction, ([[0, 1], [40, 50], [0, 5]], True)),
                            (c.add_scribble_interaction, (np.ones((2, 2, 2), np.uint8), True))):
             with pytest.raises(httpx.HTTPStatusError) as e:
                 call(*args)
             assert e.value.response.status_code == 422
-            assert "outside" in e.value.response.json()["detail"] or "shape" in e.value.response.json()["detail"]
+            detail = e.value.response.json()["detail"]
+            assert "outside" in detail or "shape" in detail or "numbers" in detail
         c.add_point_interaction([6, 15, 16], True)  # still serving, same state as in-process
         ref = Reference(guide_model, image)
         ref.point([6, 15, 16])

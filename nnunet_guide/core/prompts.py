@@ -43,7 +43,10 @@ class PromptError(ValueError):
 
 def check_inside(position: Sequence[float], shape: Sequence[int], what: str = "point") -> None:
     """Raise PromptError unless ``position`` (voxel coordinates) lies in an image of ``shape``."""
-    p = np.asarray(position, float)
+    try:
+        p = np.asarray(position, float)
+    except (TypeError, ValueError):
+        raise PromptError(f"{what} {position!r} needs {len(shape)} numbers (voxel coordinates)") from None
     if p.shape != (len(shape),) or not np.all(np.isfinite(p)):
         raise PromptError(f"{what} {list(position)} needs {len(shape)} finite coordinates")
     if np.any(p < -0.5) or np.any(p > np.asarray(shape) - 0.5):

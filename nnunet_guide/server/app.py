@@ -204,7 +204,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
         part = new
         shown[box] = part
         body = pack(part.astype(st["dtype"]))
-        meta = {"ran_prediction": True, "bbox": [[s.start, s.stop] for s in box]}
+        meta = {"ran_prediction": True, "bbox": [[b.start, b.stop] for b in box]}
         return Response(body, media_type="application/octet-stream", headers={META: json.dumps(meta)})
 
     def guarded(fn: Callable[[], Any]) -> Any:
