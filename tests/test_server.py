@@ -334,6 +334,35 @@ def test_label_choice_and_bind_refusal(model_folder):
         parse_axis_order("zzx")
 
 
+def test_the_command_serves(model_folder, image):
+    """nnUNetv2_guide_server as a process: loads the model once, serves with an API key, stops."""
+    import os
+    import subprocess
+    import sys
+    port = free_port()
+    env = dict(os.environ, NNUNET_GUIDE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "nnunet_guide.server.cli", "-m", model_folder, "-f", "0",
+                             "--label", "lesion", "--port", str(port), "--threads", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert httpx.post(url + "/claim").status_code == 401
+        c, buf = connect(url, image)
+        c.add_point_interaction([6, 15, 16], True)
+        assert c.channel_mapping["point"] == (3, 4) and buf.any()
+        c.close()
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "serving class 'lesion'" in out
+
+
 def test_wire_roundtrip_and_limits():
     for a in (np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.zeros((0, 3), np.float32),
               np.random.default_rng(0).random((3, 5)).astype(np.float16)):
