@@ -252,7 +252,12 @@ def test_bad_requests_get_4xx_and_server_keeps_serving(server, guide_model, imag
             c.set_image(image.transpose(0, 3, 2, 1).copy(), {"spacing": SPACING[::-1]})
         assert e.value.response.status_code == 422 and "--axis-order" in e.value.response.json()["detail"]
 
-        c.set_image(image, {"spacing": SPACING})
+        with pytest.raises(httpx.HTTPStatusError) as e:
+            c.set_image(image, {"spacing": [0, 1, 1]})
+        assert e.value.response.status_code == 422 and "non-zero" in e.value.response.json()["detail"]
+
+        # napari-nifti's negative scales (display flips): same image, same result
+        c.set_image(image, {"spacing": [-v for v in SPACING]})
         c.set_target_buffer(buf)
         for call, args in ((c.add_point_interaction, ([50, 1, 1], True)),
                            (c.add_point_interaction, (["a", 1, 1], True)),

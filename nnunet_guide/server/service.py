@@ -137,9 +137,12 @@ class GuideModel:
             sp = [float(v) for v in spacing]
         except (TypeError, ValueError):
             raise ImageError(f"image_properties.spacing {spacing!r} must be 3 numbers (mm)") from None
-        if len(sp) != 3 or not all(np.isfinite(sp)) or min(sp) <= 0:
-            raise ImageError(f"image_properties.spacing {spacing!r} must be 3 positive numbers (mm), one per "
+        if len(sp) != 3 or not all(np.isfinite(sp)) or min(abs(v) for v in sp) == 0:
+            raise ImageError(f"image_properties.spacing {spacing!r} must be 3 non-zero numbers (mm), one per "
                              f"spatial axis of the image (shape {list(image.shape[1:])})")
+        # a negative spacing is a display flip (napari-nifti gives SAR+ arrays with negative scales):
+        # the array's axis order is what matters here
+        sp = [abs(v) for v in sp]
         arr = np.ascontiguousarray(image.transpose(0, *[1 + i for i in self.inv]), dtype=np.float32)
         sp_model = [sp[i] for i in self.inv]
         if self.check_axes:
