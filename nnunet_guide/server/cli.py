@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest image, voxels over all channels (default 268435456)")
     p.add_argument("--cache-dtype", default="float16", choices=("float16", "float32"),
                    help="dtype of the per-session tile cache (default float16: half the memory)")
+    p.add_argument("--license", default="not stated",
+                   help="the model's licence, as /capabilities reports it (napari shows it; default 'not stated')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 
@@ -89,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     folds = tuple(int(f) if f.isdigit() else f for f in args.folds)
     try:
         model = GuideModel(args.model, folds, args.checkpoint, args.label, torch.device(args.device),
-                           args.axis_order, getattr(torch, args.cache_dtype), not args.no_axis_check)
+                           args.axis_order, getattr(torch, args.cache_dtype), not args.no_axis_check,
+                           license=args.license)
     except (GuideSettingsError, ValueError, FileNotFoundError) as e:
         sys.exit(f"nnUNetv2_guide_server: {e}")
     leases = LeaseTable(args.max_sessions, args.idle_timeout, args.liveness_timeout,

@@ -65,6 +65,7 @@ class GuideModel:
         label: the guided class the target buffer shows (name or label value); None: the only
             guided class (a model with several asks for it).
         device: torch device.
+        license: what ``/capabilities`` reports as the model's licence (viewers display it).
         axis_order: see module docstring.
         cache_dtype: dtype of the sessions' tile caches (float16 halves their memory).
         check_axes: refuse uploads whose anisotropy contradicts the model's (module docstring).
@@ -72,12 +73,14 @@ class GuideModel:
 
     def __init__(self, model_folder: str, folds=(0,), checkpoint: str = "checkpoint_final.pth",
                  label=None, device: torch.device = torch.device("cpu"), axis_order: str = "zyx",
-                 cache_dtype: torch.dtype = torch.float16, check_axes: bool = True, tile_step_size: float = 0.5):
+                 cache_dtype: torch.dtype = torch.float16, check_axes: bool = True, tile_step_size: float = 0.5,
+                 license: str = "not stated"):
         self.predictor = GuidedPredictor(tile_step_size=tile_step_size, use_mirroring=False, device=device,
                                          allow_tqdm=False)
         self.predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint)
         self.layout = self.predictor.layout
         self.model_folder = model_folder
+        self.license = license
         targets = self.layout.targets
         if label is None:
             if len(targets) != 1:
@@ -312,7 +315,7 @@ class GuideModel:
             "preferred_scribble_thickness": [3, 3, 3],
             "interaction_decay": 1.0,
             "inference_session_version": "nnunet-guide",
-            "license": "!!MISSING!!",
+            "license": self.license,
             "supports_undo": True,
             "do_autozoom": bool(do_autozoom),
             # ours: what the loaded model is and serves
