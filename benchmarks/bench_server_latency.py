@@ -82,9 +82,14 @@ def main(argv=None):
         print(f"torch threads {torch.get_num_threads()}, device {args.device}, model "
               f"{args.model or 'untrained (patch 64^3, features 16-128)'}\nimage: {source}, shape {arr.shape}")
         try:
-            # ---- set_image -> automatic result -------------------------------------------------
-            t_http, t_inproc = [], []
-            for _ in range(args.repeats):
+            # ---- set_image -> automatic result; HTTP, in-process and stock interleaved (same load) ---
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(args.device),
+                                allow_tqdm=False)
+            p.initialize_from_trained_model_folder(model_dir, folds, "checkpoint_final.pth")
+            inp = os.path.dirname(image_path)
+            t_http, t_inproc, stock_times = [], [], []
+            for r in range(args.repeats):
                 c = nnInteractiveRemoteInferenceSession(url, read_timeout=600)
                 t0 = time.perf_counter()
                 c.set_image(arr, {"spacing": spacing})
@@ -98,13 +103,6 @@ def main(argv=None):
                 s.set_image(arr, {"spacing": spacing})
                 _ = s.segmentation
                 t_inproc.append(time.perf_counter() - t0)
-            stock_times = []
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-            p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(args.device),
-                                allow_tqdm=False)
-            p.initialize_from_trained_model_folder(model_dir, folds, "checkpoint_final.pth")
-            inp = os.path.dirname(image_path)
-            for r in range(args.repeats):
                 out = os.path.join(work, f"stock{r}")
                 os.makedirs(out, exist_ok=True)
                 t0 = time.perf_counter()
