@@ -188,8 +188,17 @@ def test_whole_flow_equals_in_process_session(server, guide_model, image, spacin
         np.testing.assert_array_equal(buf, auto)
         assert not c.undo()  # nothing left to undo
 
-        with pytest.raises(httpx.HTTPStatusError) as e:
-            c.add_initial_seg_interaction(np.ones(image.shape[1:], np.uint8))
+        # an initial segmentation (napari's resume) is shown until the next prediction replaces it
+        seed = np.zeros(image.shape[1:], np.uint8)
+        seed[2:5, 3:9, 4:11] = 1
+        c.add_initial_seg_interaction(seed)
+        np.testing.assert_array_equal(buf, seed)
+        c.add_point_interaction([6, 15, 16], True)
+        ref.s.reset()
+        ref.point([6, 15, 16])
+        np.testing.assert_array_equal(buf, ref.mask())
+        with pytest.raises(httpx.HTTPStatusError) as e:  # refining a given mask: refused
+            c.add_initial_seg_interaction(seed, run_prediction=True)
         assert e.value.response.status_code == 422 and "not supported" in e.value.response.json()["detail"]
     finally:
         c.close()

@@ -12,7 +12,8 @@ What a client sees (see docs/server.md for the napari walk-through):
   prompt. After a reset the next response sends the whole mask again.
 - Prompts become clicks (:mod:`nnunet_guide.core.prompts`), one undo step each; updates use
   ``GuidedSession``'s local mode. ``run_prediction=false`` queues; ``/predict`` applies.
-- ``/add_initial_seg_interaction`` is refused (422): a guide model takes no mask input.
+- A guide model takes no mask input: ``/add_initial_seg_interaction`` only records what the
+  client's buffer shows (napari's resume after a lost session); asking to refine it is 422.
 
 Errors: 401 wrong/missing API key; 410 lease gone; 503 at capacity (with ``Retry-After``); 413
 body too large; 400 malformed body; 409 call order (e.g. a prompt before ``/set_image``); 422 a
@@ -406,10 +407,33 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
 
     @app.post("/add_initial_seg_interaction")
     async def add_initial_seg(request: Request):
-        lease_of(request)
-        raise _err(422, "add_initial_seg_interaction is not supported: a guide model takes no mask as input "
-                        "(capabilities: supports_initial_label false). Refine with points, boxes, scribbles or "
-                        "lasso; the automatic segmentation is the starting point")
+        """A guide model takes no mask as input. With ``run_prediction: false`` (napari's resume
+        after a lost session) the mask is taken as what the client's buffer now shows: it stays
+        on screen and the next prediction response replaces it by the model's mask wherever they
+        differ. A request to refine it (``run_prediction: true``) is refused."""
+        lease = lease_of(request)
+        meta = _meta(request, "add_initial_seg_interaction")
+        runp = _flag(meta, "run_prediction", False, "add_initial_seg_interaction")
+        if runp:
+            raise _err(422, "add_initial_seg_interaction with run_prediction is not supported: a guide model "
+                            "takes no mask as input and cannot refine a given segmentation (capabilities: "
+                            "supports_initial_label false). Refine with points, boxes, scribbles or lasso; the "
+                            "automatic segmentation is the starting point")
+        body = await _read_body(request, limits.max_body_bytes)
+        try:
+            mask = unpack(body, limits.max_mask_voxels, "initial segmentation")
+        except WireError as e:
+            raise _err(400, str(e)) from None
+        st = lease.state
+        if st.get("shown") is None:
+            raise _err(409, "add_initial_seg_interaction: no target buffer yet: POST /set_target_buffer first")
+        if tuple(mask.shape) != st["shape"]:
+            raise _err(422, f"add_initial_seg_interaction: mask shape {list(mask.shape)} differs from the image's "
+                            f"{list(st['shape'])}")
+        st["shown"][...] = mask > 0  # what the client's buffer shows now
+        st["full"] = True
+        return Response(b"", media_type="application/octet-stream",
+                        headers={META: json.dumps({"ran_prediction": False, "bbox": None})})
 
     # ---- predict / undo ------------------------------------------------------------------------
     @app.post("/predict")
