@@ -14,8 +14,11 @@ setup(
         "connected-components-3d>=3.12",  # cc3d; nnU-Net depends on it too (via acvl-utils)
         "SimpleITK>=2.2",
         "matplotlib>=3.6",
+        "fastapi>=0.110",
+        "uvicorn>=0.27",
+        "blosc2>=2.5",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "nninteractive-client==2.6.0", "httpx>=0.24"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_guide_env=nnunet_guide.cli.env:main",
@@ -24,6 +27,7 @@ setup(
             "nnUNetv2_guide_evaluate=nnunet_guide.evaluation.cli:main",
             "nnUNetv2_guide_demo=nnunet_guide.demo:main",
             "nnUNetv2_guide_convert_lits=nnunet_guide.data.lits:main",
+            "nnUNetv2_guide_server=nnunet_guide.server.cli:main",
         ]
     },
 )

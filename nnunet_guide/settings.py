@@ -115,6 +115,13 @@ class GuideSettings:
             the model is already right. Costs one extra forward pass per round for batches that
             have such a sample. 0 (default) switches it off.
         correction_rounds: at most this many correction rounds per batch (U{1..max}).
+        p_box: probability that a clicked object's positive prompt is a box instead of a click
+            (its jittered bounding box, drawn on one slice in half of the cases), rendered as the
+            box-sized Gaussian ellipse (``Click.kind == "box"``); what the server's box prompts are.
+        p_scribble: probability that it is a stroke instead: in half of the cases a scribble
+            (the medial voxels of one cross-section), else a lasso (the cross-section's interior),
+            as clicks on a grid of half the guide's sigma (:mod:`nnunet_guide.core.prompts`).
+            Both default to 0: settings files without them load and train as before.
     """
 
     guided_labels: Optional[Tuple[Union[str, int], ...]] = None
@@ -134,6 +141,8 @@ class GuideSettings:
     validation_seed: int = 12345
     p_correction: float = 0.0
     correction_rounds: int = 1
+    p_box: float = 0.0
+    p_scribble: float = 0.0
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -142,7 +151,7 @@ class GuideSettings:
         if self.click_policy not in CLICK_POLICIES:
             raise GuideSettingsError(
                 f"unknown click policy {self.click_policy!r}; expected one of {', '.join(CLICK_POLICIES)}")
-        for name in ("p_drop", "p_negative", "p_confusable", "p_correction"):
+        for name in ("p_drop", "p_negative", "p_confusable", "p_correction", "p_box", "p_scribble"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise GuideSettingsError(f"{name} must be a probability in [0, 1], got {v!r}")
@@ -150,6 +159,9 @@ class GuideSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")
+        if self.p_box + self.p_scribble > 1.0:
+            raise GuideSettingsError(f"p_box + p_scribble must be at most 1 (they split the positive prompts), got "
+                                     f"{self.p_box} + {self.p_scribble}")
         if self.connectivity < 1:
             raise GuideSettingsError(f"connectivity must be >= 1, got {self.connectivity!r}")
         if self.correction_rounds < 1:

@@ -185,3 +185,28 @@ def test_local_update_predicts_one_patch_and_refresh_makes_it_exact(model_big_pa
     info = s.reset()
     assert info.mode == "exact" and info.tiles_predicted <= info.tiles_total
     assert torch.equal(s.logits, s.full_logits())
+
+
+def test_add_clicks_is_one_action_one_local_patch(model, image):
+    """A multi-click prompt (a short scribble) is one undo step and, in local mode, one patch;
+    queued actions change nothing until apply_pending."""
+    from nnunet_guide.core.clicks import Click
+    path, _ = image
+    s = GuidedSession(predictor(model), update="local")
+    s.set_image(path)
+    auto = s.logits.clone()
+    stroke = [Click(1, (5.0, 10.0 + i, 12.0)) for i in range(4)]
+    info = s.add_clicks(stroke, "scribble")
+    assert info.mode == "local" and info.tiles_predicted == 1 and len(s.history) == 1
+    before = s.logits.clone()
+    assert s.add_clicks([Click(1, (3.0, 25.0, 25.0), False)], "queued", run=False) is None
+    assert s.pending and torch.equal(s.logits, before)
+    assert s.apply_pending().tiles_predicted == 1 and not s.pending
+    assert not torch.equal(s.logits, before)
+    s.undo()
+    assert s.undo().tiles_predicted == 1 and not s.history
+    assert s.refresh().mode == "exact" and torch.equal(s.logits, auto)
+    assert s.memory_bytes() > s._x.numel() * 4
+    with pytest.raises(ClickFileError, match="outside"):
+        s.add_clicks([Click(1, (99.0, 0.0, 0.0))], "bad")
+    assert not s.history

@@ -252,3 +252,29 @@ def test_packed_clicks_cross_nnunets_worker_processes(nnunet_paths, monkeypatch)
     finally:
         for dl in (dl_tr, dl_val):
             dl._finish()
+
+
+def test_boxes_and_scribbles_travel_as_coordinates_and_refuse_device_selection(nnunet_paths):
+    from nnunet_guide.trainers import nnUNetTrainerGuidePrompts
+
+    class PromptsAlways(nnUNetTrainerGuidePrompts):
+        guide_settings = GuideSettings(p_drop=0.0, p_box=0.5, p_scribble=0.5)
+
+    tr = make_trainer(PromptsAlways, nnunet_paths)
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    kinds, per_sample = set(), []
+    for _ in range(3):
+        batch = tr.guided_batch(next(dl_tr))
+        for b in range(batch["data"].shape[0]):
+            clicks = unpack_clicks(batch["clicks"][b])
+            kinds |= {c.kind for c in clicks}
+            per_sample.append(len(clicks))
+            if clicks:
+                assert batch["data"][b, 1:].max() > 0.5
+    assert "box" in kinds and max(per_sample) > 2  # a box, and a scribble's several clicks
+
+    class PromptsOnDevice(PromptsAlways):
+        click_selection = "device"
+    with pytest.raises(GuideSettingsError, match="boxes and scribbles"):
+        make_trainer(PromptsOnDevice, nnunet_paths).selects_clicks_on_device

@@ -299,6 +299,32 @@ def _uniform_voxel(pool: np.ndarray, rng: np.random.Generator, tries: int = 16) 
     return int(candidates[rng.integers(len(candidates))])
 
 
+def _prompt_kinds(n: int, settings, rng: np.random.Generator) -> List[str]:
+    """Per clicked object: "point", "box" (probability ``p_box``) or "stroke" (``p_scribble``).
+    Settings without boxes and strokes draw no random number (their click streams stay as they were)."""
+    pb, ps = float(getattr(settings, "p_box", 0.0)), float(getattr(settings, "p_scribble", 0.0))
+    if pb <= 0 and ps <= 0:
+        return ["point"] * n
+    u = rng.random(n)
+    return ["box" if v < pb else "stroke" if v < pb + ps else "point" for v in u]
+
+
+def _object_prompt(lab: np.ndarray, oid: int, offset: np.ndarray, shape, target: int, kind: str,
+                   spacing, settings, rng: np.random.Generator, slice_axis: Optional[int]) -> List[Click]:
+    """A simulated box or stroke on object ``oid`` of the crop ``lab`` (placed at ``offset`` in
+    an array of ``shape``), in the full array's coordinates."""
+    from .prompts import simulate_prompt  # prompts builds on this module
+    sl = ndimage.find_objects(lab, max_label=int(oid))[int(oid) - 1]
+    obj = lab[sl] == oid
+    local = simulate_prompt(obj, target, kind, spacing, settings, rng, slice_axis)
+    shift = np.array([s.start for s in sl]) + np.asarray(offset)
+    out = []
+    for c in local:
+        pos = tuple(float(p + o) for p, o in zip(c.position, shift))
+        out.append(Click(c.target, pos, c.positive, c.sigma, c.kind))
+    return out
+
+
 def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
                            settings, rng: np.random.Generator, ignore_label: Optional[int] = None,
                            slice_axis: Optional[int] = None) -> List[Click]:
@@ -309,6 +335,9 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
     positive click each (``settings.click_policy``; centre perturbed as in the original work), and
     with probability ``settings.p_negative`` U{1..max_negative_clicks} negative clicks land on
     other foreground classes (confusable, probability ``p_confusable``) or on background.
+    A clicked object's positive prompt is a box with probability ``settings.p_box`` and a
+    scribble or lasso with probability ``settings.p_scribble`` (:func:`nnunet_guide.core.prompts.
+    simulate_prompt`): the prompts the interactive server accepts, all as clicks.
 
     Args:
         seg: label map (spatial axes only); values < 0 count as background.
@@ -329,9 +358,14 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
         if n:
             k = int(rng.integers(1, n + 1))
             chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
-            clicks += object_clicks(lab, chosen, t, spacing, settings.click_policy, rng,
+            kinds = _prompt_kinds(len(chosen), settings, rng)
+            points = [oid for oid, kind in zip(chosen, kinds) if kind == "point"]
+            clicks += object_clicks(lab, points, t, spacing, settings.click_policy, rng,
                                     perturb=settings.perturb_center, min_sigma=settings.min_object_sigma,
-                                    offset=offset, shape=seg.shape)
+                                    offset=offset, shape=seg.shape) if points else []
+            for oid, kind in zip(chosen, kinds):
+                if kind != "point":
+                    clicks += _object_prompt(lab, oid, offset, seg.shape, t, kind, spacing, settings, rng, slice_axis)
         if settings.negatives and settings.max_negative_clicks > 0 and rng.random() < settings.p_negative:
             n_neg = int(rng.integers(1, settings.max_negative_clicks + 1))
             confusable = (seg > 0) & ~mask

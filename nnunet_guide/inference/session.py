@@ -171,8 +171,7 @@ class GuidedSession:
         self._n_img = n_img
         self._x = torch.zeros((n_img + n_guide, *padded.shape[1:]), dtype=torch.float32)
         self._x[:n_img] = padded
-        self._guides = self._guide_block([])
-        self._x[n_img:] = self._guides
+        self._x[n_img:] = self._guide_block([])  # the guides live in _x only (no second copy)
         self._slicers = p._internal_get_sliding_window_slicers(tuple(padded.shape[1:]))
         self._bounds = [self._tile_bounds(s) for s in self._slicers]
         patch = tuple(int(v) for v in p.configuration_manager.patch_size)
@@ -191,6 +190,7 @@ class GuidedSession:
         self._cache: List[Optional[torch.Tensor]] = [None] * len(self._slicers)
         self._actions = []
         self._applied: List[Click] = []  # the clicks the logits were last updated for
+        self._group_moved = False  # next local update: one window for all moved clicks if they fit
         for t in range(len(self._slicers)):
             self._cache[t] = self._predict_tile(t)
         self._current = torch.zeros_like(self._sum)
@@ -233,8 +233,7 @@ class GuidedSession:
         t0 = time.perf_counter()
         clicks = self._all_clicks()
         new = self._guide_block(clicks)
-        changed = (new != self._guides).any(0)
-        self._guides = new
+        changed = (new != self._x[self._n_img:]).any(0)
         moved = [c for c in clicks if c not in self._applied] + [c for c in self._applied if c not in clicks]
         self._applied = list(clicks)
         if not changed.any():
@@ -245,7 +244,9 @@ class GuidedSession:
         self._x[self._n_img:] = new
         overlapping = {t for t, (lo, hi) in enumerate(self._bounds)
                        if all(l < ch and h > cl for l, h, cl, ch in zip(lo, hi, clo, chi))}
-        windows = [self._click_window(c) for c in moved] if self.update == "local" else []
+        group, self._group_moved = self._group_moved, False
+        windows = (self._local_windows(moved) if group else [self._click_window(c) for c in moved]
+                   ) if self.update == "local" else []
         if 0 < len(windows) < len(overlapping):
             self._stale |= overlapping
             self._pending += windows
@@ -291,6 +292,24 @@ class GuidedSession:
             start = min(max(int(round(p + 0.5 - ps / 2)), 0), n - ps)
             window.append((start, start + ps))
         return tuple(window)
+
+    def _local_windows(self, moved: Sequence[Click]) -> List[Tuple[Tuple[int, int], ...]]:
+        """Windows of a local update of one multi-click action (added or undone): one patch centred
+        on its clicks when they all fit in half a patch (a short scribble, a small lasso), else one
+        per click."""
+        if len(moved) > 1:
+            pos = np.array([c.position for c in moved], float)
+            patch = np.array([int(v) for v in self.predictor.configuration_manager.patch_size], float)
+            lo, hi = pos.min(0), pos.max(0)
+            ext = hi - lo
+            if self._is_2d:
+                same_slice = ext[0] == 0
+                ext = ext[1:]
+            else:
+                same_slice = True
+            if same_slice and np.all(ext <= 0.5 * patch):
+                return [self._click_window(Click(moved[0].target, tuple((lo + hi) / 2), True))]
+        return [self._click_window(c) for c in moved]
 
     def _blend_local(self, window) -> Tuple[Tuple[int, int], ...]:
         """Predict one window and blend it into the current logits (weight 1 over the central
@@ -443,13 +462,62 @@ class GuidedSession:
             self._actions.pop()
             raise
 
+    def add_clicks(self, clicks: Sequence[Click], description: str = "clicks", run: bool = True
+                   ) -> Optional[UpdateInfo]:
+        """Add several clicks (preprocessed coordinates, as :attr:`clicks` holds them) as one
+        action: one undo step (a box, a scribble, a lasso). With ``run=False`` the action is only
+        queued; :meth:`apply_pending` (or the next run) updates the segmentation."""
+        self._require_image()
+        clicks = list(clicks)
+        n = len(self.preprocessed_shape)
+        for c in clicks:
+            if not 0 <= c.target < len(self.layout.targets):
+                raise ClickFileError(f"{description}: click target {c.target} out of range "
+                                     f"({len(self.layout.targets)} guided classes)")
+            if len(c.position) != n or not self.geometry.inside(np.array([c.position], float))[0]:
+                raise ClickFileError(f"{description}: preprocessed position {list(c.position)} is outside the "
+                                     f"preprocessed image of shape {self.preprocessed_shape}")
+        self._actions.append(_Action(description, clicks))
+        if not run:
+            return None
+        self._group_moved = len(clicks) > 1
+        try:
+            return self._apply_clicks()
+        except BaseException:
+            self._actions.pop()
+            raise
+
+    @property
+    def pending(self) -> bool:
+        """Whether queued actions (``run=False``) have not been applied yet."""
+        return self._image_loaded and self._all_clicks() != self._applied
+
+    def apply_pending(self) -> UpdateInfo:
+        """Update the segmentation for queued actions (nothing to do: no tile predicted)."""
+        self._require_image()
+        self._group_moved = True
+        return self._apply_clicks()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by this session's arrays (input + guides, tile cache, blended logits,
+        weights, segmentation); 0 without an image."""
+        if not self._image_loaded:
+            return 0
+        n = sum(t.numel() * t.element_size() for t in (self._x, self._sum, self._current,
+                                                        self._weights))
+        n += sum(t.numel() * t.element_size() for t in self._cache if t is not None)
+        if self._seg is not None:
+            n += self._seg.nbytes
+        return int(n)
+
     def undo(self) -> UpdateInfo:
         """Remove the last click (no-op without clicks)."""
         self._require_image()
         if not self._actions:
             self.last_update = UpdateInfo(0, len(self._slicers), None, 0.0)
             return self.last_update
-        self._actions.pop()
+        removed = self._actions.pop()
+        self._group_moved = len(removed.clicks) > 1
         return self._apply_clicks()
 
     def reset(self) -> UpdateInfo:

@@ -85,15 +85,16 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     guide_settings: Optional[GuideSettings] = GuideSettings()
     #: run the guided validation pass (validation_guided/) at the end of training
     guided_validation: bool = True
-    #: click rows per training sample (the loader stacks samples, so all get the same number)
-    max_clicks_per_sample: int = 256
+    #: click rows per training sample (the loader stacks samples, so all get the same number;
+    #: a simulated scribble is up to 64 clicks; 4096 rows are 144 KiB per 3D sample)
+    max_clicks_per_sample: int = 4096
     #: where training clicks are chosen: "loader" (nnU-Net's augmentation workers, numpy/scipy; the
     #: clicks travel in the batch as coordinates) or "device" (the train/validation step, torch, on
     #: the training device; the loader stays plain nnU-Net's). Measured on an H100
     #: (benchmarks/bench_pipeline_overhead.py): choosing on the device costs 8-19 ms of every step,
     #: in the loader 1.5-5 ms of one worker's batch, so "loader" is the default; "device" suits
-    #: machines with few CPU cores per GPU. Region-based datasets and the "interior" click policy
-    #: need "loader".
+    #: machines with few CPU cores per GPU. Region-based datasets, the "interior" click policy and
+    #: simulated boxes/scribbles need "loader".
     click_selection: str = "loader"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -151,11 +152,14 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     @property
     def selects_clicks_on_device(self) -> bool:
         g = self.layout.guide
-        if g is None or self.label_manager.has_regions or g.click_policy not in DEVICE_POLICIES:
-            if self.click_selection == "device" and g is not None:
-                raise GuideSettingsError(
-                    f"click_selection='device' is not available for {'region-based datasets' if self.label_manager.has_regions else 'click policy ' + repr(g.click_policy)}; "
-                    f"use 'loader'")
+        if g is None:
+            return False
+        unsupported = ("region-based datasets" if self.label_manager.has_regions else
+                       f"click policy {g.click_policy!r}" if g.click_policy not in DEVICE_POLICIES else
+                       "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else None)
+        if unsupported is not None:
+            if self.click_selection == "device":
+                raise GuideSettingsError(f"click_selection='device' is not available for {unsupported}; use 'loader'")
             return False
         if self.click_selection not in ("device", "loader"):
             raise GuideSettingsError(f"click_selection must be 'loader' or 'device', got {self.click_selection!r}")

@@ -68,6 +68,21 @@ class nnUNetTrainerGuideTumorCorrection(nnUNetTrainerGuide):
     guide_settings = GuideSettings(**TUMOR, **CORRECTION)
 
 
+# ---- viewer prompts: boxes, scribbles, lasso (what nnUNetv2_guide_server accepts) ---------
+PROMPTS = dict(p_box=0.25, p_scribble=0.25)
+
+
+class nnUNetTrainerGuidePrompts(nnUNetTrainerGuide):
+    """A clicked object's prompt is a box in 25% of the cases and a scribble or lasso in 25%
+    (clicks otherwise): the network sees every prompt the interactive server accepts."""
+    guide_settings = GuideSettings(**PROMPTS)
+
+
+class nnUNetTrainerGuideTumorPrompts(nnUNetTrainerGuide):
+    """nnUNetTrainerGuideTumor with boxes, scribbles and lasso (see nnUNetTrainerGuidePrompts)."""
+    guide_settings = GuideSettings(**TUMOR, **PROMPTS)
+
+
 # ---- short runs (CPU tests, demos, benchmarks) ---------------------------------------------
 def _short_schedule(trainer: nnUNetTrainer) -> None:
     """Few epochs and iterations, read from NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS."""
@@ -108,3 +123,8 @@ class nnUNetTrainerGuideTumorShort(nnUNetTrainerGuideShort):
 class nnUNetTrainerGuideTumorCorrectionShort(nnUNetTrainerGuideShort):
     """nnUNetTrainerGuideTumorCorrection with the short schedule."""
     guide_settings = nnUNetTrainerGuideTumorCorrection.guide_settings
+
+
+class nnUNetTrainerGuideTumorPromptsShort(nnUNetTrainerGuideShort):
+    """nnUNetTrainerGuideTumorPrompts with the short schedule."""
+    guide_settings = nnUNetTrainerGuideTumorPrompts.guide_settings
