@@ -125,17 +125,19 @@ def test_old_settings_load_and_keep_their_click_stream():
         GuideSettings(p_box=-0.1)
 
 
-def test_prompt_trainer_settings_render_in_the_training_transform():
+def test_prompt_trainer_settings_travel_through_the_training_transform_and_render():
     import torch
+    from nnunet_guide.core.encoding import render_guide_batch, unpack_clicks
     from nnunet_guide.trainers.variants import nnUNetTrainerGuidePrompts
-    from nnunet_guide.transforms import GuideChannelsTransform
+    from nnunet_guide.transforms import CLICKS_KEY, SimulateClicksTransform
     st = nnUNetTrainerGuidePrompts.guide_settings.replace(p_drop=0.0, p_box=0.5, p_scribble=0.5)
-    tr = GuideChannelsTransform(st, [(1,), (2,)], SP)
+    tr = SimulateClicksTransform(st, [(1,), (2,)], SP, capacity=1024)
     seg = torch.from_numpy(blob_seg()[None].astype(np.int16))
     np.random.seed(0)
     kinds = set()
     for _ in range(6):
-        out = tr(image=torch.zeros((1, *seg.shape[1:])), segmentation=seg)
-        assert out["image"].shape == (5, *seg.shape[1:]) and out["image"][1:].max() > 0.5
-        kinds |= {c.kind for c in tr.get_parameters(segmentation=seg)["clicks"]}
+        packed = tr(image=torch.zeros((1, *seg.shape[1:])), segmentation=seg)[CLICKS_KEY]
+        guides = render_guide_batch(packed[None], seg.shape[1:], SP, st, 2)
+        assert guides.shape == (1, 4, *seg.shape[1:]) and guides.max() > 0.5
+        kinds |= {c.kind for c in unpack_clicks(packed)}
     assert kinds == {"box", "point"}
