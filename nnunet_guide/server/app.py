@@ -358,29 +358,27 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
 
         return await run(work, lease)
 
+    async def json_prompt(request: Request, what: str, key: str, expected: str, to_clicks, label: str):
+        """A prompt whose geometry is a JSON list ``body[key]`` (points and boxes)."""
+        lease = lease_of(request)
+        body = _json_obj(await _read_body(request, 1 << 16), what)
+        geometry = body.get(key)
+        if not isinstance(geometry, list):
+            raise _err(422, f"{what}: {key!r} must be {expected}, got {geometry!r}")
+        pos = _flag(body, "include_interaction", True, what)
+        runp = _flag(body, "run_prediction", True, what)
+        return await prompt(request, lease, lambda s: to_clicks(s, geometry, pos),
+                            f"{'+' if pos else '-'}{label} {geometry}", runp)
+
     @app.post("/add_point_interaction")
     async def add_point(request: Request):
-        lease = lease_of(request)
-        body = _json_obj(await _read_body(request, 1 << 16), "add_point_interaction")
-        coords = body.get("coordinates")
-        if not isinstance(coords, list):
-            raise _err(422, f"add_point_interaction: 'coordinates' must be a list [x, y, z], got {coords!r}")
-        pos = _flag(body, "include_interaction", True, "add_point_interaction")
-        runp = _flag(body, "run_prediction", True, "add_point_interaction")
-        return await prompt(request, lease, lambda s: model.point_clicks(s, coords, pos),
-                            f"{'+' if pos else '-'}point {coords}", runp)
+        return await json_prompt(request, "add_point_interaction", "coordinates", "a list [x, y, z]",
+                                 model.point_clicks, "point")
 
     @app.post("/add_bbox_interaction")
     async def add_bbox(request: Request):
-        lease = lease_of(request)
-        body = _json_obj(await _read_body(request, 1 << 16), "add_bbox_interaction")
-        box = body.get("bbox_coords")
-        if not isinstance(box, list):
-            raise _err(422, f"add_bbox_interaction: 'bbox_coords' must be [[x0, x1], [y0, y1], [z0, z1]], got {box!r}")
-        pos = _flag(body, "include_interaction", True, "add_bbox_interaction")
-        runp = _flag(body, "run_prediction", True, "add_bbox_interaction")
-        return await prompt(request, lease, lambda s: model.bbox_clicks(s, box, pos),
-                            f"{'+' if pos else '-'}box {box}", runp)
+        return await json_prompt(request, "add_bbox_interaction", "bbox_coords", "[[x0, x1], [y0, y1], [z0, z1]]",
+                                 model.bbox_clicks, "box")
 
     async def mask_prompt(request: Request, kind: str) -> Response:
         lease = lease_of(request)
