@@ -15,7 +15,6 @@ import torch
 from nnInteractive.inference.remote import (ServerAtCapacityError, SessionExpiredError,
                                             nnInteractiveRemoteInferenceSession)
 
-from nnunet_guide.core.prompts import PromptError
 from nnunet_guide.inference.predictor import ensure_trainers_discoverable
 from nnunet_guide.server import cli
 from nnunet_guide.server.app import ServerLimits, create_app

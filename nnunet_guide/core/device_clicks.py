@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .clicks import MAD_TO_SIGMA
-from .encoding import CLICK_KINDS, _POS, _TARGET, packed_width
+from .encoding import CLICK_KINDS, _TARGET, packed_width
 
 DEVICE_POLICIES = ("center", "random")
 
