@@ -157,23 +157,16 @@ def measure(pp, args, device):
         tr.train_step(batches[name][0])
         sync(device)
 
-    def steps(name):
+    def per_batch(name, method):
         def job():
             for b in batches[name]:
-                trainers[name].train_step(b)
+                getattr(trainers[name], method)(b)
             sync(device)
             return len(batches[name])
         return job
-    step = timed_rounds({name: steps(name) for name in trainers}, args.rounds)
-
-    def prepare(name):
-        def job():
-            for b in batches[name]:
-                trainers[name].guided_batch(b)
-            sync(device)
-            return len(batches[name])
-        return job
-    prep = timed_rounds({name: prepare(name) for name in ("guide/loader", "guide/device")}, args.rounds)
+    step = timed_rounds({name: per_batch(name, "train_step") for name in trainers}, args.rounds)
+    prep = timed_rounds({name: per_batch(name, "guided_batch") for name in ("guide/loader", "guide/device")},
+                        args.rounds)
     print(f"train step, plain nnU-Net:         {step['plain'] * 1000:8.1f} ms/step")
     for name, what in (("guide/loader", "rendering the guides"), ("guide/device", "choosing + rendering")):
         print(f"train step, {name + ':':22s} {step[name] * 1000:8.1f} ms/step ({what} on {device.type} "
@@ -182,17 +175,15 @@ def measure(pp, args, device):
         print(f"RATIO train step {name}/plain: {step[name] / step['plain']:.3f}")
         print(f"RATIO full iteration {name}/plain (single-threaded loader + step): "
               f"{(load[name] + step[name]) / (load['plain'] + step['plain']):.3f}")
-    batches["guide"] = batches["guide/loader"]
-    trainers["guide"] = guide
 
     # 3. one correction round vs one forward pass of the same (all chosen) samples
     corr = make_trainer(CorrectEverySample, pp, args.plans, args.configuration, initialize=True, device=device)
-    corr.network.load_state_dict(trainers["guide"].network.state_dict())
-    guided = [corr.guided_batch(b) for b in batches["guide"]]
+    corr.network.load_state_dict(guide.network.state_dict())
+    guided = [corr.guided_batch(b) for b in batches["guide/loader"]]
 
-    def forward():
+    def forward():  # as the correction round runs it: eval mode, no gradients, autocast on a GPU
         corr.network.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
             for g in guided:
                 corr.network(g["data"])
         sync(device)

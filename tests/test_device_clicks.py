@@ -82,7 +82,7 @@ def test_drop_perturbation_negatives_and_ignore_label():
     seg = constructed_batch()
     g = torch.Generator().manual_seed(0)
     dropped = sum(int(click_counts(select_training_clicks(torch.from_numpy(seg), [(2,)], GuideSettings(p_drop=0.5),
-                                                          g)).eq(0).sum()) if True else 0 for _ in range(100))
+                                                          g)).eq(0).sum()) for _ in range(100))
     assert 70 < dropped < 130  # 200 samples, half dropped
     s = GuideSettings(p_drop=0.0, p_negative=1.0, max_negative_clicks=3, p_confusable=1.0)
     for seed in range(10):

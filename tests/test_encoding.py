@@ -153,7 +153,7 @@ def test_packing_rejects_what_cannot_be_rendered():
 
 def test_a_large_box_does_not_widen_the_windows_of_small_clicks():
     """Clicks are bucketed by window size: a whole-image box next to many small clicks gives the
-    reference maps (and runs in bounded memory)."""
+    reference maps."""
     s = GuideSettings(encoding="gaussian", sigma_mm=1.0)
     shape = (40, 64, 64)
     clicks = [box_click(0, (0, 0, 0), shape)] + [Click(1, (20.0, float(i), float(i))) for i in range(0, 64, 3)]

@@ -43,9 +43,9 @@ class Click:
     kind: str = "point"
 
 
-#: sigma of a box's Gaussian ellipse per box side length (voxels): the original work's users dragged
-#: an ellipse over the object and its Gaussian had sigma = 0.37 x the axis length
-BOX_SIGMA_PER_SIDE = 0.37
+#: sigma of an object-sized Gaussian per object diameter or box side (the original work's users
+#: dragged an ellipse over the object; its Gaussian had sigma = 0.37 x the axis length)
+OBJECT_SIGMA_PER_DIAMETER = 0.37
 
 
 def box_click(target: int, lower: Sequence[float], upper: Sequence[float], positive: bool = True,
@@ -62,7 +62,7 @@ def box_click(target: int, lower: Sequence[float], upper: Sequence[float], posit
     if lo.shape != hi.shape or np.any(hi <= lo) or not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)):
         raise ValueError(f"a box needs finite lower < upper per axis, got lower {tuple(lo)} and upper {tuple(hi)}")
     center = (lo + hi - 1) / 2
-    sigma = np.maximum(BOX_SIGMA_PER_SIDE * (hi - lo), min_sigma)
+    sigma = np.maximum(OBJECT_SIGMA_PER_DIAMETER * (hi - lo), min_sigma)
     return Click(int(target), tuple(float(v) for v in center), bool(positive), tuple(float(v) for v in sigma), "box")
 
 

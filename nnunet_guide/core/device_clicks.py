@@ -30,15 +30,16 @@ from .encoding import CLICK_KINDS, _TARGET, packed_width
 DEVICE_POLICIES = ("center", "random")
 
 
-def _kernels(ndim: int, connectivity: int):
-    """Max-pool kernel sizes whose union is the neighbourhood of ``connectivity`` (as in
-    ``scipy.ndimage.generate_binary_structure``): faces only; faces and edges (the union of the
-    three axis-aligned 3x3 squares); the full 3^ndim cube."""
+def _diagonal_kernels(ndim: int, connectivity: int):
+    """Max-pool kernel sizes that add the diagonal links of ``connectivity`` (as in
+    ``scipy.ndimage.generate_binary_structure``) to the face links the runs already follow: none
+    for faces only; the union of the three axis-aligned 3x3 squares for faces and edges in 3D; the
+    full 3^ndim cube for full connectivity."""
     conn = int(min(max(connectivity, 1), ndim))
+    if conn == 1:
+        return []
     if conn == ndim:
         return [(3,) * ndim]
-    if conn == 1:
-        return [tuple(3 if a == b else 1 for b in range(ndim)) for a in range(ndim)]
     return [tuple(1 if a == b else 3 for b in range(ndim)) for a in range(ndim)]  # 3D, connectivity 2
 
 
@@ -78,7 +79,7 @@ def label_components(mask: torch.Tensor, connectivity: int = 2, max_rounds: int 
     dtype = torch.float32 if mask.numel() < (1 << 24) else torch.float64  # exact integers for max-pooling
     zero = torch.zeros((), dtype=torch.long, device=mask.device)
     labels = torch.where(mask, torch.arange(1, mask.numel() + 1, device=mask.device).view(mask.shape), zero)
-    kernels = _kernels(ndim, connectivity) if connectivity > 1 else []
+    kernels = _diagonal_kernels(ndim, connectivity)
     for _ in range(max_rounds):
         before = labels
         for a in range(1, ndim + 1):

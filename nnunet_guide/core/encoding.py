@@ -21,12 +21,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .clicks import Click
+from .clicks import OBJECT_SIGMA_PER_DIAMETER, Click  # noqa: F401  (re-exported: click files, evaluation)
 
 EPS = 1e-3  # maps are cut to zero below this value
-#: object_gaussian sigma of a user's click per object diameter (the original work's users dragged an
-#: ellipse; its Gaussian had sigma = 0.37 x the axis length)
-OBJECT_SIGMA_PER_DIAMETER = 0.37
 CLICK_KINDS = ("point", "box")
 #: the reach of an object-sized Gaussian in sigmas: exp(-r^2 / 2) = EPS
 _GAUSS_REACH = math.sqrt(2 * math.log(1 / EPS))
