@@ -33,8 +33,9 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..core.clicks import validation_clicks
+from ..core.consistency import consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
-from ..core.encoding import append_clicks, num_guide_channels, render_guide_batch, render_guides
+from ..core.encoding import append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides
 from ..core.user_sim import correction_clicks
 from ..network import GuidedNetwork
 from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
@@ -76,6 +77,26 @@ def guided_dataset_class(base_cls, layout: ChannelLayout, spacing, slice_axis: O
 
     _GuidedValidationDataset.__name__ = f"Guided{base_cls.__name__}"
     return _GuidedValidationDataset
+
+
+class GuideConsistencyLoss(nn.Module):
+    """nnU-Net's loss plus ``weight`` x the guide consistency term
+    (:func:`nnunet_guide.core.consistency.consistency_penalty`) of the current training batch,
+    whose automatic reference the trainer sets around nnU-Net's ``train_step`` (None otherwise:
+    validation steps get nnU-Net's loss unchanged)."""
+
+    def __init__(self, loss: nn.Module, weight: float, regions: bool):
+        super().__init__()
+        self.loss, self.weight, self.regions = loss, float(weight), regions
+        self.reference: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+
+    def forward(self, output, target):
+        loss = self.loss(output, target)
+        if self.reference is None:
+            return loss
+        rows, automatic, far = self.reference
+        out = output[0] if isinstance(output, (list, tuple)) else output
+        return loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
 
 
 class nnUNetTrainerGuide(nnUNetTrainer):
@@ -232,7 +253,39 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         g = self.layout.guide
         if g is not None and g.p_correction > 0:
             self.add_correction_clicks(batch)
-        return super().train_step(batch)
+        if not isinstance(self.loss, GuideConsistencyLoss):
+            return super().train_step(batch)
+        self.loss.reference = self.automatic_reference(batch)
+        try:
+            return super().train_step(batch)
+        finally:
+            self.loss.reference = None
+
+    def _build_loss(self):
+        loss = super()._build_loss()
+        g = self.layout.guide
+        if g is None or g.consistency_weight <= 0:
+            return loss
+        return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions)
+
+    @torch.no_grad()
+    def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For the consistency term: the guided samples of a :meth:`guided_batch` (indices), the
+        network's automatic output of them (guides removed, full resolution, no gradient) and the
+        voxels no guide reaches; None when no sample has a guide."""
+        rows = torch.nonzero(click_counts(batch["clicks"]) > 0).flatten()
+        if rows.numel() == 0:
+            return None
+        rows = rows.to(self.device)
+        gi = self.layout.guide_channel_indices
+        data = batch["data"][rows]
+        no_guide = self.layout.guide.no_guide_value
+        far = far_from_guides(data[:, gi[0]:gi[-1] + 1], no_guide)
+        data[:, gi[0]:gi[-1] + 1] = no_guide
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            out = self.network(data)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return rows, out.float(), far
 
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step(self.guided_batch(batch))

@@ -1,0 +1,338 @@
+"""Training study for issue 12: which guide training makes every click help, keeps automatic mode at
+plain nnU-Net's quality, and teaches clicks early. Trains the variants of a study file (nnU-Net's own
+``nnUNetv2_train``, several at once), then measures each on its folds' held-out cases.
+
+    python benchmarks/click_study.py prepare ROOT                 # hippocampus (24 cases) + LiTS slabs raw/preprocessed
+    python benchmarks/click_study.py run benchmarks/studies/hippocampus.json --root ROOT/hippocampus --out OUT \\
+        [--epochs 20 --iters 25 --save-every 5] [--parallel 4 --da-workers 3] [--device cuda] [-n 3] [--deadline S]
+
+A study file names the dataset, plans, configuration, base ``GuideSettings`` and jobs; each job is
+plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide variant (trainer
+``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``), on its
+``folds``. All jobs share the schedule (``--epochs`` x ``--iters``). Per job and fold it uses:
+
+- nnU-Net's own validation of the fold (``validation/summary.json``, 0 clicks) and the guide
+  trainer's guided validation (``validation_guided/summary.json``, one click per object): automatic
+  Dice against plain nnU-Net's (paired by fold, mean +- sd over folds) and one-click gain;
+- ``nnUNetv2_guide_evaluate`` (simulated user, ``-n`` click steps, and ``--start box`` where the job
+  asks for it) on the fold's validation cases for every saved checkpoint: harmful-click fraction,
+  largest fall, lesions lost per click and on a click at another lesion, far-Dice change, and the
+  click gain against training length.
+
+Prints the tables and writes ``OUT/study.json`` and ``OUT/study.md``; asserts nothing. Finished
+trainings and evaluations are reused when run again (resumable); ``--deadline`` stops starting new
+work after that many seconds so the tables of what finished are still written.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from click_harm import report_lines  # noqa: E402
+
+PLAIN_TRAINER, GUIDE_TRAINER = "nnUNetTrainerStudy", "nnUNetTrainerGuideStudy"
+TRAIN = ("from nnunetv2.run.run_training import run_training_entry as m; import sys; "
+         "sys.argv[0] = 'nnUNetv2_train'; m()")
+
+
+# ---- data ----------------------------------------------------------------------------------
+def prepare(root: str) -> None:
+    """nnU-Net raw + preprocessed folders under ROOT/hippocampus (24 cases of ../shared/data, default
+    plans) and ROOT/lits (LiTS case 117 in 8 slabs, default plans + the demo's small CPU plans)."""
+    from nnunet_guide import testing as T
+    from nnunet_guide.data.lits import load_lits117, write_slab_dataset
+    from nnunet_guide.demo import prepare_plans
+    if not T.shared_data_dir():
+        raise SystemExit("../shared/data (or $NNUNET_GUIDE_SHARED_DATA) is needed for the real scans")
+    env = T.nnunet_env(os.path.join(root, "hippocampus"))
+    T.copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
+    T.plan_and_preprocess(4, env)
+    env = T.nnunet_env(os.path.join(root, "lits"))
+    write_slab_dataset(load_lits117(allow_download=False, allow_phantom=False), env["nnUNet_raw"], 117, n_slabs=8)
+    T.plan_and_preprocess(117, env)
+    print(prepare_plans(os.path.join(env["nnUNet_preprocessed"], "Dataset117_LiTS117Slabs"), "3d_fullres"))
+    for pp in (os.path.join(root, "hippocampus", "nnUNet_preprocessed", "Dataset004_Hippocampus"),
+               os.path.join(env["nnUNet_preprocessed"], "Dataset117_LiTS117Slabs")):
+        write_splits(pp)
+
+
+def write_splits(pp_folder: str) -> None:
+    """nnU-Net's default 5-fold split (what its trainer writes on first use), written up front so
+    the study knows every fold's held-out cases before training."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    ids = sorted({n.split(".")[0] for n in os.listdir(os.path.join(pp_folder, "gt_segmentations"))})
+    with open(os.path.join(pp_folder, "splits_final.json"), "w") as f:
+        json.dump(generate_crossval_split(ids, seed=12345, n_splits=5), f, indent=1)
+
+
+# ---- jobs ----------------------------------------------------------------------------------
+class Study:
+    def __init__(self, spec: dict, root: str, out: str, a):
+        self.spec, self.root, self.out, self.a = spec, os.path.abspath(root), os.path.abspath(out), a
+        self.dataset = str(spec["dataset"])
+        self.plans = spec.get("plans", "nnUNetPlans")
+        self.config = spec.get("configuration", "3d_fullres")
+        raw = os.path.join(self.root, "nnUNet_raw")
+        prefix = f"Dataset{int(self.dataset):03d}_"
+        self.name = next(d for d in sorted(os.listdir(raw)) if d.startswith(prefix))
+        self.raw = os.path.join(raw, self.name)
+        with open(os.path.join(self.root, "nnUNet_preprocessed", self.name, "splits_final.json")) as f:
+            self.splits = json.load(f)
+        self.t0 = time.time()
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+
+    def late(self) -> bool:
+        return self.a.deadline is not None and time.time() - self.t0 > self.a.deadline
+
+    def model_folder(self, job: dict) -> str:
+        trainer = PLAIN_TRAINER if job.get("plain") else GUIDE_TRAINER
+        return os.path.join(self.out, "results", slug(job["name"]), self.name, f"{trainer}__{self.plans}__{self.config}")
+
+    def env(self, job: dict) -> Dict[str, str]:
+        from nnunet_guide.cli.env import env_value
+        options = {k: job[k] for k in ("oversample",) if k in job}
+        if not job.get("plain"):
+            options["settings"] = {**self.spec.get("base", {}), **job.get("settings", {})}
+        return {**os.environ, "nnUNet_raw": os.path.join(self.root, "nnUNet_raw"),
+                "nnUNet_preprocessed": os.path.join(self.root, "nnUNet_preprocessed"),
+                "nnUNet_results": os.path.join(self.out, "results", slug(job["name"])),
+                "nnUNet_extTrainer": env_value(os.environ.get("nnUNet_extTrainer", "")),
+                "nnUNet_compile": "false", "nnUNet_n_proc_DA": str(self.a.da_workers),
+                "nnUNet_def_n_proc": str(max(1, self.a.da_workers)), "PYTHONUNBUFFERED": "1",
+                "NNUNET_GUIDE_EPOCHS": str(self.a.epochs), "NNUNET_GUIDE_ITERS": str(self.a.iters),
+                "NNUNET_GUIDE_VAL_ITERS": str(self.a.val_iters), "NNUNET_GUIDE_SAVE_EVERY": str(self.a.save_every),
+                "NNUNET_GUIDE_STUDY": json.dumps(options)}
+
+    def _run(self, cmd: List[str], env: Dict[str, str], log: str) -> bool:
+        with open(log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if rc != 0:
+            with open(log) as f:
+                tail = f.readlines()[-8:]
+            print(f"  FAILED ({rc}): {' '.join(cmd[-8:])}; log {log}:\n    " + "    ".join(tail), flush=True)
+        return rc == 0
+
+    def train(self, job: dict, fold: int) -> Optional[str]:
+        fold_dir = os.path.join(self.model_folder(job), f"fold_{fold}")
+        if os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
+            return fold_dir
+        if self.late():
+            return None
+        t = time.time()
+        trainer = PLAIN_TRAINER if job.get("plain") else GUIDE_TRAINER
+        ok = self._run([sys.executable, "-c", TRAIN, self.dataset, self.config, str(fold), "-tr", trainer,
+                        "-p", self.plans, "-device", self.a.device], self.env(job),
+                       os.path.join(self.out, "logs", f"train_{slug(job['name'])}_f{fold}.log"))
+        print(f"  trained {job['name']} fold {fold} in {time.time() - t:.0f} s ({'ok' if ok else 'failed'}) "
+              f"[{time.time() - self.t0:.0f} s]", flush=True)
+        return fold_dir if ok else None
+
+    def checkpoints(self, fold_dir: str) -> List[str]:
+        names = [n for n in os.listdir(fold_dir) if n.startswith("checkpoint_epoch") and n.endswith(".pth")]
+        names.sort(key=lambda n: int(n[len("checkpoint_epoch"):-4]))
+        return names + ["checkpoint_final.pth"]
+
+    def evaluate(self, job: dict, fold: int, chk: str, start: str) -> Optional[dict]:
+        out = os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", f"{chk[:-4]}_{start}")
+        res = os.path.join(out, "results.json")
+        if not os.path.isfile(res):
+            if self.late():
+                return None
+            cases = sorted(self.splits[fold]["val"])
+            cmd = [sys.executable, "-m", "nnunet_guide.evaluation.cli", "-m", self.model_folder(job), "-f", str(fold),
+                   "-chk", chk, "-i", os.path.join(self.raw, "imagesTr"), "-r", os.path.join(self.raw, "labelsTr"),
+                   "-o", out, "-n", str(self.a.clicks), "--start", start, "--cases", *cases, "--overlays", "0",
+                   "--device", self.a.device]
+            for c in self.spec.get("classes", []):
+                cmd += ["--class", c]
+            if not self._run(cmd, self.env(job), os.path.join(self.out, "logs", f"eval_{slug(job['name'])}_f{fold}_"
+                                                                                   f"{chk[:-4]}_{start}.log")):
+                return None
+        with open(res) as f:
+            return json.load(f)["summary"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def validation_dice(fold_dir: Optional[str], sub: str) -> Dict[str, float]:
+    """Per-class mean Dice of an nnU-Net validation summary (``validation`` or ``validation_guided``)."""
+    path = os.path.join(fold_dir or "", sub, "summary.json")
+    if not fold_dir or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        s = json.load(f)
+    return {str(k): v["Dice"] for k, v in s["mean"].items()} | {"mean": s["foreground_mean"]["Dice"]}
+
+
+def mean_sd(values: List[float]):
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not v:
+        return None, None
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd
+
+
+def pooled(rows: List[dict]) -> dict:
+    """Harm figures of one job/checkpoint/class pooled over folds (weighted by clicks)."""
+    n = sum(r["clicks"] for r in rows)
+    w = lambda key: (sum(r[key] * r["clicks"] for r in rows if r[key] is not None) / n) if n else None  # noqa: E731
+    return {"clicks": n, "harmful_fraction": w("harmful_fraction"), "gain_per_click": w("gain_per_click"),
+            "lesions_lost_per_click": w("lesions_lost_per_click"),
+            "lesions_lost_elsewhere": sum(r["lesions_lost_elsewhere"] or 0 for r in rows),
+            "largest_fall": max((r["largest_fall"] or 0.0 for r in rows), default=None),
+            "far_dice_change_mean": w("far_dice_change_mean"),
+            "auto": mean_sd([r["auto"] for r in rows])[0],
+            "gain_first_click_step": mean_sd([r["gain_first_click_step"] for r in rows])[0],
+            "dice_n": mean_sd([r["dice_n"] for r in rows])[0], "folds": len(rows)}
+
+
+def f3(v, sign=False):
+    return "-" if v is None else (f"{v:+.3f}" if sign else f"{v:.3f}")
+
+
+def f4(v):
+    return "-" if v is None else f"{v:+.4f}"
+
+
+def run(a) -> int:
+    with open(a.study) as f:
+        spec = json.load(f)
+    study = Study(spec, a.root, a.out, a)
+    jobs = spec["jobs"]
+    for j in jobs:
+        j.setdefault("folds", [0])
+    n_train = sum(len(j["folds"]) for j in jobs)
+    print(f"study {a.study}: {study.name}, {study.plans} {study.config}, {len(jobs)} jobs / {n_train} trainings of "
+          f"{a.epochs} x {a.iters} iterations on {a.device}, {a.parallel} at once", flush=True)
+
+    # 1. trainings (plain first: every guide job is compared with it)
+    with cf.ThreadPoolExecutor(a.parallel) as pool:
+        trained = {(j["name"], f): pool.submit(study.train, j, f) for j in jobs for f in j["folds"]}
+        trained = {k: v.result() for k, v in trained.items()}
+
+    # 2. evaluations: final checkpoints first, then the earlier ones (click gain against length)
+    work = []
+    for j in jobs:
+        if j.get("plain"):
+            continue
+        for f in j["folds"]:
+            if trained[(j["name"], f)] is None:
+                continue
+            chks = study.checkpoints(trained[(j["name"], f)])
+            for start in j.get("starts", ["clicks"]):
+                work.append((0, j, f, chks[-1], start))
+            if j.get("curve"):
+                work += [(1, j, f, c, "clicks") for c in chks[:-1]]
+    work.sort(key=lambda w: w[0])
+    with cf.ThreadPoolExecutor(a.parallel) as pool:
+        evals = {(j["name"], f, c, s): pool.submit(study.evaluate, j, f, c, s) for _, j, f, c, s in work}
+        evals = {k: v.result() for k, v in evals.items()}
+
+    # 3. tables
+    result = {"study": spec, "schedule": {"epochs": a.epochs, "iters": a.iters, "device": a.device,
+                                          "clicks": a.clicks}, "validation": {}, "harm": {}, "curve": {}}
+    lines = [f"# {spec.get('title', study.name)}", "",
+             f"{study.name}, plans {study.plans} {study.config}, {a.epochs} x {a.iters} iterations per training, "
+             f"device {a.device}; {time.time() - study.t0:.0f} s", ""]
+    plain = next((j for j in jobs if j.get("plain")), None)
+    plain_val = {f: validation_dice(trained[(plain["name"], f)], "validation")
+                 for f in plain["folds"] if trained.get((plain["name"], f))} if plain else {}
+    lines += ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
+              "Per class (label value or region as nnU-Net's summary names it) and the foreground mean; mean +- sd "
+              "over folds; auto - plain is paired by fold.", "",
+              "| job | class | folds | auto Dice | auto - plain | guided Dice | gain of one click per object |",
+              "|---|---|---|---|---|---|---|"]
+    ms = lambda t, s=False: "-" if t[0] is None else f"{f3(t[0], s)} +- {t[1]:.3f}"  # noqa: E731
+    for j in jobs:
+        per_fold = {f: trained[(j["name"], f)] for f in j["folds"] if trained[(j["name"], f)]}
+        auto = {f: validation_dice(d, "validation") for f, d in per_fold.items()}
+        guided = {f: validation_dice(d, "validation_guided") for f, d in per_fold.items()}
+        for key in sorted({k for v in auto.values() for k in v}, key=lambda k: (k == "mean", k)):
+            a_ = {f: v[key] for f, v in auto.items() if key in v}
+            g_ = {f: v[key] for f, v in guided.items() if key in v}
+            row = {"auto": mean_sd(list(a_.values())),
+                   "auto_minus_plain": mean_sd([a_[f] - plain_val[f][key] for f in a_
+                                                if key in plain_val.get(f, {})]),
+                   "guided": mean_sd(list(g_.values())), "gain": mean_sd([g_[f] - a_[f] for f in g_ if f in a_]),
+                   "per_fold_auto": a_, "per_fold_guided": g_}
+            result["validation"].setdefault(j["name"], {})[key] = row
+            lines.append(f"| {j['name']} | {key} | {len(a_)} | {ms(row['auto'])} | "
+                         f"{ms(row['auto_minus_plain'], True)} | {ms(row['guided'])} | {ms(row['gain'], True)} |")
+
+    lines += ["", f"## Simulated user, {a.clicks} click steps on the held-out cases (pooled over folds)", "",
+              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` the box is step 1); "
+              "AUC is the evaluation's area under that curve.", "",
+              "| job | start | checkpoint | class | clicks | Dice per step | AUC | gain 1st click step | gain/click | "
+              "harmful | largest fall | lesions lost/click | lost elsewhere | far-Dice change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for j in jobs:
+        if j.get("plain"):
+            continue
+        keys = sorted({(c, s) for (n, f, c, s) in evals if n == j["name"]},
+                      key=lambda cs: (cs[1], int(cs[0][16:-4]) if cs[0].startswith("checkpoint_epoch") else 10 ** 9))
+        for chk, start in keys:
+            summaries = [evals[(j["name"], f, chk, start)] for f in j["folds"] if evals.get((j["name"], f, chk, start))]
+            rows = [r for s in summaries for r in report_lines(s, chk)]
+            for cname in sorted({r["class"] for r in rows}):
+                p = pooled([r for r in rows if r["class"] == cname])
+                curves = [s["guided"][cname]["mean_dice"] for s in summaries]
+                p["dice_per_step"] = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
+                p["auc"] = mean_sd([s["guided"][cname].get("mean_auc") for s in summaries])[0]
+                result["harm"].setdefault(j["name"], []).append({"start": start, "checkpoint": chk, "class": cname,
+                                                                 **p})
+                steps = " / ".join(f"{v:.3f}" for v in p["dice_per_step"])
+                lines.append(f"| {j['name']} | {start} | {chk[:-4]} | {cname} | {p['clicks']} | {steps} | {f3(p['auc'])} | "
+                             f"{f3(p['gain_first_click_step'], True)} | {f3(p['gain_per_click'], True)} | "
+                             f"{f3(p['harmful_fraction'])} | {f3(p['largest_fall'])} | "
+                             f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
+                             f"{f4(p['far_dice_change_mean'])} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, flush=True)
+    with open(os.path.join(study.out, "study.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(study.out, "study.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="build the hippocampus and LiTS slab datasets under ROOT")
+    pp.add_argument("root")
+    pr = sub.add_parser("run", help="train and measure a study")
+    pr.add_argument("study", help="study file (benchmarks/studies/*.json)")
+    pr.add_argument("--root", required=True, help="folder with the dataset's nnUNet_raw and nnUNet_preprocessed")
+    pr.add_argument("--out", required=True, help="results, evaluations, logs and the tables go here")
+    pr.add_argument("--epochs", type=int, default=20)
+    pr.add_argument("--iters", type=int, default=25, help="iterations per epoch (default 25: the demo's 500 in all)")
+    pr.add_argument("--val-iters", type=int, default=2, help="nnU-Net's pseudo-Dice iterations per epoch")
+    pr.add_argument("--save-every", type=int, default=5, help="extra checkpoint every N epochs (curve jobs)")
+    pr.add_argument("--parallel", type=int, default=1, help="trainings/evaluations at once (default 1)")
+    pr.add_argument("--da-workers", type=int, default=0, help="nnU-Net augmentation workers per training")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("-n", "--clicks", type=int, default=3, help="click steps of the simulated user (default 3)")
+    pr.add_argument("--deadline", type=float, help="start no new training/evaluation after this many seconds")
+    a = p.parse_args(argv)
+    if a.cmd == "prepare":
+        prepare(a.root)
+        return 0
+    return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

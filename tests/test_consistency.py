@@ -1,0 +1,83 @@
+"""The guide consistency term (GuideSettings.consistency_weight): far from every guide, the guided
+output must equal the automatic one."""
+import numpy as np
+import pytest
+import torch
+
+from nnunet_guide import testing as T
+from nnunet_guide.core.consistency import consistency_penalty, far_from_guides
+from nnunet_guide.settings import GuideSettings, GuideSettingsError
+from nnunet_guide.trainers.guide import GuideConsistencyLoss, nnUNetTrainerGuide
+
+
+def test_penalty_is_the_mean_squared_probability_change_over_far_voxels():
+    logits = torch.zeros(1, 2, 1, 3)          # p = (0.5, 0.5) everywhere
+    ref = torch.zeros(1, 2, 1, 3)
+    ref[0, 0, 0, 1] = np.log(3.0)             # q = (0.75, 0.25) at voxel 1
+    ref[0, 0, 0, 2] = np.log(3.0)             # ... and at voxel 2, which is near a guide
+    far = torch.tensor([[[True, True, False]]])
+    # voxel 0: no change; voxel 1: 0.25^2 * 2; voxel 2 is not counted -> mean over 2 far voxels
+    assert consistency_penalty(logits, ref, far).item() == pytest.approx((0.0 + 0.125) / 2)
+    # regions: per-channel sigmoid instead of softmax
+    ref_r = torch.zeros(1, 1, 1, 2)
+    ref_r[0, 0, 0, 1] = 10.0
+    far_r = torch.ones(1, 1, 2, dtype=torch.bool)
+    expected = (torch.sigmoid(torch.tensor(10.0)) - 0.5).item() ** 2 / 2
+    assert consistency_penalty(torch.zeros(1, 1, 1, 2), ref_r, far_r, regions=True).item() == pytest.approx(expected)
+    assert consistency_penalty(logits, ref, torch.zeros_like(far)).item() == 0.0
+
+
+def test_penalty_has_gradient_only_through_the_guided_output():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    ref = torch.randn(2, 3, 4, 4, requires_grad=True)
+    consistency_penalty(logits, ref, torch.ones(2, 4, 4, dtype=torch.bool)).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert ref.grad is None
+
+
+def test_far_from_guides_uses_the_no_click_value():
+    g = torch.full((1, 2, 3), 0.5)
+    g[0, 1, 2] = 0.7
+    assert far_from_guides(g, GuideSettings(offset_half=True).no_guide_value).tolist() == [[True, True, False]]
+
+
+def test_weight_is_checked():
+    with pytest.raises(GuideSettingsError, match="consistency_weight"):
+        GuideSettings(consistency_weight=-1.0)
+    with pytest.raises(GuideSettingsError, match="consistency_weight"):
+        GuideSettings.from_dict({"consistency_weight": True})
+
+
+def test_loss_wrapper_adds_the_weighted_term_only_with_a_reference():
+    base = lambda out, tgt: out[0].float().mean() * 0 + 1.0  # noqa: E731
+    loss = GuideConsistencyLoss(base, 2.0, regions=False)
+    out = [torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 1)]
+    assert float(loss(out, None)) == 1.0
+    ref = torch.zeros(1, 2, 1, 3)
+    ref[0, 0, 0, 1] = np.log(3.0)
+    loss.reference = (torch.tensor([1]), ref, torch.ones(1, 1, 3, dtype=torch.bool))
+    assert float(loss(out, None)) == pytest.approx(1.0 + 2.0 * 0.125 / 3)
+
+
+class Consistent(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(consistency_weight=1.0, p_drop=0.0, encoding="ball", ball_radius_mm=2.0)
+
+
+def test_trainer_step_with_the_consistency_term(nnunet_paths, one_torch_thread):
+    tr = T.make_trainer(Consistent, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    assert isinstance(tr.loss, GuideConsistencyLoss)
+    dl_tr, _ = tr.get_dataloaders()
+    batch = tr.guided_batch(next(dl_tr))
+    rows, automatic, far = tr.automatic_reference(batch)
+    assert rows.tolist() == np.flatnonzero(
+        (batch["clicks"][..., 0] >= 0).sum(-1).numpy() > 0).tolist() and len(rows) > 0
+    gi = tr.layout.guide_channel_indices
+    guides = batch["data"][rows][:, gi[0]:gi[-1] + 1]
+    assert torch.equal(far, (guides == 0).all(1)) and (~far).any() and far.any()
+    unguided = batch["data"][rows].clone()
+    unguided[:, gi[0]:gi[-1] + 1] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(automatic, tr.network(unguided)[0].float())  # the model's own automatic output
+    out = tr.train_step(next(dl_tr))
+    assert np.isfinite(out["loss"]) and tr.loss.reference is None  # cleared for validation steps
