@@ -389,3 +389,34 @@ def test_wire_roundtrip_and_limits():
         unpack(pack(a), max_voxels=10)
     with pytest.raises(WireError, match="truncated"):
         unpack(pack(a)[:-5])
+
+
+def test_napari_remote_headless(tmp_path):
+    """napari-nninteractive's Remote mode against the server, headless, driven through the plugin's
+    widget (benchmarks/napari_remote_headless.py, untrained network: the plumbing). Needs Xvfb and an
+    interpreter with napari, napari-nninteractive, napari-nifti and a Qt binding: this one, or the one
+    $NNUNET_GUIDE_NAPARI_PYTHON names (e.g. the venv of the script's docstring); skipped otherwise."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from nnunet_guide import testing as T
+    python = os.environ.get("NNUNET_GUIDE_NAPARI_PYTHON", sys.executable)
+    if shutil.which("xvfb-run") is None or T.shared_data_dir() is None:
+        pytest.skip("needs xvfb-run and the shared LiTS case")
+    probe = subprocess.run([python, "-c", "import napari, napari_nninteractive, napari_nifti, qtpy.QtWidgets"],
+                           check=False, capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{python} lacks napari / napari-nninteractive / napari-nifti / a Qt binding")
+    script = os.path.join(T.REPO_ROOT, "benchmarks", "napari_remote_headless.py")
+    out = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", python, script,
+                          "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "label layer 0 voxels" in log            # Initialize: the buffer is empty until a prediction
+    assert "Run without a prompt (the automatic mask)" in log and "one positive point" in log
+    for call in ("/set_image", "/predict", "/add_point_interaction", "/release"):
+        assert f'"POST {call} HTTP/1.1" 200' in log, call
+    for png in ("napari_remote_automatic.png", "napari_remote_one_click.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
