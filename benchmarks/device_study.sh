@@ -14,24 +14,22 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 nnUNet_compile=false
 tar -xJf .studypack/study.tar.xz -C /tmp || exit 1
 nvidia-smi -L | tee "$out/gpu.txt"
 nproc >> "$out/gpu.txt"
-run() {  # name parallel da_workers extra...
+run() {  # study [click_study.py run options...]
   local d=$1; shift
   python3 benchmarks/click_study.py run benchmarks/studies/$d.json --root /tmp/.study/$d --out /tmp/study/$d \
     --device cuda --deadline "$budget" "$@" > "$out/$d.txt" 2>&1
 }
-run hippocampus --parallel 3 --da-workers 3 &
-run lits --parallel 2 --da-workers 2 &
-wait
-for d in hippocampus lits; do
-  s=/tmp/study/$d
-  mkdir -p "$out/$d"
-  cp "$s"/study.md "$s"/study.json "$out/$d/" 2>/dev/null
-  (cd "$s" && find eval -name results.json -o -name report.md -o -name clicks.csv | tar -cf - -T - | tar -xf - -C "$out/$d")
-  (cd "$s" && find results \( -path "*validation*/summary.json" -o -name "training_log*.txt" -o -name progress.png \) \
-     | tar -cf - -T - | tar -xf - -C "$out/$d")
-  (cd "$s" && tar -cf - logs | tar -xf - -C "$out/$d")
-done
-# the LiTS models (small plans: well under a MB each) for the napari screenshots and later evaluation
-(cd /tmp/study/lits && find results \( -name plans.json -o -name dataset.json -o -name guide_settings.json \
-   -o -name "checkpoint_final.pth" \) | tar -cf - -T - | tar -xf - -C "$out/lits")
-du -sh "$out"
+if [ -n "${ONLY_HIPPOCAMPUS:-}" ]; then  # a second, short run: these hippocampus jobs on fold 0
+  run hippocampus --parallel 4 --da-workers 3 --folds 0 --only $ONLY_HIPPOCAMPUS
+else
+  run hippocampus --parallel 3 --da-workers 3 &
+  run lits --parallel 2 --da-workers 2 &
+  wait
+fi
+# one archive (the device tool brings back only a few files): tables, summaries, evaluation results,
+# logs, and the small LiTS models (small plans: well under a MB each) for the napari screenshots
+cd /tmp/study && find . \( -name study.md -o -name study.json -o -name results.json -o -name report.md \
+  -o -name clicks.csv -o -path "*validation*/summary.json" -o -name "training_log*.txt" -o -path "./*/logs/*" \
+  -o \( -path "./lits/results/*" \( -name plans.json -o -name dataset.json -o -name guide_settings.json \
+  -o -name checkpoint_final.pth \) \) \) -type f | tar -czf "$out/study.tgz" -T -
+ls -la "$out"
