@@ -3,7 +3,7 @@
 What a new user does, driven through the plugin's own widget (no protocol calls of ours):
 open the LiTS CT with the napari-nifti reader, dock the nnInteractive widget, switch to Remote,
 give the URL, press Initialize; then Manual Control: untick Auto run, press Run (the automatic
-mask); tick Auto run and place one positive point on the largest tumour (through the plugin's point
+mask); tick Auto run and place one positive point inside the largest tumour part that the automatic mask misses (through the plugin's point
 layer). A screenshot after each step, and the label layer's voxel counts.
 
 Needs a display: run under Xvfb (Debian package ``xvfb``) with a Qt binding, e.g. in a venv that
@@ -143,34 +143,42 @@ def main(argv=None):
                   f"(label {int(tumour.sum())} voxels)")
             return int(m.sum())
 
-        # the click target: the voxel nearest the centre of the largest tumour, in the layer's array
-        comps, n = ndimage.label(tumour)
-        big = np.argmax(ndimage.sum(np.ones_like(comps), comps, range(1, n + 1))) + 1
-        vox = np.argwhere(comps == big)
-        target = vox[np.argmin(((vox - vox.mean(0)) ** 2).sum(1))]
-        print(f"largest tumour: {len(vox)} voxels, centre (layer array index) {target.tolist()}")
-        # show the slice through it (dims work in world coordinates: the layer's scale is negative)
-        world = image_layer.data_to_world(np.asarray(target, float))
-        viewer.dims.set_point(0, float(world[0]))
-        viewer.reset_view()
-        app.processEvents()
         # the automatic mask: Manual Control, untick Auto run, Run
         w.auto_run_ckbx.setChecked(False)
         t0 = time.time()
         w.on_run()
         app.processEvents()
         auto = report("Run without a prompt (the automatic mask)", time.time() - t0)
+        auto_mask = np.asarray(label_layer.data) > 0
+        # the click a user makes: inside the largest part of the tumour the automatic mask misses (its most
+        # interior voxel), in the layer's array; the largest tumour if nothing is missed
+        missed = tumour & ~auto_mask
+        region = missed if missed.any() else tumour
+        comps, n = ndimage.label(region)
+        big = np.argmax(ndimage.sum(np.ones_like(comps), comps, range(1, n + 1))) + 1
+        depth = ndimage.distance_transform_edt(comps == big)
+        target = np.array(np.unravel_index(np.argmax(depth), depth.shape))
+        print(f"click target: {'missed tumour' if missed.any() else 'tumour'} component of {int((comps == big).sum())} "
+              f"voxels (of {int(missed.sum())} missed), its most interior voxel (layer array index) {target.tolist()}")
+        # show the slice through it (dims work in world coordinates: the layer's scale is negative)
+        world = image_layer.data_to_world(np.asarray(target, float))
+        viewer.dims.set_point(0, float(world[0]))
+        viewer.reset_view()
         app.processEvents()
         viewer.screenshot(os.path.join(args.out, "napari_remote_automatic.png"), canvas_only=False)
         w.auto_run_ckbx.setChecked(True)
-        # one positive point on the largest tumour, through the plugin's point layer
+        # one positive point inside the missed tumour, through the plugin's point layer
         w.interaction_button._check(0)
         w.on_interaction_selected()
         t0 = time.time()
         viewer.layers[w.point_layer_name].add(np.asarray(target, float))
         app.processEvents()
         after = report("one positive point", time.time() - t0)
-        print(f"mask {auto} -> {after} voxels")
+        now = np.asarray(label_layer.data) > 0
+        z = int(target[0])
+        print(f"mask {auto} -> {after} voxels: {int((now & ~auto_mask).sum())} added, {int((auto_mask & ~now).sum())} "
+              f"removed; on the shown slice {z}: {int(auto_mask[z].sum())} -> {int(now[z].sum())}; clicked voxel "
+              f"in the mask: {bool(auto_mask[tuple(target)])} -> {bool(now[tuple(target)])}")
         app.processEvents()
         viewer.screenshot(os.path.join(args.out, "napari_remote_one_click.png"), canvas_only=False)
         viewer.close()  # the plugin releases its lease
