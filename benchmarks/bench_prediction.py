@@ -31,15 +31,19 @@ import statistics
 import tempfile
 import time
 
+import sys
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnunet_guide.inference.click_io import ClickSpec
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+
+import helpers as T  # noqa: E402
+from nnunet_guide.inference.click_io import ClickSpec  # noqa: E402
 from nnunet_guide.inference.predictor import GuidedPredictor, ensure_trainers_discoverable
 from nnunet_guide.inference.session import GuidedSession
 from nnunet_guide.settings import PLANS_KEY, GuidedTarget, GuideSettings, build_layout, save_layout
-from nnunet_guide import testing as T
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
                 "file_ending": ".nii.gz", "numTraining": 0}

@@ -48,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
-    from nnunet_guide import testing as T
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    import helpers as T
     ct = os.path.join(T.shared_data_dir(), "lits117", "ct.nii.gz")
     lab_path = os.path.join(T.shared_data_dir(), "lits117", "label.nii.gz")
     work = tempfile.mkdtemp(prefix="napari_remote_")
@@ -61,7 +62,7 @@ def main(argv=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "nnunet_guide.server.cli", "-m", model, "-f", "0", "--label",
+    server = subprocess.Popen([sys.executable, "-m", "nnunet_guide.cli.server", "-m", model, "-f", "0", "--label",
                                args.label, "--port", str(port), "--threads", str(args.threads)],
                               stdout=open(os.path.join(work, "server.log"), "w"), stderr=subprocess.STDOUT)
     os.makedirs(args.out, exist_ok=True)

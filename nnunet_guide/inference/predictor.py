@@ -39,18 +39,12 @@ from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from ..core.clicks import Click
 from ..core.encoding import guide_channel_index, render_guides
+from ..paths import ensure_trainers_discoverable, trainers_visible  # noqa: F401 (ensure_...: former home)
 from ..settings import ChannelLayout, GuideSettingsError, layout_from_plans, load_layout, write_json_atomic
 from .click_io import (ClickSpec, ClicksByCase, as_specs, check_cases, check_labels,
                        clicks_argument, resolve_clicks, spec_to_raw)
 
 CLICKS_RECORD = "guide_clicks.json"  # the clicks a run used, written next to its outputs
-
-
-def ensure_trainers_discoverable() -> None:
-    """Add nnunet_guide's trainer folder to ``nnUNet_extTrainer`` of this process (what
-    ``eval "$(nnUNetv2_guide_env)"`` does for a shell), so nnU-Net finds the trainer by name."""
-    from ..cli.env import env_value
-    os.environ["nnUNet_extTrainer"] = env_value(os.environ.get("nnUNet_extTrainer", ""))
 
 
 def first_conv_in_channels(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
@@ -182,9 +176,9 @@ class GuidedPredictor(nnUNetPredictor):
         check every fold's first convolution against the layout."""
         layout = load_layout(model_training_output_dir)
         self._require_guides(layout, model_training_output_dir)
-        ensure_trainers_discoverable()
         try:
-            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+            with trainers_visible():  # nnU-Net looks the trainer up by name (nnUNet_extTrainer)
+                super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         except RuntimeError as e:
             if "size mismatch" not in str(e):
                 raise

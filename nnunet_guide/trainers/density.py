@@ -26,7 +26,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from ..core.density import DensityError, DensityOptions, density_channels, validate_histograms
 from ..density_network import EXTRA_KEY, FiLMConditioner, build_density_module, density_layout_extra
-from ..preprocessing.plan import PLANS_DENSITY_KEY
+from ..preprocessing.density_plans import PLANS_DENSITY_KEY
 from ..settings import ChannelLayout, GuideSettings, resolve_targets
 from .guide import nnUNetTrainerGuide
 from .variants import _short_schedule
