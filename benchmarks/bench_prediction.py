@@ -177,14 +177,11 @@ def main(argv=None):
         forward_s = statistics.median(fw)
 
         # full re-prediction with all clicks from the preprocessed case (+ export)
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         data, props = guided.preprocess(image)
 
         def full(cl):
             pre = guided.clicks_to_preprocessed(cl, "case", props, data.shape[1:])
-            logits = guided.predict_logits_from_preprocessed_data(guided.add_guides(data, pre, props))
-            return convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits.cpu(), guided.plans_manager, guided.configuration_manager, guided.label_manager, props)
+            return guided.segmentation_from_logits(guided.predict_preprocessed(data, props, pre), props)
 
         tf = [timed(lambda: full(clicks))[0] for _ in range(args.repeats)]
         full_s = statistics.median(tf)

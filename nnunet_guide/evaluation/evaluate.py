@@ -18,7 +18,6 @@ import json
 import os
 import random
 import time
-from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -227,7 +226,6 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         predictor: a GuidedPredictor after ``initialize_from_trained_model_folder``.
         images: case id -> the case's channel files.
     """
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from ..inference.click_io import ClickSpec
     layout = predictor.layout
     cache: Dict[str, Any] = {}
@@ -248,11 +246,8 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         if boxes:
             pre_clicks += boxes_to_preprocessed(boxes, props, predictor.plans_manager.transpose_forward,
                                                 data.shape[1:])
-        logits = predictor.predict_logits_from_preprocessed_data(predictor.add_guides(data, pre_clicks, props))
-        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits.cpu(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
-            deepcopy(props))
-        return np.asarray(seg)
+        return np.asarray(predictor.segmentation_from_logits(predictor.predict_preprocessed(data, props, pre_clicks),
+                                                             props))
 
     predict.predictor = predictor
     return predict
