@@ -22,12 +22,12 @@ setup(
     entry_points={
         "console_scripts": [
             "nnUNetv2_guide_env=nnunet_guide.cli.env:main",
-            "nnUNetv2_guide_plan=nnunet_guide.preprocessing.plan:main",
-            "nnUNetv2_predict_guided=nnunet_guide.inference.cli:main",
-            "nnUNetv2_guide_evaluate=nnunet_guide.evaluation.cli:main",
-            "nnUNetv2_guide_demo=nnunet_guide.demo:main",
-            "nnUNetv2_guide_convert_lits=nnunet_guide.data.lits:main",
-            "nnUNetv2_guide_server=nnunet_guide.server.cli:main",
+            "nnUNetv2_guide_plan=nnunet_guide.cli.plan:main",
+            "nnUNetv2_predict_guided=nnunet_guide.cli.predict:main",
+            "nnUNetv2_guide_evaluate=nnunet_guide.cli.evaluate:main",
+            "nnUNetv2_guide_demo=nnunet_guide.cli.demo:main",
+            "nnUNetv2_guide_convert_lits=nnunet_guide.cli.convert_lits:main",
+            "nnUNetv2_guide_server=nnunet_guide.cli.server:main",
         ]
     },
 )

@@ -77,9 +77,10 @@ def main(argv=None):
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args(argv)
 
-    from nnunet_guide import testing as T
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    import helpers as T
     from nnunet_guide.data.lits import load_lits117, write_slab_dataset
-    from nnunet_guide.preprocessing.plan import plan_density
+    from nnunet_guide.preprocessing.density_plans import plan_density
 
     os.makedirs(args.work, exist_ok=True)
     env = T.nnunet_env(args.work, {"NNUNET_GUIDE_EPOCHS": str(args.epochs), "NNUNET_GUIDE_ITERS": str(args.iters),

@@ -35,7 +35,8 @@ os.environ.setdefault("nnUNet_compile", "false")
 
 
 def build_dataset(root, which):
-    from nnunet_guide import testing as T
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    import helpers as T
     env = T.nnunet_env(os.path.join(root, which))
     if which == "hippocampus" and T.shared_data_dir():
         T.copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
@@ -102,7 +103,8 @@ def timed_rounds(jobs, rounds):
 def measure(pp, args, device):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_guide.settings import GuideSettings
-    from nnunet_guide.testing import make_trainer
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    from helpers import make_trainer
     from nnunet_guide.trainers import nnUNetTrainerGuide
     from nnunet_guide.transforms import SimulateClicksTransform
 

@@ -31,15 +31,19 @@ import statistics
 import tempfile
 import time
 
+import sys
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from nnunet_guide.inference.click_io import ClickSpec
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+
+import helpers as T  # noqa: E402
+from nnunet_guide.inference.click_io import ClickSpec  # noqa: E402
 from nnunet_guide.inference.predictor import GuidedPredictor, ensure_trainers_discoverable
 from nnunet_guide.inference.session import GuidedSession
 from nnunet_guide.settings import PLANS_KEY, GuidedTarget, GuideSettings, build_layout, save_layout
-from nnunet_guide import testing as T
 
 DATASET_JSON = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "tumor": 2},
                 "file_ending": ".nii.gz", "numTraining": 0}
@@ -173,14 +177,11 @@ def main(argv=None):
         forward_s = statistics.median(fw)
 
         # full re-prediction with all clicks from the preprocessed case (+ export)
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
         data, props = guided.preprocess(image)
 
         def full(cl):
             pre = guided.clicks_to_preprocessed(cl, "case", props, data.shape[1:])
-            logits = guided.predict_logits_from_preprocessed_data(guided.add_guides(data, pre, props))
-            return convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits.cpu(), guided.plans_manager, guided.configuration_manager, guided.label_manager, props)
+            return guided.segmentation_from_logits(guided.predict_preprocessed(data, props, pre), props)
 
         tf = [timed(lambda: full(clicks))[0] for _ in range(args.repeats)]
         full_s = statistics.median(tf)

@@ -45,7 +45,8 @@ def measure(case: str, dtype: str, ct_shape, work: str) -> dict:
     from bench_prediction import untrained_model
     from nnunet_guide.inference.predictor import ensure_trainers_discoverable
     from nnunet_guide.server.service import GuideModel
-    from nnunet_guide import testing as T
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    import helpers as T
     torch.set_num_threads(1)
     ensure_trainers_discoverable()
     if case == "lits":

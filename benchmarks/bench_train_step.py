@@ -41,7 +41,8 @@ def build_dataset(root):
 
 
 def make_trainer(cls, pp, plans_name, configuration):
-    from nnunet_guide.testing import make_trainer as build
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
+    from helpers import make_trainer as build
     return build(cls, pp, plans_name, configuration, initialize=True)
 
 
@@ -66,7 +67,7 @@ def main(argv=None):
         os.environ.setdefault("nnUNet_raw", os.path.join(os.path.dirname(root), "nnUNet_raw"))
         os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="nnunet_guide_bench_results_"))
 
-    from nnunet_guide.preprocessing.plan import plan_density
+    from nnunet_guide.preprocessing.density_plans import plan_density
     from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideCorrection, nnUNetTrainerGuideDensity
 
     density_plans = args.plans + "_density"

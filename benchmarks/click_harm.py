@@ -151,11 +151,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
 
-    from nnunet_guide.evaluation import cli
+    from nnunet_guide.cli import evaluate as evaluate_command
+    from nnunet_guide.evaluation.evaluate import find_cases
     folds = [f if f == "all" else int(f) for f in a.f]
     with open(os.path.join(a.guide, "dataset.json")) as f:
         dj = json.load(f)
-    found = cli.find_cases(a.images, a.reference, dj["file_ending"], len(dj["channel_names"]))
+    found = find_cases(a.images, a.reference, dj["file_ending"], len(dj["channel_names"]))
     if a.max_cases:
         found = found[:a.max_cases]
     cases = [c[0] for c in found]
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
                      "--overlays", "0", "--device", a.device]
         for spec in a.extra_classes:
             argv_eval += ["--class", spec]
-        rc = cli.main(argv_eval)
+        rc = evaluate_command.main(argv_eval)
         if rc != 0:
             return rc
         with open(os.path.join(out, "results.json")) as f:

@@ -48,17 +48,20 @@ TRAIN = ("from nnunetv2.run.run_training import run_training_entry as m; import 
 def prepare(root: str) -> None:
     """nnU-Net raw + preprocessed folders under ROOT/hippocampus (24 cases of ../shared/data, default
     plans) and ROOT/lits (LiTS case 117 in 8 slabs, default plans + the demo's small CPU plans)."""
-    from nnunet_guide import testing as T
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from helpers import copy_hippocampus_subset  # the tests' fixture: the same 24 cases
     from nnunet_guide.data.lits import load_lits117, write_slab_dataset
     from nnunet_guide.demo import prepare_plans
-    if not T.shared_data_dir():
+    from nnunet_guide.paths import shared_data_dir
+    from nnunet_guide.runner import nnunet_env, plan_and_preprocess
+    if not shared_data_dir():
         raise SystemExit("../shared/data (or $NNUNET_GUIDE_SHARED_DATA) is needed for the real scans")
-    env = T.nnunet_env(os.path.join(root, "hippocampus"))
-    T.copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
-    T.plan_and_preprocess(4, env)
-    env = T.nnunet_env(os.path.join(root, "lits"))
+    env = nnunet_env(os.path.join(root, "hippocampus"))
+    copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
+    plan_and_preprocess(4, env)
+    env = nnunet_env(os.path.join(root, "lits"))
     write_slab_dataset(load_lits117(allow_download=False, allow_phantom=False), env["nnUNet_raw"], 117, n_slabs=8)
-    T.plan_and_preprocess(117, env)
+    plan_and_preprocess(117, env)
     print(prepare_plans(os.path.join(env["nnUNet_preprocessed"], "Dataset117_LiTS117Slabs"), "3d_fullres"))
     for pp in (os.path.join(root, "hippocampus", "nnUNet_preprocessed", "Dataset004_Hippocampus"),
                os.path.join(env["nnUNet_preprocessed"], "Dataset117_LiTS117Slabs")):
@@ -98,14 +101,14 @@ class Study:
         return os.path.join(self.out, "results", slug(job["name"]), self.name, f"{trainer}__{self.plans}__{self.config}")
 
     def env(self, job: dict) -> Dict[str, str]:
-        from nnunet_guide.cli.env import env_value
+        from nnunet_guide.paths import trainer_search_path
         options = {k: job[k] for k in ("oversample",) if k in job}
         if not job.get("plain"):
             options["settings"] = {**self.spec.get("base", {}), **job.get("settings", {})}
         return {**os.environ, "nnUNet_raw": os.path.join(self.root, "nnUNet_raw"),
                 "nnUNet_preprocessed": os.path.join(self.root, "nnUNet_preprocessed"),
                 "nnUNet_results": os.path.join(self.out, "results", slug(job["name"])),
-                "nnUNet_extTrainer": env_value(os.environ.get("nnUNet_extTrainer", "")),
+                "nnUNet_extTrainer": trainer_search_path(os.environ.get("nnUNet_extTrainer", "")),
                 "nnUNet_compile": "false", "nnUNet_n_proc_DA": str(self.a.da_workers),
                 "nnUNet_def_n_proc": str(max(1, self.a.da_workers)), "PYTHONUNBUFFERED": "1",
                 "NNUNET_GUIDE_EPOCHS": str(self.a.epochs), "NNUNET_GUIDE_ITERS": str(self.a.iters),
@@ -150,7 +153,7 @@ class Study:
             if self.late():
                 return None
             cases = sorted(self.splits[fold]["val"])
-            cmd = [sys.executable, "-m", "nnunet_guide.evaluation.cli", "-m", self.model_folder(job), "-f", str(fold),
+            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job), "-f", str(fold),
                    "-chk", chk, "-i", os.path.join(self.raw, "imagesTr"), "-r", os.path.join(self.raw, "labelsTr"),
                    "-o", out, "-n", str(self.a.clicks), "--start", start, "--cases", *cases, "--overlays", "0",
                    "--device", self.a.device]

@@ -21,7 +21,7 @@ import torch
 
 from nnunet_guide.core.clicks import interior_point, label_objects
 from nnunet_guide.inference.predictor import GuidedPredictor
-from nnunet_guide.testing import shared_data_dir
+from nnunet_guide.paths import shared_data_dir
 
 
 def voxel_click(array_index, label, positive):

@@ -60,7 +60,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
     sys.path.insert(0, REPO)  # the repository's package, also when it is not installed in this interpreter
-    from nnunet_guide import testing as T
+    from nnunet_guide import paths as T
     if T.shared_data_dir() is None:
         raise SystemExit("needs the LiTS case: ../shared/data/lits117/ beside the repository, "
                          "or $NNUNET_GUIDE_SHARED_DATA")
@@ -78,7 +78,7 @@ def main(argv=None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(os.path.join(work, "server.log"), "w")  # noqa: SIM115 (the server's lifetime)
-    server = subprocess.Popen([sys.executable, "-m", "nnunet_guide.server.cli", "-m", model, "-f", "0", "--label",
+    server = subprocess.Popen([sys.executable, "-m", "nnunet_guide.cli.server", "-m", model, "-f", "0", "--label",
                                args.label, "--port", str(port), "--threads", str(args.threads)],
                               stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(

@@ -1,4 +1,5 @@
-"""``nnUNetv2_guide_demo``: the whole method in one command, on a CPU, in about 15 minutes.
+"""The demo (command ``nnUNetv2_guide_demo``, :mod:`nnunet_guide.cli.demo`): the whole method in
+one run, on a CPU, in about 15 minutes.
 
 Steps (each reports its progress and time; finished steps are reused when run again):
 
@@ -24,17 +25,17 @@ not an accuracy estimate.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
-import numpy as np
+from .paths import DatasetNameError, find_dataset_folder, scoped_environ, trainers_visible
+from .preprocessing.small_plans import derive_small_plans, small_patch
+from .runner import CommandError, echo_lines, nnunet_env, run_command
 
 DEMO_DATASET_ID = 117
 PLANS_SMALL = "nnUNetPlans_small"
@@ -76,46 +77,23 @@ class Progress:
 def demo_env(out: str, raw: Optional[str] = None, epochs: int = 20, iters: int = 25) -> Dict[str, str]:
     """Environment of nnU-Net's commands: folders under ``out``, our trainers registered, few
     export processes (process start-up dominates on 2 cores), the short training schedule."""
-    from .cli.env import env_value
-    env = dict(os.environ)
-    n_proc = str(max(1, min(os.cpu_count() or 1, 4)))
-    env.update({
-        "nnUNet_raw": raw or os.path.join(out, "nnUNet_raw"),
-        "nnUNet_preprocessed": os.path.join(out, "nnUNet_preprocessed"),
-        "nnUNet_results": os.path.join(out, "nnUNet_results"),
-        "nnUNet_extTrainer": env_value(os.environ.get("nnUNet_extTrainer", "")),
-        "nnUNet_compile": "false",
-        "nnUNet_def_n_proc": n_proc,
+    return nnunet_env(out, {
+        "nnUNet_def_n_proc": str(max(1, min(os.cpu_count() or 1, 4))),
         "NNUNET_GUIDE_EPOCHS": str(epochs),
         "NNUNET_GUIDE_ITERS": str(iters),
         "NNUNET_GUIDE_VAL_ITERS": "2",
         "PYTHONUNBUFFERED": "1",
-    })
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[k], exist_ok=True)
-    return env
+    }, raw=raw)
 
 
-def run_logged(cmd: Sequence[str], env: Dict[str, str], log_file: str, progress: Progress,
-               echo: Sequence[str] = ()) -> None:
+def run_logged(cmd: List[str], env: Dict[str, str], log_file: str, progress: Progress, echo=()) -> None:
     """Run an nnU-Net command; its output goes to ``log_file``, lines containing one of ``echo``
-    are shown as progress. Raises :class:`DemoError` with the log's tail on failure."""
+    are shown as progress. Raises :class:`DemoError` with the output's tail on failure."""
     progress(f"$ {' '.join(cmd)}   (log: {log_file})")
-    with open(log_file, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                bufsize=1)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.write(line)
-            if any(e in line for e in echo):
-                progress("    " + line.strip()[:160])
-        rc = proc.wait()
-    if rc != 0:
-        with open(log_file) as f:
-            tail = "".join(f.readlines()[-25:])
-        raise DemoError(f"command failed with exit code {rc}: {' '.join(cmd)}\n--- last lines of {log_file} ---\n{tail}")
+    try:
+        run_command(cmd, env, log_file, echo_lines(progress, echo), tail_lines=25)
+    except CommandError as e:
+        raise DemoError(str(e)) from e
 
 
 @contextlib.contextmanager
@@ -126,31 +104,17 @@ def output_to(log_file: str):
 
 
 def dataset_folder_name(raw: str, dataset_id: int) -> str:
-    prefix = f"Dataset{int(dataset_id):03d}_"
-    names = sorted(d for d in os.listdir(raw) if d.startswith(prefix) and os.path.isdir(os.path.join(raw, d)))
-    if not names:
-        raise DemoError(f"no dataset with id {dataset_id} in {raw} (expected a folder {prefix}NAME)")
-    if len(names) > 1:
-        raise DemoError(f"several datasets with id {dataset_id} in {raw}: {names}")
-    return names[0]
-
-
-def small_patch(patch: Sequence[int], strides: Sequence[Sequence[int]], budget: int = MAX_PATCH_VOXELS) -> List[int]:
-    """Shrink a patch (largest axes first, in multiples of the network's total stride) until it
-    has at most ``budget`` voxels."""
-    div = np.prod(np.asarray(strides), axis=0).astype(int)
-    ps = [max(int(d), int(p) // int(d) * int(d)) for p, d in zip(patch, div)]
-    while int(np.prod(ps)) > budget:
-        ax = int(np.argmax(ps))
-        if ps[ax] - div[ax] < div[ax]:
-            break
-        ps[ax] -= int(div[ax])
-    return ps
+    """The folder name of dataset ``dataset_id`` in ``raw``; :class:`DemoError` if there is not
+    exactly one."""
+    try:
+        return find_dataset_folder(raw, int(dataset_id))
+    except DatasetNameError as e:
+        raise DemoError(str(e)) from e
 
 
 def prepare_plans(pp_folder: str, configuration: str, max_stages: int = 3) -> str:
-    """The derived CPU plans (nnunet_guide.testing.derive_small_plans) with a capped patch."""
-    from .testing import derive_small_plans
+    """The derived CPU plans (:func:`~nnunet_guide.preprocessing.small_plans.derive_small_plans`)
+    with a patch of at most ``MAX_PATCH_VOXELS``."""
     with open(os.path.join(pp_folder, "nnUNetPlans.json")) as f:
         plans = json.load(f)
     if configuration not in plans["configurations"]:
@@ -158,7 +122,7 @@ def prepare_plans(pp_folder: str, configuration: str, max_stages: int = 3) -> st
                         f"(has {sorted(plans['configurations'])})")
     cfg = plans["configurations"][configuration]
     strides = cfg["architecture"]["arch_kwargs"]["strides"][:max_stages]
-    patch = small_patch(cfg["patch_size"], strides)
+    patch = small_patch(cfg["patch_size"], strides, MAX_PATCH_VOXELS)
     return derive_small_plans(pp_folder, max_stages=max_stages, base_features=8, batch_size=2,
                               patch_size={configuration: patch})
 
@@ -202,11 +166,10 @@ def predict_plain(model_folder: str, images: Dict[str, List[str]], out_folder: s
     """Automatic predictions of the plain model with nnU-Net's own predictor (no TTA, in process)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from .inference.predictor import ensure_trainers_discoverable
-    ensure_trainers_discoverable()
     p = nnUNetPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), verbose=False,
                         verbose_preprocessing=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(model_folder, (0,), "checkpoint_final.pth")
+    with trainers_visible():
+        p.initialize_from_trained_model_folder(model_folder, (0,), "checkpoint_final.pth")
     os.makedirs(out_folder, exist_ok=True)
     cases = sorted(images)
     p.predict_from_files_sequential([images[c] for c in cases], [os.path.join(out_folder, c) for c in cases],
@@ -214,41 +177,12 @@ def predict_plain(model_folder: str, images: Dict[str, List[str]], out_folder: s
     progress(f"plain nnU-Net predictions of {len(cases)} case(s) written to {out_folder}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_guide_demo",
-        description="Build a small real dataset (LiTS case 117 cut into slabs), plan and preprocess it with nnU-Net, "
-                    "train a plain and a guide-aware model briefly on the CPU, predict with and without simulated "
-                    "clicks and write a report (Markdown + PNG). About 15 minutes on 2 cores.")
-    p.add_argument("-o", "--output", required=True, help="demo folder (nnU-Net folders, logs and report/ go here)")
-    p.add_argument("--dataset", type=int, default=None,
-                   help="run on your own nnU-Net dataset id from $nnUNet_raw instead of the LiTS slabs")
-    p.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
-    p.add_argument("--epochs", type=int, default=20, help="training epochs per model (default 20)")
-    p.add_argument("--iters", type=int, default=25, help="iterations per epoch (default 25)")
-    p.add_argument("-n", "--clicks", type=int, default=5, help="click steps of the simulated user (default 5)")
-    p.add_argument("--max-eval-cases", type=int, default=8,
-                   help="evaluate at most this many validation cases (default 8)")
-    p.add_argument("--slabs", type=int, default=8, help="slabs the LiTS volume is cut into (default 8)")
-    p.add_argument("--guide-trainer", default=None,
-                   help=f"guide trainer (default {LITS_GUIDE_TRAINER} for the LiTS slabs, {GUIDE_TRAINER} with "
-                        f"--dataset); must accept NNUNET_GUIDE_EPOCHS/ITERS to follow --epochs/--iters")
-    p.add_argument("--fresh", action="store_true", help="retrain even if a model from the same settings exists")
-    p.add_argument("--offline", action="store_true", help="do not contact PyPI (use the cache or the phantom)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        run_demo(a)
-    except DemoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def run_demo(a) -> str:
+    """Run every step for the parsed options ``a`` (attributes named as the command's options,
+    see :mod:`nnunet_guide.cli.demo`); returns the report folder. Raises :class:`DemoError`.
+
+    The in-process steps (plain prediction, evaluation) see the demo's nnU-Net folders and use
+    every CPU core; both are set for the run only and restored afterwards."""
     out = os.path.abspath(a.output)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -260,13 +194,18 @@ def run_demo(a) -> str:
     else:
         raw = None
     env = demo_env(out, raw, a.epochs, a.iters)
-    os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                          "nnUNet_extTrainer", "nnUNet_def_n_proc", "nnUNet_compile")})
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
-        import torch
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    except ImportError:  # pragma: no cover
-        pass
+        with scoped_environ({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                                 "nnUNet_def_n_proc", "nnUNet_compile")}):
+            return _run_steps(a, out, logs, progress, env)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_steps(a, out: str, logs: str, progress: Progress, env: Dict[str, str]) -> str:
     context: List[str] = []
 
     # 1. data
@@ -343,7 +282,8 @@ def run_demo(a) -> str:
     # 6. simulated user
     progress.start(f"simulated user: 0..{a.clicks} click steps on {len(cases)} validation case(s)")
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from .evaluation.cli import EvaluationOptions, evaluate, evaluated_classes, find_cases, guided_predict_fn, load_cases
+    from .evaluation.evaluate import (EvaluationOptions, evaluate, evaluated_classes, find_cases, guided_predict_fn,
+                                      load_cases)
     found = find_cases(os.path.join(raw_folder, "imagesTr"), os.path.join(raw_folder, "labelsTr"), fe, n_ch,
                        plain_folder, cases)
     ignore = dataset_json["labels"].get("ignore")
@@ -374,7 +314,3 @@ def run_demo(a) -> str:
         progress(f"  {cname}: plain nnU-Net {pd if pd is None else round(pd, 3)}, guide model 0 clicks "
                  f"{g['mean_dice'][0]:.3f}, {a.clicks} click steps {g['mean_dice'][-1]:.3f} (per-case mean Dice)")
     return report_dir
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """The network wrapper that gives an nnU-Net network its extra input channels.
 
-Data fed to a guide-aware network holds the dataset's image channels, optionally followed by
-the guide channels (in layout order). Missing guide channels mean "no guide" (automatic mode),
+Data fed to the network holds the dataset's image channels, optionally followed by the guide
+channels (in layout order; a model without guides has none). Missing guide channels mean "no guide" (automatic mode),
 which is how stock ``nnUNetv2_predict`` and nnU-Net's own validation drive the model. Channels
 computed from the image (density, texture) are produced here by ``feature_module``, so training
 and inference compute them with the same code on the same tensors.
@@ -16,8 +16,9 @@ from torch import nn
 from .settings import ChannelLayout
 
 
-class GuidedNetwork(nn.Module):
-    """Wraps an nnU-Net network built for ``layout.num_channels`` input channels.
+class ExtraChannelNetwork(nn.Module):
+    """Wraps an nnU-Net network built for ``layout.num_channels`` input channels: the image
+    channels, the layout's guide channels (if any) and its computed channels (if any).
 
     Args:
         base: the nnU-Net network (e.g. ``PlainConvUNet``) taking all layout channels.
@@ -68,3 +69,7 @@ class GuidedNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor):
         return self.base(self.complete_input(x))
+
+
+#: former name (it also wraps models without guides); checkpoints store weights only, so both work
+GuidedNetwork = ExtraChannelNetwork

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from nnunet_guide import testing as T
+import helpers as T
 
 
 @pytest.fixture(scope="module")

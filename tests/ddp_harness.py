@@ -40,7 +40,7 @@ def main():
         return DistributedDataParallel(module, **kwargs)
     nnunet_trainer_module.DDP = ddp_on_cpu
 
-    from nnunet_guide import testing as T
+    import helpers as T
     from nnunet_guide.settings import GuideSettings
     from nnunet_guide.trainers import nnUNetTrainerGuide
     from nnunet_guide.trainers.guide import guided_dataset_class

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_guide import testing as T
 from nnunet_guide.core.consistency import consistency_penalty, far_from_guides
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers.guide import GuideConsistencyLoss, nnUNetTrainerGuide
+
+from helpers import make_trainer
 
 
 def test_penalty_is_the_mean_squared_probability_change_over_far_voxels():
@@ -64,7 +65,7 @@ class Consistent(nnUNetTrainerGuide):
 
 
 def test_trainer_step_with_the_consistency_term(nnunet_paths, one_torch_thread):
-    tr = T.make_trainer(Consistent, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr = make_trainer(Consistent, nnunet_paths["preprocessed"], "nnUNetPlans_small")
     tr.initialize()
     assert isinstance(tr.loss, GuideConsistencyLoss)
     dl_tr, _ = tr.get_dataloaders()

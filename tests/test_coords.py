@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_guide import testing as T
+import helpers as T
 from nnunet_guide.core.coords import (
     CoordinateError, ImageGeometry, PreprocessedGeometry, array_to_itk_index, itk_index_to_array,
     lps_to_ras, physical_to_preprocessed, physical_to_raw, preprocessed_to_physical, raw_inside,

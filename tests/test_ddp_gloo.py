@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from nnunet_guide import testing as T
+import helpers as T
 
 HARNESS = os.path.join(os.path.dirname(__file__), "ddp_harness.py")
 

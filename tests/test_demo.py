@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nnunet_guide import demo
+from nnunet_guide.cli import demo as command
 
 ENV_KEYS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer", "nnUNet_def_n_proc",
             "nnUNet_compile")
@@ -26,7 +27,7 @@ def test_demo_runs_every_step_writes_the_report_and_reuses_finished_steps(demo_e
     out = str(tmp_path / "demo")
     argv = ["-o", out, "--dataset", str(demo_env["dataset_id"]), "--epochs", "1", "--iters", "2", "-n", "2",
             "--max-eval-cases", "1"]
-    assert demo.main(argv) == 0
+    assert command.main(argv) == 0
     report = os.path.join(out, "report")
     for f in ("report.md", "results.json", "summary.csv", "per_case.csv", "dice_vs_clicks.png"):
         assert os.path.getsize(os.path.join(report, f)) > 0, f
@@ -46,7 +47,7 @@ def test_demo_runs_every_step_writes_the_report_and_reuses_finished_steps(demo_e
     first = capsys.readouterr().out
     assert "step 7/7: report" in first
     # again: data, plans and both models are reused, the report is rewritten from this run
-    assert demo.main(argv) == 0
+    assert command.main(argv) == 0
     again = capsys.readouterr().out
     assert again.count("already trained") == 2 and "reused" in again
     with open(os.path.join(report, "results.json")) as f:
@@ -56,5 +57,5 @@ def test_demo_runs_every_step_writes_the_report_and_reuses_finished_steps(demo_e
 
 def test_demo_refuses_a_dataset_without_nnunet_raw(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    assert demo.main(["-o", str(tmp_path / "d"), "--dataset", "5"]) == 1
+    assert command.main(["-o", str(tmp_path / "d"), "--dataset", "5"]) == 1
     assert "nnUNet_raw" in capsys.readouterr().err

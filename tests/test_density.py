@@ -14,7 +14,7 @@ from nnunet_guide.density_network import (DensityFeatures, FiLMConditioner, buil
                                           make_density_layout)
 from nnunet_guide.network import GuidedNetwork
 from nnunet_guide.settings import ChannelLayout, GuidedTarget, GuideSettings
-from nnunet_guide.testing import shared_data_dir
+from nnunet_guide.paths import shared_data_dir
 
 TUMOR = [GuidedTarget("tumor", (2,))]
 

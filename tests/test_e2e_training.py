@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_guide import testing as T
+import helpers as T
 from nnunet_guide.settings import PLANS_KEY, load_layout
 
 

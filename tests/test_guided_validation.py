@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from nnunet_guide import testing as T
+import helpers as T
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

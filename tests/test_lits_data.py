@@ -160,10 +160,11 @@ def test_convert_lits_errors(tmp_path):
 
 
 def test_cli_requires_raw_folder(monkeypatch, tmp_path):
+    from nnunet_guide.cli import convert_lits as command
     monkeypatch.delenv("nnUNet_raw", raising=False)
     with pytest.raises(SystemExit, match="nnUNet_raw"):
-        lits.main(["-i", str(tmp_path), "-d", "5"])
-    assert lits.main(["-i", str(tmp_path / "missing"), "-d", "5", "-o", str(tmp_path / "raw")]) == 1
+        command.main(["-i", str(tmp_path), "-d", "5"])
+    assert command.main(["-i", str(tmp_path / "missing"), "-d", "5", "-o", str(tmp_path / "raw")]) == 1
 
 
 def test_phantom_fallback_is_announced(monkeypatch, tmp_path):

@@ -9,15 +9,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from nnunet_guide import testing as T
+import helpers as T
 from nnunet_guide.core.density import DensityError
-from nnunet_guide.preprocessing.plan import PLANS_DENSITY_KEY, plan_density
+from nnunet_guide.preprocessing.density_plans import PLANS_DENSITY_KEY, plan_density
 
 HIPPO_ID = 872
 
@@ -74,7 +73,7 @@ def test_plan_writes_a_derived_plans_file_and_leaves_nnunets_untouched(synthetic
 
 def test_cli_errors_name_what_is_missing(synthetic):
     env, folder, dataset_id = dict(synthetic["env"]), synthetic["folder"], str(synthetic["id"])
-    exe = [sys.executable, "-m", "nnunet_guide.preprocessing.plan"]
+    exe = T.command("nnUNetv2_guide_plan")
 
     def cli(*args):
         p = subprocess.run(exe + list(args), env=env, capture_output=True, text=True)
@@ -193,14 +192,14 @@ def hippocampus(tmp_path_factory):
     env = T.nnunet_env(root)
     T.copy_hippocampus_subset(env["nnUNet_raw"], HIPPO_ID, num_cases=6)
     _plan_and_preprocess(HIPPO_ID, env)
-    return {"env": env, "folder": os.path.join(env["nnUNet_preprocessed"], T.dataset_name(HIPPO_ID, "Hippocampus"))}
+    return {"env": env, "folder": os.path.join(env["nnUNet_preprocessed"], T.dataset_folder_name(HIPPO_ID, "Hippocampus"))}
 
 
 def test_plan_on_real_mri(hippocampus):
     """Real MRI with nnU-Net's z-score normalisation: both hippocampus labels get histograms in
     the normalised space; the range covers them; the options -o and --num_bins are honoured."""
     env = dict(hippocampus["env"])
-    p = subprocess.run([sys.executable, "-m", "nnunet_guide.preprocessing.plan", "-d", str(HIPPO_ID),
+    p = subprocess.run([*T.command("nnUNetv2_guide_plan"), "-d", str(HIPPO_ID),
                         "-o", "nnUNetPlans_hist", "--num_bins", "40", "--samples_per_label", "3000"],
                        env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from nnunet_guide import testing as T
+import helpers as T
 from nnunet_guide.inference.click_io import ClickFileError, ClickSpec
 from nnunet_guide.inference.predictor import CLICKS_RECORD, GuidedPredictor, ensure_trainers_discoverable
 from nnunet_guide.network import GuidedNetwork
@@ -338,7 +338,7 @@ def test_command_line_with_dataset_id_and_model_folder(tmp_path, model):
                nnUNet_preprocessed=str(tmp_path / "pre"), nnUNet_compile="false")
     common = ["-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
     out_d = str(tmp_path / "out_d")
-    r = subprocess.run(["nnUNetv2_predict_guided", "-i", inp, "-o", out_d, "-d", "990", "-c", "3d_fullres",
+    r = subprocess.run([*T.command("nnUNetv2_predict_guided"), "-i", inp, "-o", out_d, "-d", "990", "-c", "3d_fullres",
                         "-tr", TRAINER, "--clicks", str(clicks), *common], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ensure_trainers_discoverable()
@@ -350,7 +350,7 @@ def test_command_line_with_dataset_id_and_model_folder(tmp_path, model):
         np.testing.assert_array_equal(got, want)
     # -m MODEL_FOLDER (nnUNetv2_predict_from_modelfolder options)
     out_m = str(tmp_path / "out_m")
-    r = subprocess.run(["nnUNetv2_predict_guided", "-i", inp, "-o", out_m, "-m", str(folder), "--clicks", str(clicks),
+    r = subprocess.run([*T.command("nnUNetv2_predict_guided"), "-i", inp, "-o", out_m, "-m", str(folder), "--clicks", str(clicks),
                         "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -359,7 +359,7 @@ def test_command_line_with_dataset_id_and_model_folder(tmp_path, model):
     # a bad label (sequential mode, -npp 0 -nps 0): clear message, exit code 2, no segmentation written
     clicks.write_text(json.dumps({"case_a": [{"point": [8, 11, 5], "label": "tumour", "space": "voxel"}]}))
     out_bad = str(tmp_path / "out_bad")
-    r = subprocess.run(["nnUNetv2_predict_guided", "-i", inp, "-o", out_bad, "-m", str(folder), "--clicks",
+    r = subprocess.run([*T.command("nnUNetv2_predict_guided"), "-i", inp, "-o", out_bad, "-m", str(folder), "--clicks",
                         str(clicks), "-f", "0", "-device", "cpu", "-npp", "0", "-nps", "0"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 2
@@ -384,7 +384,7 @@ def test_killed_batch_prediction_continues(tmp_path, model):
     env = dict(os.environ, nnUNet_results=str(tmp_path / "results"), nnUNet_raw=str(tmp_path / "raw"),
                nnUNet_preprocessed=str(tmp_path / "pre"), nnUNet_compile="false")
     shutil.copytree(model, tmp_path / "results" / "Dataset990_Tiny" / f"{TRAINER}__nnUNetPlans__3d_fullres")
-    cmd = ["nnUNetv2_predict_guided", "-i", inp, "-o", out, "-d", "990", "-c", "3d_fullres", "-tr", TRAINER,
+    cmd = [*T.command("nnUNetv2_predict_guided"), "-i", inp, "-o", out, "-d", "990", "-c", "3d_fullres", "-tr", TRAINER,
            "--clicks", str(clicks), "-f", "0", "-device", "cpu", "--disable_tta", "--disable_progress_bar"]
 
     def finished():

@@ -9,8 +9,9 @@ from scipy import ndimage
 
 from nnunet_guide.core.clicks import Click
 from nnunet_guide.core.metrics import MetricsInputError
-from nnunet_guide.evaluation import cli
-from nnunet_guide.evaluation.cli import CaseInput, EvaluationError, EvaluationOptions, evaluate, find_cases
+from nnunet_guide.cli import evaluate as command
+from nnunet_guide.evaluation import evaluate as cli
+from nnunet_guide.evaluation.evaluate import CaseInput, EvaluationError, EvaluationOptions, evaluate, find_cases
 from nnunet_guide.evaluation.report import summarize, write_report
 from nnunet_guide.settings import GuidedTarget
 
@@ -183,7 +184,7 @@ def test_find_cases(tmp_path):
 
 
 def test_cli_reports_missing_model(tmp_path, capsys):
-    rc = cli.main(["-m", str(tmp_path / "nope"), "-i", str(tmp_path), "-r", str(tmp_path), "-o", str(tmp_path / "o")])
+    rc = command.main(["-m", str(tmp_path / "nope"), "-i", str(tmp_path), "-r", str(tmp_path), "-o", str(tmp_path / "o")])
     assert rc == 1 and "does not exist" in capsys.readouterr().err
 
 
@@ -233,7 +234,7 @@ def test_cli_end_to_end_with_untrained_model(tmp_path):
     for i, case in enumerate(("c1", "c2")):
         _case_with_lesion(str(tmp_path / "img"), str(tmp_path / "ref"), case, centre=(4 + i, 11, 9))
     out = tmp_path / "report"
-    rc = cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+    rc = command.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
                    "-n", "2", "--overlays", "1"])
     assert rc == 0
     res = json.load(open(out / "results.json"))
@@ -382,7 +383,7 @@ def test_cli_box_start_with_untrained_model(tmp_path):
     model = make_model_folder(str(tmp_path / "model"))
     _case_with_lesion(str(tmp_path / "img"), str(tmp_path / "ref"), "c1")
     out = tmp_path / "report"
-    assert cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+    assert command.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
                      "-n", "1", "--overlays", "0", "--start", "box"]) == 0
     res = json.load(open(out / "results.json"))
     case = res["cases"][0]
@@ -392,6 +393,6 @@ def test_cli_box_start_with_untrained_model(tmp_path):
     assert [b["target"] for b in boxes] == ["lesion"]  # the reference has one lesion and no organ
     assert all(e.get("far_dice_before") is not None for e in case["effects"])
     assert "## Does a click harm?" in open(out / "report.md").read()
-    rc = cli.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
+    rc = command.main(["-m", model, "-i", str(tmp_path / "img"), "-r", str(tmp_path / "ref"), "-o", str(out),
                    "--nsd-tolerance", "-1"])
     assert rc == 1

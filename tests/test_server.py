@@ -15,8 +15,9 @@ import torch
 from nnInteractive.inference.remote import (ServerAtCapacityError, SessionExpiredError,
                                             nnInteractiveRemoteInferenceSession)
 
+import helpers as T
 from nnunet_guide.inference.predictor import ensure_trainers_discoverable
-from nnunet_guide.server import cli
+from nnunet_guide.cli import server as cli
 from nnunet_guide.server.app import ServerLimits, create_app
 from nnunet_guide.server.service import GuideModel, parse_axis_order
 from nnunet_guide.server.sessions import LeaseTable
@@ -351,10 +352,9 @@ def test_the_command_serves(model_folder, image):
     """nnUNetv2_guide_server as a process: loads the model once, serves with an API key, stops."""
     import os
     import subprocess
-    import sys
     port = free_port()
     env = dict(os.environ, NNUNET_GUIDE_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "nnunet_guide.server.cli", "-m", model_folder, "-f", "0",
+    proc = subprocess.Popen([*T.command("nnUNetv2_guide_server"), "-m", model_folder, "-f", "0",
                              "--label", "lesion", "--port", str(port), "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

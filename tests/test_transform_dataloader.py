@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_guide import testing as T
+import helpers as T
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideAlways
 from nnunet_guide.core.encoding import click_counts, packed_width, unpack_clicks

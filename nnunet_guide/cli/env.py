@@ -6,17 +6,9 @@ import argparse
 import os
 import shlex
 
-import nnunet_guide
+from ..paths import EXT_TRAINER_VAR, ext_trainer_folder, trainer_search_path  # noqa: F401 (ext_trainer_folder: former home)
 
-
-def ext_trainer_folder() -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(nnunet_guide.__file__)), "_ext_trainers")
-
-
-def env_value(current: str = "") -> str:
-    folder = ext_trainer_folder()
-    parts = [p for p in current.split(os.pathsep) if p and p != folder]
-    return os.pathsep.join([folder] + parts)
+env_value = trainer_search_path  # former name
 
 
 def main(argv=None) -> None:
@@ -24,13 +16,13 @@ def main(argv=None) -> None:
                                             "nnU-Net. Use: eval \"$(nnUNetv2_guide_env)\"")
     p.add_argument("--shell", choices=("sh", "fish", "powershell"), default="sh")
     args = p.parse_args(argv)
-    value = env_value(os.environ.get("nnUNet_extTrainer", ""))
+    value = trainer_search_path(os.environ.get(EXT_TRAINER_VAR, ""))
     if args.shell == "fish":
-        print(f"set -gx nnUNet_extTrainer {shlex.quote(value)}")
+        print(f"set -gx {EXT_TRAINER_VAR} {shlex.quote(value)}")
     elif args.shell == "powershell":
-        print(f"$env:nnUNet_extTrainer = \"{value}\"")
+        print(f"$env:{EXT_TRAINER_VAR} = \"{value}\"")
     else:
-        print(f"export nnUNet_extTrainer={shlex.quote(value)}")
+        print(f"export {EXT_TRAINER_VAR}={shlex.quote(value)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Three jobs:
    the reason is reported and a generated phantom (:mod:`nnunet_guide.data.phantom`) is used.
 2. :func:`write_slab_dataset`: one volume cut along z into slabs, written as an nnU-Net raw
    dataset (one patient, so the "cases" are not independent: dataset.json says so).
-3. :func:`convert_lits` / ``nnUNetv2_guide_convert_lits``: the LiTS challenge layout
+3. :func:`convert_lits` (the command ``nnUNetv2_guide_convert_lits``): the LiTS challenge layout
    (``volume-N.nii``, ``segmentation-N.nii``, optionally ``test-volume-N.nii``) into an nnU-Net
    raw dataset.
 
@@ -24,7 +24,6 @@ a converted dataset gets its dataset.json last, so nnU-Net never sees a half-con
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
@@ -35,13 +34,15 @@ import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..settings import make_temp_dir, write_atomic, write_json_atomic
-from ..testing import shared_data_dir  # $NNUNET_GUIDE_SHARED_DATA or <repo>/../shared/data, or None
+from ..image_io import to_sitk, write_image
+from ..paths import DatasetNameError, dataset_prefix, shared_data_dir
+from ..paths import dataset_folder_name as _dataset_folder_name
+from ..settings import make_temp_dir, write_json_atomic
 
 WHEEL_SPEC = "liver-ct-segmentation-package==1.6.0"
 WHEEL_GLOB = "liver_ct_segmentation_package-1.6.0-*.whl"
@@ -222,28 +223,21 @@ def load_lits117(cache: Optional[str] = None, allow_download: bool = True, allow
 # writing nnU-Net raw datasets
 
 
-def _to_sitk(arr: np.ndarray, spacing: Sequence[float], origin: Sequence[float] = (0.0, 0.0, 0.0)) -> sitk.Image:
-    im = sitk.GetImageFromArray(arr)
-    im.SetSpacing(tuple(float(s) for s in reversed(tuple(spacing))))
-    im.SetOrigin(tuple(float(o) for o in origin))
-    return im
-
-
 def write_image_atomic(image: sitk.Image, path: str) -> None:
     """Write an image to a temporary name in the same folder and rename it into place."""
-    write_atomic(path, lambda tmp: sitk.WriteImage(image, tmp, True))
+    write_image(path, image)
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
-    if not (0 < int(dataset_id) < 1000):
-        raise LitsDataError(f"dataset id must be in 1..999 (nnU-Net's DatasetXXX), got {dataset_id}")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        raise LitsDataError(f"dataset name {name!r} may only hold letters, digits, '_' and '-'")
-    return f"Dataset{int(dataset_id):03d}_{name}"
+    """nnU-Net's ``DatasetXXX_NAME``; :class:`LitsDataError` for an id or name it cannot use."""
+    try:
+        return _dataset_folder_name(dataset_id, name)
+    except DatasetNameError as e:
+        raise LitsDataError(str(e)) from e
 
 
 def _check_id_free(raw_root: str, dataset_id: int, folder_name: str) -> None:
-    others = [os.path.basename(p) for p in glob.glob(os.path.join(raw_root, f"Dataset{int(dataset_id):03d}_*"))
+    others = [os.path.basename(p) for p in glob.glob(os.path.join(raw_root, dataset_prefix(dataset_id) + "*"))
               if os.path.basename(p) != folder_name and os.path.isdir(p)]
     if others:
         raise LitsDataError(
@@ -304,8 +298,8 @@ def write_slab_dataset(volume: Volume, raw_root: str, dataset_id: int, name: str
             z0, z1 = int(bounds[i]), int(bounds[i + 1])
             case = f"{case_prefix}_slab{i:02d}"
             origin = (0.0, 0.0, z0 * float(volume.spacing[0]))
-            img = _to_sitk(np.ascontiguousarray(volume.image[z0:z1]).astype(np.float32), volume.spacing, origin)
-            lab = _to_sitk(np.ascontiguousarray(volume.label[z0:z1]).astype(np.uint8), volume.spacing, origin)
+            img = to_sitk(np.ascontiguousarray(volume.image[z0:z1]).astype(np.float32), volume.spacing, origin)
+            lab = to_sitk(np.ascontiguousarray(volume.label[z0:z1]).astype(np.uint8), volume.spacing, origin)
             sitk.WriteImage(img, os.path.join(tmp, "imagesTr", f"{case}_0000.nii.gz"), True)
             sitk.WriteImage(lab, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"), True)
             tumour_slabs += int((volume.label[z0:z1] == 2).any())
@@ -461,44 +455,3 @@ def convert_lits(input_folder: str, dataset_id: int, raw_root: str, name: str = 
     write_json_atomic(dj, os.path.join(target, "dataset.json"))
     log(f"wrote {target}: {len(train)} training cases ({no_tumour} without tumour), {len(test)} test volumes")
     return target
-
-
-def _raw_root(arg: Optional[str]) -> str:
-    root = arg or os.environ.get("nnUNet_raw")
-    if not root:
-        raise SystemExit("error: give the nnU-Net raw folder with -o or set the nnUNet_raw environment variable")
-    return root
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_guide_convert_lits",
-        description="Convert LiTS data (volume-N.nii / segmentation-N.nii) into an nnU-Net raw dataset, "
-                    "or build the demo's slab dataset from LiTS case 117 (--lits117-slabs).")
-    p.add_argument("-i", "--input", help="folder with volume-N.nii[.gz] and segmentation-N.nii[.gz] (any depth)")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (1..999)")
-    p.add_argument("-n", "--name", default=None, help="dataset name (default LiTS, or LiTS117Slabs)")
-    p.add_argument("-o", "--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
-    p.add_argument("--overwrite", action="store_true", help="convert again into an existing dataset folder")
-    p.add_argument("--lits117-slabs", action="store_true",
-                   help="instead of converting -i, build the demo dataset: LiTS case 117 (from the PyPI wheel) "
-                        "cut into slabs")
-    p.add_argument("--slabs", type=int, default=8, help="number of slabs for --lits117-slabs (default 8)")
-    a = p.parse_args(argv)
-    raw = _raw_root(a.raw)
-    try:
-        if a.lits117_slabs:
-            vol = load_lits117()
-            write_slab_dataset(vol, raw, a.dataset_id, a.name or "LiTS117Slabs", a.slabs)
-        else:
-            if not a.input:
-                p.error("-i/--input is required unless --lits117-slabs is given")
-            convert_lits(a.input, a.dataset_id, raw, a.name or "LiTS", a.overwrite)
-    except LitsDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

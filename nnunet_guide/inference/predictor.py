@@ -7,8 +7,16 @@ rendered into guide channels with the settings written at training time
 sliding window, Gaussian blending, test-time mirroring (the guides are flipped with the image),
 fold ensembles (every fold sees the same guides), resampling back and export.
 
-A case without clicks is fed its image channels only; the :class:`~nnunet_guide.network.GuidedNetwork`
-fills the guide channels with "no guide", exactly as stock ``nnUNetv2_predict`` runs the model.
+A case without clicks is fed its image channels only; the
+:class:`~nnunet_guide.network.ExtraChannelNetwork` fills the guide channels with "no guide",
+exactly as stock ``nnUNetv2_predict`` runs the model.
+
+The chain is written once, as methods every caller uses (batch and single-case prediction, the
+evaluation, the interactive session, the benchmarks): :meth:`GuidedPredictor.preprocess`
+(nnU-Net's preprocessing), :meth:`~GuidedPredictor.clicks_to_preprocessed`,
+:meth:`~GuidedPredictor.predict_preprocessed` (guides + nnU-Net's sliding window -> logits),
+:meth:`~GuidedPredictor.segmentation_from_logits` (nnU-Net's export without writing), and
+:meth:`~GuidedPredictor.predict_window` (one window, for the session's own tiling).
 
 Outputs are written under a hidden staging name (``.<case>.partial<pid>``) and renamed into
 place (``os.replace``) by the export as soon as that case is written, segmentation last. So an
@@ -18,6 +26,7 @@ rest.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import glob
 import inspect
@@ -33,24 +42,19 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.inference.export_prediction import (convert_predicted_logits_to_segmentation_with_correct_shape,
                                                   export_prediction_from_logits)
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunetv2.utilities.utils import create_lists_from_splitted_dataset_folder
 
 from ..core.clicks import Click
 from ..core.encoding import guide_channel_index, render_guides
+from ..paths import ensure_trainers_discoverable, trainers_visible  # noqa: F401 (ensure_...: former home)
 from ..settings import ChannelLayout, GuideSettingsError, layout_from_plans, load_layout, write_json_atomic
 from .click_io import (ClickSpec, ClicksByCase, as_specs, check_cases, check_labels,
                        clicks_argument, resolve_clicks, spec_to_raw)
 
 CLICKS_RECORD = "guide_clicks.json"  # the clicks a run used, written next to its outputs
-
-
-def ensure_trainers_discoverable() -> None:
-    """Add nnunet_guide's trainer folder to ``nnUNet_extTrainer`` of this process (what
-    ``eval "$(nnUNetv2_guide_env)"`` does for a shell), so nnU-Net finds the trainer by name."""
-    from ..cli.env import env_value
-    os.environ["nnUNet_extTrainer"] = env_value(os.environ.get("nnUNet_extTrainer", ""))
 
 
 def first_conv_in_channels(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
@@ -173,6 +177,7 @@ class GuidedPredictor(nnUNetPredictor):
         self.layout: Optional[ChannelLayout] = None
         self._run_clicks: ClicksByCase = {}
         self._ofile_case: Dict[str, str] = {}
+        self._fold_predictors: Optional[List[nnUNetPredictor]] = None
 
     # ---- model ----------------------------------------------------------------------------
     def initialize_from_trained_model_folder(self, model_training_output_dir: str,
@@ -182,9 +187,10 @@ class GuidedPredictor(nnUNetPredictor):
         check every fold's first convolution against the layout."""
         layout = load_layout(model_training_output_dir)
         self._require_guides(layout, model_training_output_dir)
-        ensure_trainers_discoverable()
+        self._fold_predictors = None
         try:
-            super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
+            with trainers_visible():  # nnU-Net looks the trainer up by name (nnUNet_extTrainer)
+                super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         except RuntimeError as e:
             if "size mismatch" not in str(e):
                 raise
@@ -199,6 +205,7 @@ class GuidedPredictor(nnUNetPredictor):
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,
                               trainer_name, inference_allowed_mirroring_axes, layout: Optional[ChannelLayout] = None):
         """nnU-Net's manual initialisation; the layout defaults to the one stored in the plans."""
+        self._fold_predictors = None
         super().manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                       trainer_name, inference_allowed_mirroring_axes)
         layout = layout if layout is not None else layout_from_plans(
@@ -238,7 +245,7 @@ class GuidedPredictor(nnUNetPredictor):
         if fed != n_img + len(guide_idx):
             raise GuideSettingsError(
                 f"{source}: the network built by trainer {self.trainer_name!r} does not take guide channels "
-                f"(expected a GuidedNetwork feeding {n_img + len(guide_idx)} channels, got "
+                f"(expected an ExtraChannelNetwork feeding {n_img + len(guide_idx)} channels, got "
                 f"{type(self.network).__name__})")
         self.layout = layout
         if not isinstance(self.plans_manager, PublishingPlansManager):
@@ -285,6 +292,65 @@ class GuidedPredictor(nnUNetPredictor):
             return data
         guides = torch.from_numpy(self.render_guides(clicks, data.shape[1:], properties))
         return torch.cat((data, guides.to(data.dtype)), dim=0)
+
+    # ---- the prediction chain --------------------------------------------------------------
+    def predict_preprocessed(self, data: torch.Tensor, properties: Mapping, clicks: Sequence[Click]) -> torch.Tensor:
+        """Preprocessed case + clicks -> logits: guide channels appended (:meth:`add_guides`), then
+        nnU-Net's sliding window, Gaussian blending, mirroring and fold average.
+
+        Args:
+            data: (C, *preprocessed_shape) from :meth:`preprocess`; properties: its properties.
+            clicks: in preprocessed coordinates (:meth:`clicks_to_preprocessed`).
+        Returns:
+            logits (K, *preprocessed_shape), float, on the CPU.
+        """
+        return self.predict_logits_from_preprocessed_data(self.add_guides(data, clicks, properties)).cpu()
+
+    def segmentation_from_logits(self, logits: torch.Tensor, properties: Mapping,
+                                 return_probabilities: bool = False):
+        """nnU-Net's export without writing: logits of the preprocessed grid -> segmentation (and
+        probabilities) in the input array's order (z, y, x)."""
+        return convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, self.plans_manager, self.configuration_manager, self.label_manager, deepcopy(dict(properties)),
+            return_probabilities=return_probabilities)
+
+    def fold_predictors(self) -> List[nnUNetPredictor]:
+        """One view of this predictor per fold, each with its own network holding that fold's
+        weights (built once; one fold uses this predictor itself). nnU-Net's own
+        :meth:`predict_logits_from_preprocessed_data` reloads the weights per call instead."""
+        if self._fold_predictors is None:
+            params = self.list_of_parameters or [None]
+            views = []
+            for prm in params:
+                view = self if len(params) == 1 else copy.copy(self)
+                if len(params) > 1:
+                    view.network = copy.deepcopy(self.network)
+                if prm:
+                    view.network.load_state_dict(prm)
+                view.network.to(self.device).eval()
+                views.append(view)
+            self._fold_predictors = views
+        return self._fold_predictors
+
+    @torch.inference_mode()
+    def predict_window(self, x: torch.Tensor) -> torch.Tensor:
+        """The network output of one sliding-window patch as nnU-Net's sliding window computes it
+        (test-time mirroring if enabled, autocast on CUDA), averaged over folds.
+
+        Args:
+            x: (C, *patch) image + guide channels of the window (any device).
+        Returns:
+            (K, *patch) float32 on the predictor's device.
+        """
+        x = x[None].to(self.device)
+        folds = self.fold_predictors()
+        out = None
+        with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            for view in folds:
+                y = view._internal_maybe_mirror_and_predict(x)[0].float()
+                out = y if out is None else out + y
+        out /= len(folds)
+        return out
 
     # ---- click bookkeeping for file runs --------------------------------------------------------
     def _input_lists(self, list_of_lists_or_source_folder) -> List[List[str]]:
@@ -525,12 +591,10 @@ class GuidedPredictor(nnUNetPredictor):
         specs = as_specs(clicks, "clicks", case_id)
         check_labels({case_id: specs}, self.layout)
         data, props = self.preprocess(image, properties, seg_from_prev_stage)
-        clicks_pre = self.clicks_to_preprocessed(specs, case_id, props, data.shape[1:])
-        logits = self.predict_logits_from_preprocessed_data(self.add_guides(data, clicks_pre, props)).cpu()
+        logits = self.predict_preprocessed(data, props, self.clicks_to_preprocessed(specs, case_id, props,
+                                                                                    data.shape[1:]))
         if output_file_truncated is None:
-            return convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, self.plans_manager, self.configuration_manager, self.label_manager, props,
-                return_probabilities=save_or_return_probabilities)
+            return self.segmentation_from_logits(logits, props, save_or_return_probabilities)
         tmp = _staging_name(output_file_truncated)
         suffixes = _output_suffixes(self.dataset_json["file_ending"], save_or_return_probabilities)
         os.makedirs(os.path.dirname(os.path.abspath(output_file_truncated)), exist_ok=True)

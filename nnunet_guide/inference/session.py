@@ -1,7 +1,8 @@
 """An interactive session: one image, clicks added one at a time, the segmentation kept current.
 
-The session runs nnU-Net's sliding window itself, tile by tile, and keeps every tile's network
-output. A click changes the guide channels only near the click (a guide is local: it is zero, or
+The session tiles the image as nnU-Net's sliding window does (nnU-Net's own slicers and Gaussian
+weights), predicts each tile with :meth:`GuidedPredictor.predict_window`, and keeps every tile's
+network output. A click changes the guide channels only near the click (a guide is local: it is zero, or
 "no guide", outside its render window), so only the tiles that overlap the changed region are
 predicted again; the blended logits are then rebuilt in that region from the stored tiles, in
 the same order as a full prediction. An update therefore gives bit-for-bit the result of
@@ -37,7 +38,6 @@ Typical use::
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
@@ -45,9 +45,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
-from nnunetv2.utilities.helpers import dummy_context
 from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from ..core.clicks import Click
@@ -95,7 +93,6 @@ class GuidedSession:
         self.predictor = predictor
         self.cache_dtype = cache_dtype
         self.layout = predictor.layout
-        self._networks = None
         self._actions: List[_Action] = []
         self.last_update = UpdateInfo()
         self._image_loaded = False
@@ -110,39 +107,12 @@ class GuidedSession:
         p.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name)
         return cls(p, **kwargs)
 
-    # ---- networks ---------------------------------------------------------------------------
-    def _fold_networks(self) -> List[torch.nn.Module]:
-        """One network per fold (weights loaded once, not per tile)."""
-        if self._networks is None:
-            p = self.predictor
-            params = p.list_of_parameters or [None]
-            nets = []
-            for prm in params:
-                net = p.network if len(params) == 1 else copy.deepcopy(p.network)
-                if prm:
-                    net.load_state_dict(prm)
-                nets.append(net.to(p.device).eval())
-            self._networks = nets
-        return self._networks
-
-    @torch.inference_mode()
+    # ---- windows ----------------------------------------------------------------------------
     def _predict_slicer(self, slicer) -> torch.Tensor:
-        """Fold-averaged (mirrored, if enabled) network output of one window: (K, *window); a 2D
-        window gets a singleton slice axis."""
-        p = self.predictor
-        x = self._x[slicer][None].to(p.device)
-        saved = p.network
-        out = None
-        try:
-            ctx = torch.autocast(p.device.type, enabled=True) if p.device.type == "cuda" else dummy_context()
-            with ctx:
-                for net in self._fold_networks():
-                    p.network = net
-                    y = p._internal_maybe_mirror_and_predict(x)[0].float()
-                    out = y if out is None else out + y
-        finally:
-            p.network = saved
-        out /= len(self._fold_networks())
+        """Fold-averaged (mirrored, if enabled) network output of one window
+        (:meth:`GuidedPredictor.predict_window`): (K, *window); a 2D window gets a singleton slice
+        axis."""
+        out = self.predictor.predict_window(self._x[slicer])
         if self._is_2d:
             out = out[:, None]
         return out
@@ -410,9 +380,7 @@ class GuidedSession:
         """Current segmentation in the input array's order (z, y, x), as nnU-Net exports it."""
         self._require_image()
         if self._seg is None:
-            p = self.predictor
-            self._seg = np.ascontiguousarray(convert_predicted_logits_to_segmentation_with_correct_shape(
-                self.logits, p.plans_manager, p.configuration_manager, p.label_manager, self.properties))
+            self._seg = np.ascontiguousarray(self.predictor.segmentation_from_logits(self.logits, self.properties))
         return self._seg
 
     # ---- clicks -----------------------------------------------------------------------------

@@ -98,7 +98,6 @@ class GuideModel:
         self.cache_dtype = cache_dtype
         self.check_axes = check_axes
         self.negatives = bool(self.layout.guide.negatives)
-        self._networks = None
         pm, cm = self.predictor.plans_manager, self.predictor.configuration_manager
         sp_t = np.asarray(cm.spacing, float)
         if self.predictor.is_2d:  # 2D configurations: the slice axis keeps the image's spacing
@@ -108,11 +107,8 @@ class GuideModel:
 
     # ---- sessions ----------------------------------------------------------------------------
     def new_session(self) -> GuidedSession:
-        s = GuidedSession(self.predictor, cache_dtype=self.cache_dtype, update="local")
-        if self._networks is None:
-            self._networks = s._fold_networks()
-        s._networks = self._networks  # weights shared by all sessions (read-only in inference)
-        return s
+        # all sessions share the predictor and so its per-fold networks (read-only in inference)
+        return GuidedSession(self.predictor, cache_dtype=self.cache_dtype, update="local")
 
     def guide_step_mm(self, spacing) -> float:
         """Grid step (mm) of scribble and lasso clicks, as the trainer simulates them."""

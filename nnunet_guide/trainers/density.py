@@ -7,31 +7,33 @@ guide_settings.json). The network computes the channels itself from the image (a
 channels it receives (see :mod:`nnunet_guide.density_network`), so training, nnU-Net's
 validation, stock ``nnUNetv2_predict`` and guided prediction compute them identically.
 
+The channels come from one mixin, :class:`DensityChannels`, on top of the neutral
+:class:`~nnunet_guide.trainers.base.nnUNetTrainerExtraChannels` (no guides) or of
+:class:`~nnunet_guide.trainers.guide.nnUNetTrainerGuide`:
+
 * ``nnUNetTrainerDensity``: density maps (dataset prior) + texture maps, no guides.
 * ``nnUNetTrainerGuideDensity``: guides + dataset prior + case-specific maps + texture.
 * ``nnUNetTrainerGuideDensityFiLM``: guides + the original FiLM conditioning (histogram vector
   -> MLP -> encoder-stage scales), no density maps.
 * ``nnUNetTrainerDensityFiLM``: FiLM from the patch histogram only, no guides.
-* ``...Short`` variants: the short CPU schedule of ``nnUNetTrainerGuideShort`` (tests, benchmarks).
+* ``...Short`` variants: the short CPU schedule (:class:`~nnunet_guide.trainers.short.ShortSchedule`).
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-import torch
 from torch import nn
 
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from ..core.density import DensityError, DensityOptions, density_channels, validate_histograms
 from ..density_network import EXTRA_KEY, FiLMConditioner, build_density_module, density_layout_extra
-from ..preprocessing.plan import PLANS_DENSITY_KEY
-from ..settings import ChannelLayout, GuideSettings, resolve_targets
+from ..preprocessing.density_plans import PLANS_DENSITY_KEY
+from ..settings import ChannelLayout
+from .base import nnUNetTrainerExtraChannels
 from .guide import nnUNetTrainerGuide
-from .variants import _short_schedule
-
-
+from .short import ShortSchedule
 
 def planned_histograms(plans: dict, configuration: str, plans_file: str) -> Dict[str, Any]:
     """The histograms planned for ``configuration`` (or for another configuration with the same
@@ -57,10 +59,11 @@ def planned_histograms(plans: dict, configuration: str, plans_file: str) -> Dict
     return h
 
 
-class nnUNetTrainerDensity(nnUNetTrainerGuide):
-    """Dataset-prior density maps and texture maps as extra input channels; no guide channels."""
+class DensityChannels:
+    """Mixin (put it first) for an :class:`nnUNetTrainerExtraChannels`: the density and texture
+    channels of ``density_options``, computed inside the network from the fed channels; the
+    case-specific maps follow the trainer's guided classes (none without guides)."""
 
-    guide_settings: Optional[GuideSettings] = None
     density_options: DensityOptions = DensityOptions()
 
     # ---- layout ---------------------------------------------------------------------------
@@ -84,10 +87,7 @@ class nnUNetTrainerDensity(nnUNetTrainerGuide):
                 f"({[c['name'] for c in hist['channels']]}), but dataset.json gives {n_img} ({names}); "
                 f"re-run nnUNetv2_guide_plan on this dataset")
         opts = self.density_options
-        targets = []
-        if self.guide_settings is not None and opts.case:
-            targets = [(t.name, t.labels) for t in resolve_targets(
-                self.dataset_json, self.guide_settings.guided_labels, self.label_manager.ignore_label)]
+        targets = [(t.name, t.labels) for t in self.guided_targets()] if opts.case else []
         patch = list(self.configuration_manager.patch_size)
         spacing = [float(s) for s in self.configuration_manager.spacing][-len(patch):]
         extra = density_layout_extra(
@@ -117,15 +117,17 @@ class nnUNetTrainerDensity(nnUNetTrainerGuide):
         return super()._do_i_compile()
 
 
-class nnUNetTrainerGuideDensity(nnUNetTrainerDensity):
+class nnUNetTrainerDensity(DensityChannels, nnUNetTrainerExtraChannels):
+    """Dataset-prior density maps and texture maps as extra input channels; no guide channels."""
+
+
+class nnUNetTrainerGuideDensity(DensityChannels, nnUNetTrainerGuide):
     """Guide channels (nnUNetTrainerGuide's defaults) + prior, case-specific and texture maps."""
-    guide_settings: Optional[GuideSettings] = GuideSettings()
 
 
-class nnUNetTrainerGuideDensityFiLM(nnUNetTrainerDensity):
+class nnUNetTrainerGuideDensityFiLM(DensityChannels, nnUNetTrainerGuide):
     """Guide channels + the original FiLM density branch (patch and guide histograms -> MLP ->
     per-channel scales of encoder stages 2..n, starting as identity); no density maps."""
-    guide_settings: Optional[GuideSettings] = GuideSettings()
     density_options = DensityOptions(film=True, prior=False, case=False, texture=False)
 
 
@@ -145,35 +147,20 @@ class nnUNetTrainerGuideDensityNoTexture(nnUNetTrainerGuideDensity):
 
 
 # ---- short schedules (CPU tests, benchmarks) --------------------------------------------------
-class nnUNetTrainerDensityShort(nnUNetTrainerDensity):
+class nnUNetTrainerDensityShort(ShortSchedule, nnUNetTrainerDensity):
     """nnUNetTrainerDensity with the short schedule (NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
 
-
-class nnUNetTrainerGuideDensityShort(nnUNetTrainerGuideDensity):
+class nnUNetTrainerGuideDensityShort(ShortSchedule, nnUNetTrainerGuideDensity):
     """nnUNetTrainerGuideDensity with the short schedule."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
 
-
-class nnUNetTrainerGuideDensityFiLMShort(nnUNetTrainerGuideDensityFiLM):
+class nnUNetTrainerGuideDensityFiLMShort(ShortSchedule, nnUNetTrainerGuideDensityFiLM):
     """nnUNetTrainerGuideDensityFiLM with the short schedule."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
 
 
 __all__ = [
-    "PLANS_DENSITY_KEY", "planned_histograms",
+    "PLANS_DENSITY_KEY", "planned_histograms", "DensityChannels",
     "nnUNetTrainerDensity", "nnUNetTrainerGuideDensity", "nnUNetTrainerGuideDensityFiLM",
     "nnUNetTrainerDensityFiLM", "nnUNetTrainerDensityNoTexture", "nnUNetTrainerGuideDensityNoTexture",
     "nnUNetTrainerDensityShort", "nnUNetTrainerGuideDensityShort", "nnUNetTrainerGuideDensityFiLMShort",

@@ -1,10 +1,7 @@
 """nnUNetTrainerGuide: one model that segments automatically and also takes clicks.
 
-The trainer is nnU-Net's own, with four small changes:
-- its channel layout (image channels, then guide channels, then computed channels) is resolved
-  against the dataset in ``__init__`` and stored in its copy of the plans (key ``nnunet_guide``),
-  so the model folder's plans.json lets stock ``nnUNetv2_predict`` rebuild the network;
-- ``build_network_architecture`` wraps nnU-Net's network in a :class:`GuidedNetwork`;
+An :class:`~nnunet_guide.trainers.base.nnUNetTrainerExtraChannels` (the layout in the plans, the
+network wrapper) whose layout has guide channels, with three small changes to nnU-Net's trainer:
 - the training/validation pipelines simulate clicks (:class:`SimulateClicksTransform`, before
   region conversion and deep-supervision downsampling) and ship them as coordinates; the train
   and validation steps render them into guide channels on the training device
@@ -21,7 +18,7 @@ import os
 import shutil
 import zlib
 from os.path import isdir, isfile, join
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,18 +26,15 @@ from torch import nn
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..core.clicks import validation_clicks
 from ..core.consistency import consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.encoding import append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides
 from ..core.user_sim import correction_clicks
-from ..network import GuidedNetwork
-from ..settings import (PLANS_KEY, ChannelLayout, GuideSettings, GuideSettingsError, build_layout,
-                        layout_from_plans, resolve_targets, save_layout, write_text_atomic)
+from ..settings import ChannelLayout, GuidedTarget, GuideSettings, GuideSettingsError, resolve_targets, write_text_atomic
 from ..transforms import AttachClicksTransform, SimulateClicksTransform
+from .base import nnUNetTrainerExtraChannels
 
 try:  # these transforms mark the end of the label-map part of nnU-Net's pipeline
     from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
@@ -99,11 +93,11 @@ class GuideConsistencyLoss(nn.Module):
         return loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
 
 
-class nnUNetTrainerGuide(nnUNetTrainer):
+class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     """nnU-Net trainer with guide channels: positive/negative click maps per guided class,
     simulated from the ground truth and dropped at random (``guide_settings.p_drop``)."""
 
-    guide_settings: Optional[GuideSettings] = GuideSettings()
+    guide_settings: GuideSettings = GuideSettings()
     #: run the guided validation pass (validation_guided/) at the end of training
     guided_validation: bool = True
     #: click rows per training sample (the loader stacks samples, so all get the same number;
@@ -118,52 +112,15 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     #: simulated boxes/scribbles need "loader".
     click_selection: str = "loader"
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.layout = self.make_layout()
-        # the trainer's own copy of the plans travels into the model folder (plans.json) and the
-        # checkpoint; nnU-Net's plans file in nnUNet_preprocessed is never written
-        self.plans_manager.plans[PLANS_KEY] = self.layout.to_dict()
-
     # ---- layout -------------------------------------------------------------------------
-    def make_layout(self) -> ChannelLayout:
-        n_img = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
-        names = list(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})).values())
-        names += [f"cascade_{l}" for l in self.label_manager.foreground_labels][:max(0, n_img - len(names))]
-        targets = resolve_targets(self.dataset_json, self.guide_settings.guided_labels,
-                                  self.label_manager.ignore_label) if self.guide_settings is not None else []
-        if self.guide_settings is not None and not targets:
+    def guided_targets(self) -> List[GuidedTarget]:
+        if self.guide_settings is None:
+            raise GuideSettingsError(f"{type(self).__name__}: a guide trainer needs guide_settings (a trainer "
+                                     f"without guides derives from nnUNetTrainerExtraChannels)")
+        targets = resolve_targets(self.dataset_json, self.guide_settings.guided_labels, self.label_manager.ignore_label)
+        if not targets:
             raise GuideSettingsError("this dataset has no foreground class to guide (dataset.json 'labels')")
-        channels, extra = self.feature_channels()
-        return build_layout(n_img, targets, self.guide_settings, names, channels, extra)
-
-    def feature_channels(self) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
-        """Channels computed inside the network (density, texture) and their data; none here."""
-        return [], {}
-
-    @staticmethod
-    def build_feature_module(layout: ChannelLayout) -> Optional[nn.Module]:
-        """Module computing the layout's computed channels from the fed ones; none here."""
-        return None
-
-    @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        layout = layout_from_plans(plans_manager.plans)
-        if layout is None:
-            raise GuideSettingsError(
-                f"{cls.__name__}: the plans have no {PLANS_KEY!r} entry. A guide-aware network is rebuilt "
-                f"from the plans.json its trainer wrote into the model folder; this one was not written by an "
-                f"nnunet_guide trainer.")
-        if layout.num_image_channels != num_input_channels:
-            raise GuideSettingsError(
-                f"{cls.__name__}: dataset.json gives {num_input_channels} input channels but the model was "
-                f"trained with {layout.num_image_channels} image channels ({PLANS_KEY} in plans.json)")
-        base = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, layout.num_channels,
-                                                        num_output_channels, enable_deep_supervision)
-        return GuidedNetwork(base, layout, cls.build_feature_module(layout))
+        return targets
 
     # ---- data pipeline ------------------------------------------------------------------
     @property
@@ -173,8 +130,6 @@ class nnUNetTrainerGuide(nnUNetTrainer):
     @property
     def selects_clicks_on_device(self) -> bool:
         g = self.layout.guide
-        if g is None:
-            return False
         unsupported = ("region-based datasets" if self.label_manager.has_regions else
                        f"click policy {g.click_policy!r}" if g.click_policy not in DEVICE_POLICIES else
                        "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else None)
@@ -194,7 +149,7 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         return self._click_gen
 
     def _with_guides(self, composed):
-        if self.layout.guide is None or self.selects_clicks_on_device:
+        if self.selects_clicks_on_device:
             return composed  # the loader stays plain nnU-Net's
         simulate = SimulateClicksTransform(self.layout.guide, [t.labels for t in self.layout.targets],
                                            self._patch_spacing, capacity=self.max_clicks_per_sample,
@@ -223,9 +178,7 @@ class nnUNetTrainerGuide(nnUNetTrainer):
         ``self.device`` (``data`` becomes image + guide channels, on the device; ``clicks`` holds
         the packed clicks, on the CPU). The clicks come off the end of ``batch["target"]``
         (chosen in the loader) or are chosen here from the full-resolution target (chosen on the
-        device, see ``click_selection``). Batches of a trainer without guides pass through."""
-        if self.layout.guide is None:
-            return batch
+        device, see ``click_selection``)."""
         target = batch["target"]
         if self.selects_clicks_on_device:
             target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
@@ -250,8 +203,7 @@ class nnUNetTrainerGuide(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         batch = self.guided_batch(batch)
-        g = self.layout.guide
-        if g is not None and g.p_correction > 0:
+        if self.layout.guide.p_correction > 0:
             self.add_correction_clicks(batch)
         if not isinstance(self.loss, GuideConsistencyLoss):
             return super().train_step(batch)
@@ -263,10 +215,9 @@ class nnUNetTrainerGuide(nnUNetTrainer):
 
     def _build_loss(self):
         loss = super()._build_loss()
-        g = self.layout.guide
-        if g is None or g.consistency_weight <= 0:
+        if self.layout.guide.consistency_weight <= 0:
             return loss
-        return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions)
+        return GuideConsistencyLoss(loss, self.layout.guide.consistency_weight, self.label_manager.has_regions)
 
     @torch.no_grad()
     def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -348,16 +299,10 @@ class nnUNetTrainerGuide(nnUNetTrainer):
             self.network.train(was_training)
         return added
 
-    # ---- bookkeeping --------------------------------------------------------------------
-    def on_train_start(self):
-        super().on_train_start()
-        if self.local_rank == 0:
-            save_layout(self.layout, self.output_folder_base)
-
     # ---- validation ---------------------------------------------------------------------
     def perform_actual_validation(self, save_probabilities: bool = False):
         guided_dice = None
-        if self.layout.guide is not None and self.guided_validation:
+        if self.guided_validation:
             guided_dice = self._guided_validation(save_probabilities)
         super().perform_actual_validation(save_probabilities)
         if self.local_rank == 0:

@@ -8,7 +8,7 @@ Environment:
         strictly), ``oversample`` (nnU-Net's ``oversample_foreground_percent``).
     NNUNET_GUIDE_SAVE_EVERY: also save ``checkpoint_epoch{N}.pth`` every N epochs (click gain
         against training length).
-    NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS: the short schedule (``nnUNetTrainerShort``).
+    NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS: the short schedule (``ShortSchedule``).
 """
 import json
 import os
@@ -18,7 +18,7 @@ import torch
 
 from ..settings import GuideSettings, GuideSettingsError
 from .guide import nnUNetTrainerGuide
-from .variants import _short_schedule, nnUNetTrainerShort
+from .short import ShortSchedule, nnUNetTrainerShort
 
 STUDY_ENV = "NNUNET_GUIDE_STUDY"
 SAVE_EVERY_ENV = "NNUNET_GUIDE_SAVE_EVERY"
@@ -55,7 +55,7 @@ def _apply_oversampling(trainer, options: dict) -> None:
         trainer.oversample_foreground_percent = float(v)
 
 
-class nnUNetTrainerGuideStudy(_StudyCheckpoints, nnUNetTrainerGuide):
+class nnUNetTrainerGuideStudy(_StudyCheckpoints, ShortSchedule, nnUNetTrainerGuide):
     """nnUNetTrainerGuide with the short schedule and settings from $NNUNET_GUIDE_STUDY."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -64,7 +64,6 @@ class nnUNetTrainerGuideStudy(_StudyCheckpoints, nnUNetTrainerGuide):
         self.guide_settings = GuideSettings.from_dict(options.get("settings", {}), source=f"${STUDY_ENV}",
                                                       field_prefix="settings.")
         super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
         _apply_oversampling(self, options)
 
 

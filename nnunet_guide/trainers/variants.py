@@ -1,12 +1,7 @@
 """Small variants of nnUNetTrainerGuide, one choice each (pick by name with ``-tr``)."""
-import os
-
-import torch
-
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
 from ..settings import GuideSettings
 from .guide import nnUNetTrainerGuide
+from .short import ShortSchedule, nnUNetTrainerShort  # noqa: F401 (nnUNetTrainerShort: former home)
 
 
 # ---- encodings ----------------------------------------------------------------------------
@@ -28,6 +23,19 @@ class nnUNetTrainerGuideOriginal(nnUNetTrainerGuide):
 
 
 class nnUNetTrainerGuideInterior(nnUNetTrainerGuide):
+    """Clicks at the interior-most voxel of each object (farthest from its border) instead of its
+    centre (the centre of a curved object may lie outside it).
+
+    Before nnunet-guide 0.1.0's restructuring this name used the ``random`` policy (now
+    :class:`nnUNetTrainerGuideRandomClick`). Models trained then still predict as before: their
+    model folder records the policy they were trained with (``guide_settings.json``), and the
+    policy only decides where training clicks go. Continue training such a model
+    (``nnUNetv2_train --c``) with the ``random`` policy by subclassing this trainer with
+    ``guide_settings = nnUNetTrainerGuideRandomClick.guide_settings``."""
+    guide_settings = GuideSettings(click_policy="interior")
+
+
+class nnUNetTrainerGuideRandomClick(nnUNetTrainerGuide):
     """Clicks at random interior voxels instead of object centres (closer to real users)."""
     guide_settings = GuideSettings(click_policy="random")
 
@@ -84,47 +92,22 @@ class nnUNetTrainerGuideTumorPrompts(nnUNetTrainerGuide):
 
 
 # ---- short runs (CPU tests, demos, benchmarks) ---------------------------------------------
-def _short_schedule(trainer: nnUNetTrainer) -> None:
-    """Few epochs and iterations, read from NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS."""
-    trainer.num_epochs = int(os.environ.get("NNUNET_GUIDE_EPOCHS", 2))
-    trainer.num_iterations_per_epoch = int(os.environ.get("NNUNET_GUIDE_ITERS", 20))
-    trainer.num_val_iterations_per_epoch = int(os.environ.get("NNUNET_GUIDE_VAL_ITERS", 5))
-
-
-class nnUNetTrainerGuideShort(nnUNetTrainerGuide):
+class nnUNetTrainerGuideShort(ShortSchedule, nnUNetTrainerGuide):
     """nnUNetTrainerGuide with a short schedule (default 2 epochs x 20 iterations; set
     NNUNET_GUIDE_EPOCHS, NNUNET_GUIDE_ITERS, NNUNET_GUIDE_VAL_ITERS to change it)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
 
-
-class nnUNetTrainerShort(nnUNetTrainer):
-    """Plain nnUNetTrainer with the same short schedule as nnUNetTrainerGuideShort (the baseline)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        _short_schedule(self)
-
-
-class nnUNetTrainerGuideCorrectionShort(nnUNetTrainerGuideShort):
+class nnUNetTrainerGuideCorrectionShort(ShortSchedule, nnUNetTrainerGuideCorrection):
     """nnUNetTrainerGuideCorrection with the short schedule."""
-    guide_settings = nnUNetTrainerGuideCorrection.guide_settings
 
 
-class nnUNetTrainerGuideTumorShort(nnUNetTrainerGuideShort):
+class nnUNetTrainerGuideTumorShort(ShortSchedule, nnUNetTrainerGuideTumor):
     """nnUNetTrainerGuideTumor with the short schedule (the LiTS demo's guide trainer)."""
-    guide_settings = nnUNetTrainerGuideTumor.guide_settings
 
 
-class nnUNetTrainerGuideTumorCorrectionShort(nnUNetTrainerGuideShort):
+class nnUNetTrainerGuideTumorCorrectionShort(ShortSchedule, nnUNetTrainerGuideTumorCorrection):
     """nnUNetTrainerGuideTumorCorrection with the short schedule."""
-    guide_settings = nnUNetTrainerGuideTumorCorrection.guide_settings
 
 
-class nnUNetTrainerGuideTumorPromptsShort(nnUNetTrainerGuideShort):
+class nnUNetTrainerGuideTumorPromptsShort(ShortSchedule, nnUNetTrainerGuideTumorPrompts):
     """nnUNetTrainerGuideTumorPrompts with the short schedule."""
-    guide_settings = nnUNetTrainerGuideTumorPrompts.guide_settings

@@ -1,4 +1,4 @@
-"""``nnUNetv2_guide_evaluate``: how much a click buys, measured with a simulated user.
+"""How much a click buys, measured with a simulated user (the library of ``nnUNetv2_guide_evaluate``).
 
 For every case: predict with no click, then N times add one click per guided class at the
 interior-most point of its largest error region (:mod:`nnunet_guide.core.user_sim`) and predict
@@ -14,13 +14,10 @@ with :class:`nnunet_guide.inference.predictor.GuidedPredictor`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
 import time
-from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,8 +25,8 @@ import numpy as np
 
 from ..core.clicks import Click
 from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
-from ..core.metrics import MetricsInputError, check_label_values, check_pair, click_reach_voxels, guide_reach_mm
-from ..core.user_sim import START_MODES, PredictFn, simulate_session
+from ..core.metrics import check_label_values, check_pair, click_reach_voxels, guide_reach_mm
+from ..core.user_sim import PredictFn, simulate_session
 from ..settings import GuidedTarget, resolve_targets
 from .report import DEFAULT_THRESHOLDS, case_record, plain_record, step_label, write_report
 
@@ -229,7 +226,6 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         predictor: a GuidedPredictor after ``initialize_from_trained_model_folder``.
         images: case id -> the case's channel files.
     """
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from ..inference.click_io import ClickSpec
     layout = predictor.layout
     cache: Dict[str, Any] = {}
@@ -250,11 +246,8 @@ def predict_fn_from_predictor(predictor, images: Mapping[str, Sequence[str]]) ->
         if boxes:
             pre_clicks += boxes_to_preprocessed(boxes, props, predictor.plans_manager.transpose_forward,
                                                 data.shape[1:])
-        logits = predictor.predict_logits_from_preprocessed_data(predictor.add_guides(data, pre_clicks, props))
-        seg = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits.cpu(), predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
-            deepcopy(props))
-        return np.asarray(seg)
+        return np.asarray(predictor.segmentation_from_logits(predictor.predict_preprocessed(data, props, pre_clicks),
+                                                             props))
 
     predict.predictor = predictor
     return predict
@@ -356,10 +349,12 @@ def guided_predict_fn(model_folder: str, folds, checkpoint: str, images: Mapping
 
 
 # --------------------------------------------------------------------------------------------
-# command line
+# a whole evaluation from the command's options
 
 
-def _model_folder(a) -> str:
+def model_folder_of(a) -> str:
+    """The model folder of the options: ``a.model``, or nnU-Net's folder of ``a.d``, ``a.tr``,
+    ``a.p``, ``a.c`` (as ``nnUNetv2_predict`` finds it)."""
     if a.model:
         if not os.path.isdir(a.model):
             raise EvaluationError(f"model folder {a.model} does not exist")
@@ -374,59 +369,10 @@ def _model_folder(a) -> str:
     return folder
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nnUNetv2_guide_evaluate",
-        description="Evaluate a guide-aware nnU-Net model with a simulated user: Dice after 0..N clicks, "
-                    "Dice AUC, NoC@85/90, lesion detection, per-case and global Dice; optional comparison with "
-                    "a plain nnU-Net prediction folder. Writes results.json, CSVs, PNG plots and report.md.")
-    m = p.add_argument_group("model (either -m, or -d/-c/-tr/-p as nnUNetv2_predict)")
-    m.add_argument("-m", "--model", help="trained model folder (holds plans.json, dataset.json, fold_X/)")
-    m.add_argument("-d", help="dataset name or id")
-    m.add_argument("-c", default="3d_fullres", help="configuration (default 3d_fullres)")
-    m.add_argument("-tr", default="nnUNetTrainerGuide", help="trainer (default nnUNetTrainerGuide)")
-    m.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    m.add_argument("-f", nargs="+", default=["0"], help="folds (default 0; 'all' allowed)")
-    m.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
-    p.add_argument("-i", "--images", required=True, help="images folder (CASE_0000.nii.gz, ...)")
-    p.add_argument("-r", "--reference", required=True, help="reference labels folder (CASE.nii.gz)")
-    p.add_argument("-o", "--output", required=True, help="output folder for the report")
-    p.add_argument("-n", "--clicks", type=int, default=5, help="click steps N (one click per guided class each)")
-    p.add_argument("--plain", help="folder with plain nnU-Net predictions (CASE.nii.gz) to compare with")
-    p.add_argument("--cases", nargs="+", help="only these case ids")
-    p.add_argument("--max-cases", type=int, help="only the first K cases (sorted by id)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS),
-                   help="Dice thresholds of NoC (default 0.85 0.90)")
-    p.add_argument("--connectivity", type=int, default=2, help="of lesions and error regions (2 = 18-conn. in 3D)")
-    p.add_argument("--min-error-voxels", type=int, default=1, help="error regions smaller than this get no click")
-    p.add_argument("--detection-min-dice", type=float, default=0.0,
-                   help="a lesion counts as detected when its matched Dice exceeds this (0 = any overlap)")
-    p.add_argument("--class", dest="extra_classes", action="append", default=[], metavar="NAME=L1,L2",
-                   help="also evaluate a class made of several labels, e.g. --class liver+tumor=1,2 (the usual "
-                        "LiTS liver Dice); repeatable")
-    p.add_argument("--start", choices=START_MODES, default="clicks",
-                   help="clicks (default): click steps only; box: first one 3D box around each reference object of "
-                        "every guided class, then the N click steps (the CVPR 2025 interactive protocol)")
-    p.add_argument("--nsd-tolerance", type=float, default=2.0,
-                   help="tolerance (mm) of the normalised surface Dice (default 2)")
-    p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or mps (default cpu)")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (slower)")
-    p.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of torch/numpy (repeatable runs)")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = build_parser().parse_args(argv)
-    try:
-        return run_cli(a)
-    except (EvaluationError, MetricsInputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-def run_cli(a) -> int:
+def run_evaluation(a) -> int:
+    """The whole ``nnUNetv2_guide_evaluate`` run for parsed options ``a`` (attributes named as
+    the command's options, see :mod:`nnunet_guide.cli.evaluate`): load the model, run the
+    simulated user on every case, write the report. Raises :class:`EvaluationError`."""
     if a.clicks < 0:
         raise EvaluationError(f"-n/--clicks must be >= 0, got {a.clicks}")
     if not a.nsd_tolerance >= 0:
@@ -438,7 +384,7 @@ def run_cli(a) -> int:
         torch.manual_seed(a.seed)
     except ImportError:  # pragma: no cover
         pass
-    folder = _model_folder(a)
+    folder = model_folder_of(a)
     with open(os.path.join(folder, "dataset.json")) as f:
         dataset_json = json.load(f)
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -475,7 +421,3 @@ def run_cli(a) -> int:
                  thresholds=opts.thresholds)
     print(f"report written to {os.path.join(a.output, 'report.md')}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -81,12 +81,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
     import uvicorn
 
+    from ..server.app import ServerLimits, create_app
+    from ..server.service import GuideModel
+    from ..server.sessions import LeaseTable
     from ..settings import GuideSettingsError
-    from .app import ServerLimits, create_app
-    from .service import GuideModel
-    from .sessions import LeaseTable
 
-    if args.threads:
+    if args.threads:  # a server process of its own: its thread count is the process's
         torch.set_num_threads(args.threads)
     folds = tuple(int(f) if f.isdigit() else f for f in args.folds)
     try:

@@ -1,78 +1,33 @@
-"""Helpers for tests, benchmarks and the demo: small real nnU-Net datasets and CPU-sized plans.
+"""Test fixtures shared by tests and benchmarks: small real nnU-Net datasets, hand-written plans,
+trainers built in process, and the console commands as setup.py declares them.
 
-Everything here drives nnU-Net through its own commands (``nnUNetv2_plan_and_preprocess``,
-``nnUNetv2_train``) in subprocesses with the nnU-Net folders in the environment, the way a
-user runs it. Default plans are far too slow on a CPU; :func:`derive_small_plans` writes a
-derived plans file (own identifier, same preprocessed data) with a smaller network and batch.
+Tests import this module as ``helpers`` (pytest puts tests/ on ``sys.path``); benchmarks add
+tests/ to ``sys.path`` first. The runtime pieces (environment, command runner, CPU plans) live
+in the package and are re-exported here for the tests' convenience.
 """
 from __future__ import annotations
 
-import copy
+import ast
 import json
 import os
 import shutil
-import subprocess
 import sys
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .cli.env import env_value
-from .settings import write_atomic, write_json_atomic
+from nnunet_guide.image_io import write_image
+from nnunet_guide.paths import REPO_ROOT, dataset_folder_name, shared_data_dir
+from nnunet_guide.preprocessing.small_plans import derive_small_plans
+from nnunet_guide.runner import nnunet_env, plan_and_preprocess, run_command, train
+from nnunet_guide.settings import write_json_atomic
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+__all__ = ["REPO_ROOT", "dataset_folder_name", "shared_data_dir", "derive_small_plans", "nnunet_env",
+           "plan_and_preprocess", "run", "train", "write_image", "write_synthetic_dataset", "copy_hippocampus_subset",
+           "preprocess_for_this_process", "plain_conv_unet", "configuration_plans", "hand_written_plans",
+           "make_trainer", "console_scripts", "command"]
 
-
-def shared_data_dir() -> Optional[str]:
-    """The project's real-scan folder (``../shared/data`` beside the repo, or
-    ``$NNUNET_GUIDE_SHARED_DATA``); None when it is not there (a user's clone)."""
-    cand = os.environ.get("NNUNET_GUIDE_SHARED_DATA") or os.path.join(REPO_ROOT, "..", "shared", "data")
-    return os.path.abspath(cand) if os.path.isdir(cand) else None
-
-
-def nnunet_env(root: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """Environment with nnU-Net's three folders under ``root`` and our trainers registered."""
-    env = dict(os.environ)
-    env.update({
-        "nnUNet_raw": os.path.join(root, "nnUNet_raw"),
-        "nnUNet_preprocessed": os.path.join(root, "nnUNet_preprocessed"),
-        "nnUNet_results": os.path.join(root, "nnUNet_results"),
-        "nnUNet_extTrainer": env_value(os.environ.get("nnUNet_extTrainer", "")),
-        "nnUNet_compile": "false",
-    })
-    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.makedirs(env[k], exist_ok=True)
-    if extra:
-        env.update(extra)
-    return env
-
-
-def run(cmd: Sequence[str], env: Dict[str, str], log: Optional[str] = None, timeout: Optional[float] = None) -> str:
-    """Run a command; on failure raise with the tail of its output."""
-    proc = subprocess.run(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
-    if log is not None:
-        with open(log, "a") as f:
-            f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n")
-    if proc.returncode != 0:
-        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}")
-    return proc.stdout
-
-
-def dataset_name(dataset_id: int, name: str) -> str:
-    return f"Dataset{int(dataset_id):03d}_{name}"
-
-
-def write_image(path: str, array: np.ndarray, spacing_zyx: Sequence[float], origin=None, direction=None) -> None:
-    """Write a (z, y, x) array as NIfTI with spacing given in array order."""
-    import SimpleITK as sitk
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(tuple(float(s) for s in spacing_zyx[::-1]))
-    if origin is not None:
-        img.SetOrigin(tuple(float(o) for o in origin))
-    if direction is not None:
-        img.SetDirection(tuple(float(d) for d in direction))
-    write_atomic(path, lambda tmp: sitk.WriteImage(img, tmp))
+run = run_command
 
 
 def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "GuideSynthetic", num_cases: int = 8,
@@ -85,7 +40,7 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "GuideSy
     (organ = {1, 2}, lesion = {2}). Returns the dataset folder.
     """
     rng = np.random.default_rng(seed)
-    folder = os.path.join(raw_root, dataset_name(dataset_id, name))
+    folder = os.path.join(raw_root, dataset_folder_name(dataset_id, name))
     os.makedirs(os.path.join(folder, "imagesTr"), exist_ok=True)
     os.makedirs(os.path.join(folder, "labelsTr"), exist_ok=True)
     zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
@@ -109,7 +64,7 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "GuideSy
         write_image(os.path.join(folder, "labelsTr", f"{cid}.nii.gz"), seg, spacing)
     labels = {"background": 0, "organ": [1, 2], "lesion": 2} if regions else {"background": 0, "organ": 1, "lesion": 2}
     dj = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": num_cases, "file_ending": ".nii.gz",
-          "name": name, "description": "synthetic organ + lesion phantom made by nnunet_guide.testing"}
+          "name": name, "description": "synthetic organ + lesion phantom made by nnunet-guide's tests/helpers.py"}
     if regions:
         dj["regions_class_order"] = [1, 2]
     write_json_atomic(dj, os.path.join(folder, "dataset.json"))
@@ -122,7 +77,7 @@ def copy_hippocampus_subset(raw_root: str, dataset_id: int = 4, num_cases: int =
     src = source or os.path.join(shared_data_dir() or "", "Dataset004_Hippocampus")
     if not os.path.isdir(src):
         raise FileNotFoundError(f"hippocampus data not found at {src}")
-    dst = os.path.join(raw_root, dataset_name(dataset_id, "Hippocampus"))
+    dst = os.path.join(raw_root, dataset_folder_name(dataset_id, "Hippocampus"))
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(dst, sub), exist_ok=True)
     cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(src, "labelsTr")) if f.endswith(".nii.gz"))
@@ -137,17 +92,8 @@ def copy_hippocampus_subset(raw_root: str, dataset_id: int = 4, num_cases: int =
     return dst
 
 
-def plan_and_preprocess(dataset_id: int, env: Dict[str, str], configurations: Iterable[str] = ("3d_fullres",),
-                        log: Optional[str] = None) -> None:
-    """nnU-Net's own planning and preprocessing (one process; CPU friendly)."""
-    configs = list(configurations)
-    env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # the planner rejects 0
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configs, "-np",
-         *(["1"] * len(configs)), "-npfp", "1", "--verify_dataset_integrity"], env, log)
-
-
 def preprocess_for_this_process(dataset_id: int, name: str, env: Dict[str, str],
-                                configurations: Iterable[str] = ("3d_fullres",)) -> str:
+                                configurations: Sequence[str] = ("3d_fullres",)) -> str:
     """Plan and preprocess a raw dataset, then point this process's nnU-Net folders at ``env``'s
     (benchmarks build trainers in process). Returns the preprocessed dataset folder."""
     plan_and_preprocess(dataset_id, env, configurations)
@@ -205,43 +151,6 @@ def hand_written_plans(configurations: Dict[str, dict], dataset_name: str, trans
                 "mean": 0.0, "std": 1.0, "percentile_00_5": -1.0, "percentile_99_5": 1.0}}}
 
 
-def derive_small_plans(preprocessed_dataset_folder: str, source: str = "nnUNetPlans",
-                       target: str = "nnUNetPlans_small", max_stages: int = 3, base_features: int = 8,
-                       batch_size: int = 2, patch_size: Optional[Dict[str, Sequence[int]]] = None) -> str:
-    """Write ``<target>.json``: the source plans with a shallower, narrower network and a small batch.
-
-    The configurations keep their ``data_identifier``, so nnU-Net's preprocessed data is reused.
-    Patch sizes are cut to what ``max_stages`` stages can divide (or set per configuration by
-    ``patch_size``). The source plans file is only read. Returns the new file's path.
-    """
-    src = os.path.join(preprocessed_dataset_folder, source + ".json")
-    with open(src) as f:
-        plans = json.load(f)
-    new = copy.deepcopy(plans)
-    new["plans_name"] = target
-    for name, cfg in new["configurations"].items():
-        if "inherits_from" in cfg and "architecture" not in cfg:
-            continue
-        arch = cfg["architecture"]["arch_kwargs"]
-        n = min(max_stages, arch["n_stages"])
-        for key in ("kernel_sizes", "strides", "n_conv_per_stage"):
-            arch[key] = arch[key][:n]
-        if "n_conv_per_stage_decoder" in arch:
-            arch["n_conv_per_stage_decoder"] = arch["n_conv_per_stage_decoder"][:n - 1]
-        arch["n_stages"] = n
-        arch["features_per_stage"] = [min(base_features * 2 ** i, 320) for i in range(n)]
-        divisor = np.prod(np.array(arch["strides"]), axis=0)
-        if patch_size is not None and name in patch_size:
-            ps = list(patch_size[name])
-        else:
-            ps = [max(int(d), int(p) // int(d) * int(d)) for p, d in zip(cfg["patch_size"], divisor)]
-        cfg["patch_size"] = ps
-        cfg["batch_size"] = int(batch_size)
-    dst = os.path.join(preprocessed_dataset_folder, target + ".json")
-    write_json_atomic(new, dst)
-    return dst
-
-
 def make_trainer(trainer_class, preprocessed_dataset_folder: str, plans_name: str = "nnUNetPlans",
                  configuration: str = "3d_fullres", fold=0, initialize: bool = False, device=None):
     """A trainer built in this process from a preprocessed dataset folder, on ``device`` (default
@@ -259,17 +168,19 @@ def make_trainer(trainer_class, preprocessed_dataset_folder: str, plans_name: st
     return trainer
 
 
-def train(dataset_id: int, configuration: str, fold, trainer: str, plans: str, env: Dict[str, str],
-          log: Optional[str] = None, extra_args: Sequence[str] = ()) -> str:
-    """``nnUNetv2_train`` on the CPU; returns the model folder."""
-    env = dict(env)
-    env.setdefault("nnUNet_n_proc_DA", "0")  # in-process augmentation: no worker start-up on 2 cores
-    run(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer, "-p", plans,
-         "-device", "cpu", *extra_args], env, log)
-    results = env["nnUNet_results"]
-    name = [d for d in os.listdir(results) if d.startswith(f"Dataset{int(dataset_id):03d}_")][0]
-    return os.path.join(results, name, f"{trainer}__{plans}__{configuration}")
+def console_scripts() -> Dict[str, str]:
+    """``{command name: "module:function"}`` as setup.py declares the console scripts."""
+    tree = ast.parse(open(os.path.join(REPO_ROOT, "setup.py")).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "entry_points":
+            scripts = ast.literal_eval(node.value)["console_scripts"]
+            return {name.strip(): target.strip() for name, target in (s.split("=", 1) for s in scripts)}
+    raise AssertionError("setup.py declares no console_scripts")
 
 
-def python_exe() -> str:
-    return sys.executable
+def command(name: str) -> List[str]:
+    """The argv that runs console script ``name`` exactly as its installed wrapper would, through
+    this checkout's setup.py entry point (so tests do not depend on how the package was installed)."""
+    module, func = console_scripts()[name].split(":")
+    return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; "
+                                  f"sys.exit({func}())"]

@@ -17,7 +17,7 @@ import sys
 from contextlib import contextmanager
 from typing import List, Optional
 
-from .click_io import ClickFileError
+from ..inference.click_io import ClickFileError
 from ..settings import GuideSettingsError
 
 USAGE_NOTE = """\
@@ -38,10 +38,15 @@ All other options are nnUNetv2_predict's (shown below).
 
 @contextmanager
 def _guided_entry_point(clicks: Optional[str]):
-    """nnU-Net's prediction module with GuidedPredictor (bound to ``clicks``) as its predictor."""
+    """nnU-Net's prediction module with GuidedPredictor (bound to ``clicks``) as its predictor.
+
+    nnU-Net's entry points build their predictor by the module-level name ``nnUNetPredictor`` and
+    offer no parameter for another class, so that name is swapped for the duration of the call
+    and restored afterwards (reusing nnU-Net's entry point keeps every option and default its own
+    instead of a copy of its argument parser)."""
     import nnunetv2.inference.predict_from_raw_data as nnunet_predict
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from .predictor import GuidedPredictor, _same_signature_as
+    from ..inference.predictor import GuidedPredictor, _same_signature_as
 
     class CommandLineGuidedPredictor(GuidedPredictor):
         @_same_signature_as(nnUNetPredictor.predict_from_files)
@@ -71,6 +76,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     prog = "nnUNetv2_predict_guided"
     with _guided_entry_point(known.clicks) as nnunet_predict:
         entry = nnunet_predict.predict_entry_point_modelfolder if "-m" in rest else nnunet_predict.predict_entry_point
+        # nnU-Net's entry points parse sys.argv and take no argument list: swapped for the call only
         saved = sys.argv
         sys.argv = [prog, *rest]
         try:
