@@ -2,7 +2,7 @@
 
     python benchmarks/click_harm.py --guide GUIDE_MODEL_FOLDER --plain-model PLAIN_MODEL_FOLDER \\
         -i IMAGES -r LABELS --work DIR [-f 0] [-chk checkpoint_final.pth [checkpoint_best.pth ...]] \\
-        [-n 5] [--start clicks|box] [--max-cases K] [--class liver+tumor=1,2] [--device cpu]
+        [-n 5] [--start clicks|box|scribble] [--max-cases K] [--class liver+tumor=1,2] [--device cpu]
 
 1. Predicts the held-out images (``CASE_0000.nii.gz`` in ``-i``, references ``CASE.nii.gz`` in
    ``-r``) with the plain nnU-Net model (nnU-Net's own predictor, no test-time augmentation) into
@@ -67,7 +67,7 @@ def report_lines(summary, label: str):
         h = g["harm"]
         plain = (summary.get("plain") or {}).get(name) or {}
         auto = g["mean_dice"][0]
-        first_click = 2 if summary.get("start") == "box" else 1  # the first click step (after the box)
+        first_click = 1 if summary.get("start", "clicks") == "clicks" else 2  # after a box or scribble step
         gain1 = (g["mean_dice"][first_click] - g["mean_dice"][first_click - 1]) if n >= first_click else None
         rows.append({
             "checkpoint": label, "class": name, "plain": plain.get("mean_dice"), "auto": auto,
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     p.add_argument("-chk", nargs="+", default=["checkpoint_final.pth"],
                    help="guide checkpoints to compare (default checkpoint_final.pth)")
     p.add_argument("-n", "--clicks", type=int, default=5, help="click steps (default 5)")
-    p.add_argument("--start", choices=("clicks", "box"), default="clicks")
+    p.add_argument("--start", choices=("clicks", "box", "scribble"), default="clicks")
     p.add_argument("--max-cases", type=int, help="only the first K cases")
     p.add_argument("--class", dest="extra_classes", action="append", default=[], metavar="NAME=L1,L2")
     p.add_argument("--device", default="cpu")

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from nnunet_guide.core.clicks import Click
 from nnunet_guide.core.metrics import MetricsInputError
+from nnunet_guide.core.user_sim import simulate_session
 from nnunet_guide.cli import evaluate as command
 from nnunet_guide.evaluation import evaluate as cli
 from nnunet_guide.evaluation.evaluate import CaseInput, EvaluationError, EvaluationOptions, evaluate, find_cases
@@ -359,6 +360,40 @@ def test_box_start_with_fake_model(tmp_path):
     assert s["guided"]["tumor"]["box_effect"]["n_clicks"] == 2 and s["guided"]["tumor"]["harm"]["n_clicks"] == 0
     md = open(tmp_path / "report.md").read()
     assert "| tumor | guide model, box + 2 click steps | 1.000 |" in md and "Dice AUC, box + clicks" in md
+
+
+def test_scribble_start_with_fake_model(tmp_path):
+    refs, autos, cases = {}, {}, []
+    for i, cid in enumerate(["a", "b"]):
+        ref, auto, img = make_case(i)
+        refs[cid], autos[cid] = ref, auto
+        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
+    res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
+                   EvaluationOptions(n_clicks=2, n_overlays=0, start="scribble"), log=lambda m: None)
+    rec = res.records[0]
+    assert rec["start"] == "scribble" and rec["step_kinds"] == ["scribble", "click", "click"]
+    first = [c for c in rec["clicks"] if c["step"] == 1]
+    ref = refs["a"]
+    # scribble clicks: positive points inside the tumours, on each tumour's largest axial section
+    # (all sections of the 5x5x5 tumour tie: its first, z = 3; the 3x3x3 one: z = 6), both tumours
+    assert first and all(c["positive"] and c.get("kind", "point") == "point" and c["target"] == "tumor" for c in first)
+    pos = [tuple(int(round(v)) for v in c["position"]) for c in first]
+    assert all(ref[p] == 2 for p in pos) and {p[0] for p in pos} == {3, 6}
+    assert {p[1] < 10 for p in pos} == {True, False}
+    # medial voxels of the 5x5 section only: its 3x3 core
+    assert all(5 <= p[1] <= 7 and 5 <= p[2] <= 7 for p in pos if p[0] == 3)
+    t = rec["classes"]["tumor"]
+    assert t["dice"] == pytest.approx([54 / 179, 1.0, 1.0, 1.0]) and t["auc_from_scribble"] == 1.0
+    s = write_report(str(tmp_path), res.records)
+    assert s["step_labels"] == ["0 clicks", "scribble", "scribble + 1 click step", "scribble + 2 click steps"]
+    g = s["guided"]["tumor"]
+    assert g["scribble_effect"]["n_clicks"] == 2 and g["harm"]["n_clicks"] == 0 and "box_effect" not in g
+    assert g["mean_auc_from_scribble"] == 1.0
+    md = open(tmp_path / "report.md").read()
+    assert "Dice AUC, scribble + clicks" in md and "The scribble step:" in md
+    with pytest.raises(ValueError, match="prompt_step_mm"):
+        simulate_session("a", FakeGuideModel(refs, autos), ref, (2.0, 1.0, 1.0), [(2,)], {"tumor": (2,)}, 1,
+                         start="scribble")
 
 
 def test_box_reaches_the_network_as_a_box(tmp_path):

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "LiTS liver Dice); repeatable")
     p.add_argument("--start", choices=START_MODES, default="clicks",
                    help="clicks (default): click steps only; box: first one 3D box around each reference object of "
-                        "every guided class, then the N click steps (the CVPR 2025 interactive protocol)")
+                        "every guided class, then the N click steps (the CVPR 2025 interactive protocol); scribble: "
+                        "first one scribble per reference object (medial voxels of its largest axial section)")
     p.add_argument("--nsd-tolerance", type=float, default=2.0,
                    help="tolerance (mm) of the normalised surface Dice (default 2)")
     p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")

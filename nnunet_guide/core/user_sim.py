@@ -13,7 +13,8 @@ The user looks at the current prediction of each guided class and clicks once pe
   for that class. The user stops altogether when no guided class has an error left.
 
 With ``start="box"`` (the CVPR 2025 interactive protocol: one box, then N clicks) the first step
-instead gives one 3D box per reference object of every guided class, the object's tight box.
+instead gives one 3D box per reference object of every guided class, the object's tight box; with
+``start="scribble"`` one scribble per reference object, on its largest axial cross-section.
 
 Every step records what it did to each clicked class (:class:`StepEffect`): Dice before and after,
 lesions lost, and the Dice beyond the guide's reach of every prompt so far.
@@ -38,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .clicks import Click, box_click, interior_point, label_objects, robust_center_mask
+from .prompts import scribble_clicks, simulate_stroke
 from .metrics import (HARM_TOLERANCE, ClickEffect, DiceResult, LesionDetection, MetricsInputError,
                       SurfaceDiceResult, check_pair, class_mask, click_effect, dice_masks, far_from_clicks,
                       lesion_detection, surface_dice)
@@ -166,7 +168,8 @@ def correction_clicks(prediction: np.ndarray, reference: np.ndarray, targets: Se
 PredictFn = Callable[[str, List[Click]], np.ndarray]
 ReachFn = Callable[[Click], Sequence[float]]
 
-START_MODES = ("clicks", "box")
+START_MODES = ("clicks", "box", "scribble")
+PROMPT_STARTS = ("box", "scribble")  # a start whose step 1 is a prompt of that kind per reference object
 
 
 def object_boxes(reference: np.ndarray, labels: Sequence[int], target: int, connectivity: int = 2,
@@ -183,6 +186,34 @@ def object_boxes(reference: np.ndarray, labels: Sequence[int], target: int, conn
         if sl is not None:
             boxes.append(box_click(target, [s.start for s in sl], [s.stop for s in sl], True))
     return boxes
+
+
+def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, spacing: Sequence[float],
+                     step_mm: float, connectivity: int = 2, ignore_label: Optional[int] = None) -> List[Click]:
+    """The scribble start for one guided class: one positive scribble per reference object, drawn
+    on the object's largest cross-section along the first array axis (axial in SimpleITK's z, y, x
+    order; 2D: the whole object): the section's medial voxels, as the training simulation draws a
+    scribble (:func:`nnunet_guide.core.prompts.simulate_stroke`), given as point clicks on a
+    ``step_mm`` grid as the server renders one (:func:`nnunet_guide.core.prompts.scribble_clicks`)."""
+    reference = np.asarray(reference)
+    mask = class_mask(reference, labels)
+    if ignore_label is not None:
+        mask &= reference != ignore_label
+    lab, n = label_objects(mask, connectivity)
+    out: List[Click] = []
+    for i, sl in enumerate(ndimage.find_objects(lab, max_label=n), start=1):
+        if sl is None:
+            continue
+        obj = lab[sl] == i
+        axis = 0 if obj.ndim == 3 else None
+        if axis is not None:  # the largest section only: the stroke's slice is then fixed
+            z = int(np.argmax(obj.sum(axis=(1, 2))))
+            section = np.zeros_like(obj)
+            section[z] = obj[z]
+            obj = section
+        stroke = simulate_stroke(obj, spacing, np.random.default_rng(0), axis, "scribble")
+        out += scribble_clicks(target, stroke, True, spacing, step_mm, reference.shape, [s.start for s in sl])
+    return out
 
 
 @dataclass
@@ -203,7 +234,7 @@ class ClassTrace:
 @dataclass(frozen=True)
 class StepEffect:
     """What one prompt step did to one guided class: ``step`` (1-based), ``target`` (index into
-    the guided classes), ``kind`` ("point" or "box"), the step's prompt positions on that class,
+    the guided classes), ``kind`` ("point", "box" or "scribble"), the step's prompt positions on that class,
     and the :class:`~nnunet_guide.core.metrics.ClickEffect`."""
     step: int
     target: int
@@ -247,7 +278,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
                      min_error_voxels: int = 1, detection_min_dice: float = 0.0,
                      min_sigma: float = 2.0, start: str = "clicks", nsd_tolerance_mm: Optional[float] = 2.0,
                      reach: Optional[ReachFn] = None, slice_axis: Optional[int] = None,
-                     harm_tolerance: float = HARM_TOLERANCE) -> SessionResult:
+                     harm_tolerance: float = HARM_TOLERANCE, prompt_step_mm: Optional[float] = None) -> SessionResult:
     """Run the simulated user on one case: predict with no click, then N times add one click
     per guided class at its largest error and predict again.
 
@@ -266,22 +297,27 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         detection_min_dice: see :func:`nnunet_guide.core.metrics.lesion_detection`.
         start: ``"clicks"`` (default) or ``"box"``: step 1 gives one box per reference object of
             every guided class (:func:`object_boxes`, the CVPR 2025 interactive protocol), then
-            the N click steps follow.
+            the N click steps follow; ``"scribble"``: step 1 gives one scribble per reference
+            object (:func:`object_scribbles`, clicks every ``prompt_step_mm``), then the clicks.
         nsd_tolerance_mm: tolerance of the normalised surface Dice measured per step (None: skip).
         reach: per-axis reach (voxels of the reference array) of a prompt's guide map
             (e.g. :func:`nnunet_guide.core.metrics.click_reach_voxels`); with it, each step's
             effect includes the Dice beyond the reach of every prompt so far. None: skipped.
         slice_axis: for 2D models: prompts reach only their own slice along this axis.
         harm_tolerance: a step is harmful to its class when its Dice falls by more than this.
+        prompt_step_mm: grid step of a scribble's clicks (needed with ``start="scribble"``; e.g.
+            :func:`nnunet_guide.core.prompts.prompt_step_mm` of the model's guide settings).
     """
     if n_clicks < 0:
         raise ValueError(f"n_clicks must be >= 0, got {n_clicks}")
     if start not in START_MODES:
         raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
+    if start == "scribble" and not (prompt_step_mm and prompt_step_mm > 0):
+        raise ValueError(f"start='scribble' needs a positive prompt_step_mm, got {prompt_step_mm!r}")
     reference = np.asarray(reference)
     traces = {name: ClassTrace() for name in classes}
     keep = None if ignore_label is None else reference != ignore_label
-    n_steps = n_clicks + (1 if start == "box" else 0)
+    n_steps = n_clicks + (1 if start in PROMPT_STARTS else 0)
 
     def masks(pred: np.ndarray, vals: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
         r, p = class_mask(reference, vals), class_mask(pred, vals)
@@ -316,7 +352,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
     effects: List[StepEffect] = []
 
     def record_effects(step: int, new: List[Click], all_clicks: List[Click], before: np.ndarray,
-                       after: np.ndarray) -> None:
+                       after: np.ndarray, kind: str) -> None:
         far = None
         if reach is not None:
             far = far_from_clicks(reference.shape, [c.position for c in all_clicks],
@@ -329,7 +365,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             det = (traces[name].detection[-2], traces[name].detection[-1]) if name else (None, None)
             eff = click_effect(r, p0, p1, [c.position for c in mine], far, connectivity, detection_min_dice,
                                harm_tolerance, case_id, *det)
-            effects.append(StepEffect(step, t, mine[0].kind, tuple(tuple(c.position) for c in mine), eff))
+            effects.append(StepEffect(step, t, kind, tuple(tuple(c.position) for c in mine), eff))
 
     pred = run([])
     first = pred
@@ -339,11 +375,16 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
     kinds: List[str] = []
     stopped_at = None
     for step in range(1, n_steps + 1):
-        if start == "box" and step == 1:
-            kinds.append("box")
-            new = [b for t, labels in enumerate(guided)
-                   for b in object_boxes(reference, labels, t, connectivity, ignore_label)]
-            if not new:  # no object to box: the prediction stays
+        if start in PROMPT_STARTS and step == 1:
+            kinds.append(start)
+            if start == "box":
+                new = [b for t, labels in enumerate(guided)
+                       for b in object_boxes(reference, labels, t, connectivity, ignore_label)]
+            else:
+                new = [c for t, labels in enumerate(guided)
+                       for c in object_scribbles(reference, labels, t, spacing, prompt_step_mm, connectivity,
+                                                 ignore_label)]
+            if not new:  # no object to prompt: the prediction stays
                 repeat_last()
                 continue
         else:
@@ -361,5 +402,5 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         log += [(step, c) for c in new]
         before, pred = pred, run(clicks)
         measure(pred)
-        record_effects(step, new, clicks, before, pred)
+        record_effects(step, new, clicks, before, pred, kinds[-1] if kinds[-1] in PROMPT_STARTS else "point")
     return SessionResult(case_id, n_steps, stopped_at, log, traces, first, pred, effects, kinds)

@@ -26,6 +26,7 @@ import numpy as np
 from ..core.clicks import Click
 from ..core.encoding import OBJECT_SIGMA_PER_DIAMETER
 from ..core.metrics import check_label_values, check_pair, click_reach_voxels, guide_reach_mm
+from ..core.prompts import STEP_PER_SIGMA, prompt_step_mm
 from ..core.user_sim import PredictFn, simulate_session
 from ..settings import GuidedTarget, resolve_targets
 from .report import DEFAULT_THRESHOLDS, case_record, plain_record, step_label, write_report
@@ -95,11 +96,15 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
         classes: evaluated classes, name -> label value(s).
         options: simulated-user and metric settings.
         guide_settings: the model's ``GuideSettings``: with it, each click's effect includes the
-            Dice beyond the guide's reach (:func:`rendered_reach`); None skips that figure.
+            Dice beyond the guide's reach (:func:`rendered_reach`); None skips that figure. A
+            scribble start draws its clicks on the grid the server uses for this model
+            (:func:`nnunet_guide.core.prompts.prompt_step_mm`; without settings, every
+            ``STEP_PER_SIGMA`` x 3 mm).
         slice_axis: raw array axis a 2D model slices along (its clicks reach their slice only).
     """
     out = EvaluationResult()
     guided_names = [t.name for t in guided]
+    prompt_settings = guide_settings
     if guide_settings is not None:
         try:
             guide_reach_mm(guide_settings)
@@ -118,7 +123,9 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
             detection_min_dice=options.detection_min_dice, start=options.start,
             nsd_tolerance_mm=options.nsd_tolerance_mm,
             reach=None if guide_settings is None else rendered_reach(case.spacing, guide_settings),
-            slice_axis=slice_axis)
+            slice_axis=slice_axis,
+            prompt_step_mm=STEP_PER_SIGMA * 3.0 if prompt_settings is None else prompt_step_mm(prompt_settings,
+                                                                                                case.spacing))
         rec = case_record(session, classes, guided_names, case.spacing, options.thresholds)
         out.records.append(rec)
         last = step_label(session.n_steps, options.start)

@@ -23,7 +23,7 @@ from ..core.clicks import Click
 from ..core.metrics import (HARM_TOLERANCE, LesionDetection, class_mask, clicks_to_reach, dice_auc,
                             dice_from_counts, dice_masks, error_volumes_from_counts, format_float, global_dice,
                             lesion_detection, mean_dice, noc_summary, sum_detections, surface_dice)
-from ..core.user_sim import SessionResult
+from ..core.user_sim import PROMPT_STARTS, SessionResult
 from ..settings import write_atomic, write_json_atomic, write_text_atomic
 
 DEFAULT_THRESHOLDS = (0.85, 0.90)
@@ -50,7 +50,8 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
         "spacing": [float(s) for s in spacing],
         "n_clicks": session.n_steps,
         "stopped_at": session.stopped_at,
-        "start": "box" if session.step_kinds[:1] == ["box"] else "clicks",
+        "start": session.step_kinds[0] if session.step_kinds[:1] and session.step_kinds[0] in PROMPT_STARTS
+        else "clicks",
         "step_kinds": list(session.step_kinds),
         "clicks": [_click_dict(step, c, guided_names) for step, c in session.clicks],
         "effects": [{"step": e.step, "class": guided_names[e.target], "kind": e.kind,
@@ -84,9 +85,9 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
             },
         }
         c["nsd_auc"] = dice_auc(c["nsd"]) if c["nsd"] else None
-        if rec["start"] == "box":  # the CVPR 2025 protocol's AUCs: over the box and the N clicks
-            c["auc_from_box"] = dice_auc(curve[1:])
-            c["nsd_auc_from_box"] = dice_auc(c["nsd"][1:]) if c["nsd"] else None
+        if rec["start"] in PROMPT_STARTS:  # the CVPR 2025 protocol's AUCs: over the prompt and the N clicks
+            c[f"auc_from_{rec['start']}"] = dice_auc(curve[1:])
+            c[f"nsd_auc_from_{rec['start']}"] = dice_auc(c["nsd"][1:]) if c["nsd"] else None
         rec["classes"][name] = c
     return rec
 
@@ -179,12 +180,14 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
             "mean_fn_mm3": _step_means(cs, "fn_mm3", steps),
             "harm": harm_summary([e for e in effects if e["kind"] == "point"], steps - 1),
         }
-        if any(e["kind"] == "box" for e in effects):
-            guided[name]["box_effect"] = harm_summary([e for e in effects if e["kind"] == "box"], steps - 1)
+        for kind in PROMPT_STARTS:  # box_effect, scribble_effect: the prompt step apart from the clicks
+            if any(e["kind"] == kind for e in effects):
+                guided[name][f"{kind}_effect"] = harm_summary([e for e in effects if e["kind"] == kind], steps - 1)
         guided[name]["mean_nsd_auc"] = _mean([c.get("nsd_auc") for c in cs])
-        if all("auc_from_box" in c for c in cs):
-            guided[name]["mean_auc_from_box"] = float(np.mean([c["auc_from_box"] for c in cs]))
-            guided[name]["mean_nsd_auc_from_box"] = _mean([c.get("nsd_auc_from_box") for c in cs])
+        for kind in PROMPT_STARTS:
+            if cs and all(f"auc_from_{kind}" in c for c in cs):
+                guided[name][f"mean_auc_from_{kind}"] = float(np.mean([c[f"auc_from_{kind}"] for c in cs]))
+                guided[name][f"mean_nsd_auc_from_{kind}"] = _mean([c.get(f"nsd_auc_from_{kind}") for c in cs])
     plain_sum = None
     if plain:
         plain_sum = {}
@@ -207,10 +210,10 @@ def summarize(records: Sequence[Mapping[str, Any]], plain: Optional[Mapping[str,
 
 
 def step_label(k: int, start: str = "clicks") -> str:
-    """How step k is called in tables: "0 clicks", "3 click steps", or with a box start "box",
-    "box + 2 click steps"."""
-    if start == "box" and k >= 1:
-        return "box" if k == 1 else f"box + {k - 1} click step{'s' if k > 2 else ''}"
+    """How step k is called in tables: "0 clicks", "3 click steps", or with a box (scribble) start
+    "box", "box + 2 click steps"."""
+    if start in PROMPT_STARTS and k >= 1:
+        return start if k == 1 else f"{start} + {k - 1} click step{'s' if k > 2 else ''}"
     return "0 clicks" if k == 0 else f"{k} click step{'s' if k > 1 else ''}"
 
 
@@ -512,8 +515,10 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
     labels = summary.get("step_labels") or [step_label(k) for k in range(n + 1)]
     out = [f"# {title}", ""]
     out += [f"- {c}" for c in context]
-    box = ("Step 1 is a box: one 3D box around each reference object of every guided class (the CVPR 2025 "
-           "interactive protocol: a box, then clicks). Then the") if start == "box" else "The"
+    box = {"box": "Step 1 is a box: one 3D box around each reference object of every guided class (the CVPR 2025 "
+                  "interactive protocol: a box, then clicks). Then the",
+           "scribble": "Step 1 is a scribble: one per reference object of every guided class, along the medial "
+                       "voxels of its largest axial cross-section. Then the"}.get(start, "The")
     out += ["", "## Summary", "",
             f"{summary['n_cases']} case(s). {box} simulated user adds one click per guided class per step at the "
             f"interior-most point of the largest error region (positive on a missed region, negative on a false "
@@ -547,14 +552,14 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
              for name, g in summary["guided"].items() if g["guided"]]
     out.append(_md_table(["class", "lesions", "recall, 0 clicks", f"recall, {n} steps"]
                          + [f"lesion NoC@{_tkey(t)} (failed)" for t in thresholds], lrows))
-    if start == "box":
-        brows = [[name, g.get("mean_auc_from_box"), g.get("mean_nsd_auc_from_box"), g["mean_dice"][1],
+    if start in PROMPT_STARTS:
+        brows = [[name, g.get(f"mean_auc_from_{start}"), g.get(f"mean_nsd_auc_from_{start}"), g["mean_dice"][1],
                   g["mean_dice"][n], (g.get("mean_nsd") or [None] * (n + 1))[n]]
                  for name, g in summary["guided"].items() if g["guided"]]
-        out += ["", "Box start (CVPR 2025 protocol; AUC over the box and the clicks that follow, without the "
-                "automatic step):", "", _md_table(["class", "Dice AUC, box + clicks", "NSD AUC, box + clicks",
-                                                   "Dice after the box", f"Dice after {labels[n]}", "final NSD"],
-                                                  brows)]
+        out += ["", f"{start.capitalize()} start (as the CVPR 2025 protocol; AUC over the {start} and the clicks that "
+                "follow, without the automatic step):", "",
+                _md_table(["class", f"Dice AUC, {start} + clicks", f"NSD AUC, {start} + clicks",
+                           f"Dice after the {start}", f"Dice after {labels[n]}", "final NSD"], brows)]
     out += harm_section(summary)
     out += ["", "## Dice vs clicks", "", "![Dice vs clicks](dice_vs_clicks.png)", "",
             "Per step (per-case mean / global):", ""]
@@ -602,10 +607,12 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
     out.append(_md_table(["class", "clicks", "harmful (fraction)", "largest fall", "mean Dice gain per click",
                           "lesions lost (elsewhere)", "lesions lost per click", "far-Dice change, mean",
                           "far-Dice change, largest"], rows))
-    box_rows = [[name, g["box_effect"]["n_clicks"], g["box_effect"]["mean_gain"], g["box_effect"]["lesions_lost"]]
-                for name, g in guided.items() if g.get("box_effect")]
-    if box_rows:
-        out += ["", "The box step:", "", _md_table(["class", "box steps", "mean Dice gain", "lesions lost"], box_rows)]
+    for kind in PROMPT_STARTS:
+        rows = [[name, g[f"{kind}_effect"]["n_clicks"], g[f"{kind}_effect"]["mean_gain"],
+                 g[f"{kind}_effect"]["lesions_lost"]] for name, g in guided.items() if g.get(f"{kind}_effect")]
+        if rows:
+            out += ["", f"The {kind} step:", "", _md_table(["class", f"{kind} steps", "mean Dice gain", "lesions lost"],
+                                                          rows)]
     tol = summary.get("nsd_tolerance_mm")
     out += ["", f"Per step: per-case mean normalised surface Dice (NSD, {format_float(tol, 1)} mm), false-positive "
             "and false-negative volume (mm^3, per-case mean), lesions lost and harmful clicks in that step "
