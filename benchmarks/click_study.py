@@ -279,7 +279,7 @@ def run(a) -> int:
                          f"{ms(row['auto_minus_plain'], True)} | {ms(row['guided'])} | {ms(row['gain'], True)} |")
 
     lines += ["", f"## Simulated user, {a.clicks} click steps on the held-out cases (pooled over folds)", "",
-              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` the box is step 1); "
+              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt is step 1); "
               "AUC is the evaluation's area under that curve.", "",
               "| job | start | checkpoint | class | clicks | Dice per step | AUC | gain 1st click step | gain/click | "
               "harmful | largest fall | lesions lost/click | lost elsewhere | far-Dice change |",
