@@ -336,14 +336,20 @@ def test_a_harmful_click_is_flagged():
     assert e.get("far_dice_before") is None  # no guide settings given: no far region
 
 
-def test_box_start_with_fake_model(tmp_path):
+def prompt_start_eval(start):
+    """Cases "a" and "b" evaluated with the fake model, 2 click steps after a ``start`` prompt."""
     refs, autos, cases = {}, {}, []
     for i, cid in enumerate(["a", "b"]):
         ref, auto, img = make_case(i)
         refs[cid], autos[cid] = ref, auto
         cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
     res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
-                   EvaluationOptions(n_clicks=2, n_overlays=0, start="box"), log=lambda m: None)
+                   EvaluationOptions(n_clicks=2, n_overlays=0, start=start), log=lambda m: None)
+    return res, refs, autos
+
+
+def test_box_start_with_fake_model(tmp_path):
+    res, _, _ = prompt_start_eval("box")
     rec = res.records[0]
     assert rec["start"] == "box" and rec["step_kinds"] == ["box", "click", "click"]
     # one box per reference tumour, as half-open tight boxes: centre (lo + hi - 1) / 2
@@ -363,13 +369,7 @@ def test_box_start_with_fake_model(tmp_path):
 
 
 def test_scribble_start_with_fake_model(tmp_path):
-    refs, autos, cases = {}, {}, []
-    for i, cid in enumerate(["a", "b"]):
-        ref, auto, img = make_case(i)
-        refs[cid], autos[cid] = ref, auto
-        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
-    res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
-                   EvaluationOptions(n_clicks=2, n_overlays=0, start="scribble"), log=lambda m: None)
+    res, refs, autos = prompt_start_eval("scribble")
     rec = res.records[0]
     assert rec["start"] == "scribble" and rec["step_kinds"] == ["scribble", "click", "click"]
     first = [c for c in rec["clicks"] if c["step"] == 1]
