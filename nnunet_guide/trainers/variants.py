@@ -26,7 +26,7 @@ class nnUNetTrainerGuideInterior(nnUNetTrainerGuide):
     """Clicks at the interior-most voxel of each object (farthest from its border) instead of its
     centre (the centre of a curved object may lie outside it).
 
-    Before nnunet-guide 0.1.0's restructuring this name used the ``random`` policy (now
+    Until the package's restructuring (issue 11) this name used the ``random`` policy (now
     :class:`nnUNetTrainerGuideRandomClick`). Models trained then still predict as before: their
     model folder records the policy they were trained with (``guide_settings.json``), and the
     policy only decides where training clicks go. Continue training such a model
