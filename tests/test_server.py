@@ -401,7 +401,7 @@ def test_napari_remote_headless(tmp_path):
     import subprocess
     import sys
 
-    from nnunet_guide import testing as T
+    from nnunet_guide import paths as T
     python = os.environ.get("NNUNET_GUIDE_NAPARI_PYTHON", sys.executable)
     if shutil.which("xvfb-run") is None or T.shared_data_dir() is None:
         pytest.skip("needs xvfb-run and the shared LiTS case")
