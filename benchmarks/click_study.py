@@ -84,9 +84,9 @@ class Study:
         self.dataset = str(spec["dataset"])
         self.plans = spec.get("plans", "nnUNetPlans")
         self.config = spec.get("configuration", "3d_fullres")
+        from nnunet_guide.paths import find_dataset_folder
         raw = os.path.join(self.root, "nnUNet_raw")
-        prefix = f"Dataset{int(self.dataset):03d}_"
-        self.name = next(d for d in sorted(os.listdir(raw)) if d.startswith(prefix))
+        self.name = find_dataset_folder(raw, self.dataset)
         self.raw = os.path.join(raw, self.name)
         with open(os.path.join(self.root, "nnUNet_preprocessed", self.name, "splits_final.json")) as f:
             self.splits = json.load(f)

@@ -222,8 +222,9 @@ def _run_steps(a, out: str, logs: str, progress: Progress, env: Dict[str, str]) 
                        f"not accuracy on new patients")
     else:
         dataset_id = a.dataset
-        context.append(f"data: your dataset {dataset_folder_name(env['nnUNet_raw'], dataset_id)} in {env['nnUNet_raw']}")
     name = dataset_folder_name(env["nnUNet_raw"], dataset_id)
+    if a.dataset is not None:
+        context.append(f"data: your dataset {name} in {env['nnUNet_raw']}")
     raw_folder = os.path.join(env["nnUNet_raw"], name)
     pp_folder = os.path.join(env["nnUNet_preprocessed"], name)
 

@@ -282,13 +282,19 @@ class ForgetfulModel(FakeGuideModel):
         return pred
 
 
-def test_harm_is_counted_per_click_and_reported(tmp_path):
-    from nnunet_guide.settings import GuideSettings
+def two_cases():
+    """Cases "a" and "b" (make_case 0 and 1, spacing 2 x 1 x 1 mm): references, automatic results, inputs."""
     refs, autos, cases = {}, {}, []
     for i, cid in enumerate(["a", "b"]):
         ref, auto, img = make_case(i)
         refs[cid], autos[cid] = ref, auto
         cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
+    return refs, autos, cases
+
+
+def test_harm_is_counted_per_click_and_reported(tmp_path):
+    from nnunet_guide.settings import GuideSettings
+    refs, autos, cases = two_cases()
     res = evaluate(cases, ForgetfulModel(refs, autos), GUIDED, CLASSES, EvaluationOptions(n_clicks=2, n_overlays=0),
                    log=lambda m: None, guide_settings=GuideSettings(sigma_mm=1.0))
     eff = res.records[0]["effects"]
@@ -338,11 +344,7 @@ def test_a_harmful_click_is_flagged():
 
 def prompt_start_eval(start):
     """Cases "a" and "b" evaluated with the fake model, 2 click steps after a ``start`` prompt."""
-    refs, autos, cases = {}, {}, []
-    for i, cid in enumerate(["a", "b"]):
-        ref, auto, img = make_case(i)
-        refs[cid], autos[cid] = ref, auto
-        cases.append(CaseInput(cid, ref, (2.0, 1.0, 1.0), img))
+    refs, autos, cases = two_cases()
     res = evaluate(cases, FakeGuideModel(refs, autos), GUIDED, CLASSES,
                    EvaluationOptions(n_clicks=2, n_overlays=0, start=start), log=lambda m: None)
     return res, refs, autos

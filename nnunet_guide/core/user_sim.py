@@ -33,7 +33,7 @@ No nnU-Net import: pure numpy/scipy. The model enters :func:`simulate_session` a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -172,20 +172,27 @@ START_MODES = ("clicks", "box", "scribble")
 PROMPT_STARTS = ("box", "scribble")  # a start whose step 1 is a prompt of that kind per reference object
 
 
+def reference_objects(reference: np.ndarray, labels: Sequence[int], connectivity: int = 2,
+                      ignore_label: Optional[int] = None) -> Iterator[Tuple[Tuple[slice, ...], np.ndarray]]:
+    """The reference objects (connected components) of one class, ignore label excluded, in label
+    order: each as its bounding box (slices of the reference array) and its mask within that box."""
+    reference = np.asarray(reference)
+    mask = class_mask(reference, labels)
+    if ignore_label is not None:
+        mask &= reference != ignore_label
+    lab, n = label_objects(mask, connectivity)
+    for i, sl in enumerate(ndimage.find_objects(lab, max_label=n), start=1):
+        if sl is not None:
+            yield sl, lab[sl] == i
+
+
 def object_boxes(reference: np.ndarray, labels: Sequence[int], target: int, connectivity: int = 2,
                  ignore_label: Optional[int] = None) -> List[Click]:
     """The box prompts of the CVPR 2025 interactive protocol for one guided class: one 3D box per
     reference object (connected component), each the object's tightest half-open voxel box
     (:func:`nnunet_guide.core.clicks.box_click`), positive, in the reference's array order."""
-    mask = class_mask(reference, labels)
-    if ignore_label is not None:
-        mask &= np.asarray(reference) != ignore_label
-    lab, n = label_objects(mask, connectivity)
-    boxes = []
-    for sl in ndimage.find_objects(lab, max_label=n):
-        if sl is not None:
-            boxes.append(box_click(target, [s.start for s in sl], [s.stop for s in sl], True))
-    return boxes
+    return [box_click(target, [s.start for s in sl], [s.stop for s in sl], True)
+            for sl, _ in reference_objects(reference, labels, connectivity, ignore_label)]
 
 
 def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, spacing: Sequence[float],
@@ -195,16 +202,9 @@ def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, 
     order; 2D: the whole object): the section's medial voxels, as the training simulation draws a
     scribble (:func:`nnunet_guide.core.prompts.simulate_stroke`), given as point clicks on a
     ``step_mm`` grid as the server renders one (:func:`nnunet_guide.core.prompts.scribble_clicks`)."""
-    reference = np.asarray(reference)
-    mask = class_mask(reference, labels)
-    if ignore_label is not None:
-        mask &= reference != ignore_label
-    lab, n = label_objects(mask, connectivity)
+    shape = np.shape(reference)
     out: List[Click] = []
-    for i, sl in enumerate(ndimage.find_objects(lab, max_label=n), start=1):
-        if sl is None:
-            continue
-        obj = lab[sl] == i
+    for sl, obj in reference_objects(reference, labels, connectivity, ignore_label):
         axis = 0 if obj.ndim == 3 else None
         if axis is not None:  # the largest section only: the stroke's slice is then fixed
             z = int(np.argmax(obj.sum(axis=(1, 2))))
@@ -212,7 +212,7 @@ def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, 
             section[z] = obj[z]
             obj = section
         stroke = simulate_stroke(obj, spacing, np.random.default_rng(0), axis, "scribble")
-        out += scribble_clicks(target, stroke, True, spacing, step_mm, reference.shape, [s.start for s in sl])
+        out += scribble_clicks(target, stroke, True, spacing, step_mm, shape, [s.start for s in sl])
     return out
 
 
