@@ -142,23 +142,19 @@ def _weighted_medians(counts: np.ndarray) -> np.ndarray:
 
 def robust_centers(labels: np.ndarray, object_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`robust_center_mask` of several objects of a label map at once (no minimum sigma):
-    median coordinate and 1.4826 * MAD per axis, from per-object axis histograms.
+    median coordinate and 1.4826 * MAD per axis, from per-object axis histograms (one bincount
+    per axis over the foreground voxels, however many objects).
 
     Returns (centers, sigmas), each (len(object_ids), ndim), in ``labels``' voxel coordinates.
     """
-    ids = np.asarray(object_ids, dtype=np.int64)
-    lut = np.full(int(labels.max()) + 1 if labels.size else 1, -1, dtype=np.int64)
-    lut[ids] = np.arange(len(ids))
-    flat = labels.reshape(-1)
-    idx = np.flatnonzero(flat)
-    row = lut[flat[idx]]
-    keep = row >= 0
-    idx, row = idx[keep], row[keep]
-    coords = np.unravel_index(idx, labels.shape)
+    ids = np.asarray(object_ids, dtype=np.intp)
+    fg = labels != 0
+    coords, vals = np.nonzero(fg), labels[fg].astype(np.intp)
+    n = max(int(vals.max()) if vals.size else 0, int(ids.max()) if ids.size else 0)
     m = len(ids)
     centers, sigmas = np.empty((m, labels.ndim)), np.empty((m, labels.ndim))
     for a, size in enumerate(labels.shape):
-        counts = np.bincount(row * size + coords[a], minlength=m * size).reshape(m, size)
+        counts = np.bincount(vals * size + coords[a], minlength=(n + 1) * size).reshape(n + 1, size)[ids]
         c = _weighted_medians(counts)
         # deviations |j - c| are multiples of 0.5: histogram them on that grid
         dev = np.rint(2 * np.abs(np.arange(size)[None, :] - c[:, None])).astype(np.int64)
