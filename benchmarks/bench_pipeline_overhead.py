@@ -70,14 +70,14 @@ def loader_of(dl):
 
 
 class _Timed:
-    """Wraps a transform and adds up the time spent in it."""
+    """Wraps a transform (or any function) and adds up the time spent in it."""
 
     def __init__(self, inner):
         self.inner, self.seconds = inner, 0.0
 
-    def __call__(self, **data_dict):
+    def __call__(self, *args, **kwargs):
         t0 = time.perf_counter()
-        out = self.inner(**data_dict)
+        out = self.inner(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
         return out
 
@@ -125,6 +125,8 @@ def measure(pp, args, device):
     pipeline = loader_of(loaders["guide/loader"]).transforms.transforms
     i = next(k for k, t in enumerate(pipeline) if isinstance(t, SimulateClicksTransform))
     pipeline[i] = simulate = _Timed(pipeline[i])
+    from nnunet_guide.core import clicks as clicks_module  # time the labelling inside the choice, too
+    clicks_module.cropped_objects = labelling = _Timed(clicks_module.cropped_objects)
     for _ in range(3):  # warm-up: first reads of the cases, allocations
         shape = tuple(next(loaders["plain"])["data"].shape)
         for name in loaders:
@@ -134,7 +136,7 @@ def measure(pp, args, device):
           f"{len(guide.layout.targets)} guided classes, device {device}")
 
     # 1. the data loader
-    simulate.seconds = 0.0
+    simulate.seconds = labelling.seconds = 0.0
     per = max(1, args.batches // args.rounds)
 
     def draw(name):
@@ -145,9 +147,11 @@ def measure(pp, args, device):
         return job
     load = timed_rounds({name: draw(name) for name in loaders}, args.rounds)
     select = simulate.seconds / (per * args.rounds)
+    label = labelling.seconds / (per * args.rounds)
     print(f"loader, plain nnU-Net:             {load['plain'] * 1000:8.1f} ms/batch")
     print(f"loader, clicks chosen in it:       {load['guide/loader'] * 1000:8.1f} ms/batch "
-          f"(choosing clicks {select * 1000:.1f} ms = {select / load['plain'] * 100:.1f}% of plain)")
+          f"(choosing clicks {select * 1000:.1f} ms = {select / load['plain'] * 100:.1f}% of plain, of which "
+          f"labelling the objects {label * 1000:.1f} ms = {label / load['plain'] * 100:.1f}%)")
     print(f"loader, clicks chosen on device:   {load['guide/device'] * 1000:8.1f} ms/batch")
     for name in ("guide/loader", "guide/device"):
         print(f"RATIO loader {name}/plain: {load[name] / load['plain']:.3f}  (aim <= 1.05)")

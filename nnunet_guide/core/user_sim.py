@@ -4,7 +4,8 @@ The user looks at the current prediction of each guided class and clicks once pe
 - errors are the false negatives (reference and not predicted) and the false positives
   (predicted and not reference) of that class;
 - the click goes to the largest error component (most voxels; ties: the one with the deeper
-  interior, then false negatives before false positives, then the lower component index);
+  interior, then false negatives before false positives, then the lower component index, as
+  :func:`nnunet_guide.core.clicks.cropped_objects` numbers them);
 - inside it, at the interior-most voxel: the maximum of the Euclidean distance transform in mm
   (``spacing``), so anisotropic voxels are handled, and the image border counts as outside;
 - a missed region gives a positive click ("this is the class"), a false region a negative click
@@ -38,7 +39,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .clicks import Click, box_click, interior_point, label_objects, robust_center_mask
+from .clicks import Click, box_click, cropped_objects, interior_point, label_objects, mask_bbox, robust_center_mask
 from .prompts import scribble_clicks, simulate_stroke
 from .metrics import (HARM_TOLERANCE, ClickEffect, DiceResult, LesionDetection, MetricsInputError,
                       SurfaceDiceResult, check_pair, class_mask, click_effect, dice_masks, far_from_clicks,
@@ -93,21 +94,21 @@ def largest_error(prediction: np.ndarray, reference: np.ndarray, labels: Sequenc
     candidates = []  # (size, depth_mm, is_fn, component id, position, component mask crop)
     kinds = [(fn, True)] + ([(fp, False)] if allow_negative else [])
     for mask, is_fn in kinds:
-        if not mask.any():
+        # labelled in the mask's bounding box (cc3d in 2D/3D: same components as scipy)
+        lab, n, crop_offset = cropped_objects(mask, connectivity, None)
+        if n == 0:
             continue
-        lab, n = label_objects(mask, connectivity)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
         big = np.flatnonzero(sizes >= max(int(min_error_voxels), 1)) + 1
         if big.size == 0:
             continue
-        # only the largest components can win: depth is computed for the size ties only
+        # only the largest components can win: boxes and depth are computed for the size ties only
         top = sizes[big - 1].max()
-        finds = ndimage.find_objects(lab, max_label=n)
         for oid in big[sizes[big - 1] == top]:
-            sl = finds[oid - 1]
+            sl = mask_bbox(lab == oid)
             obj = lab[sl] == oid
             pos, depth = interior_point(obj, spacing)
-            offset = np.array([s.start for s in sl], float)
+            offset = np.array([s.start for s in sl], float) + crop_offset
             candidates.append((int(top), depth, is_fn, int(oid), pos + offset, obj))
     if not candidates:
         return None
