@@ -122,6 +122,11 @@ class GuideSettings:
             (the medial voxels of one cross-section), else a lasso (the cross-section's interior),
             as clicks on a grid of half the guide's sigma (:mod:`nnunet_guide.core.prompts`).
             Both default to 0: settings files without them load and train as before.
+        max_object_clicks: a clicked object's positive clicks are drawn from U{1..max}: the first
+            where ``click_policy`` puts it, the others at uniformly random voxels of the object,
+            as a user adds clicks to an object already clicked (the evaluation's second and
+            third click steps on a structure). Default 1: one click per object, and settings
+            files without it train as before.
         consistency_weight: weight of the consistency term of guided training samples: beyond
             the reach of every guide (where all guide channels hold their no-click value) the
             softmax output with guides must equal the network's own automatic output of the same
@@ -150,6 +155,7 @@ class GuideSettings:
     correction_rounds: int = 1
     p_box: float = 0.0
     p_scribble: float = 0.0
+    max_object_clicks: int = 1
     consistency_weight: float = 0.0
 
     def __post_init__(self):
@@ -177,6 +183,8 @@ class GuideSettings:
             raise GuideSettingsError(f"connectivity must be >= 1, got {self.connectivity!r}")
         if self.correction_rounds < 1:
             raise GuideSettingsError(f"correction_rounds must be >= 1, got {self.correction_rounds!r}")
+        if self.max_object_clicks < 1:
+            raise GuideSettingsError(f"max_object_clicks must be >= 1, got {self.max_object_clicks!r}")
         if self.max_negative_clicks < 0:
             raise GuideSettingsError(f"max_negative_clicks must be >= 0, got {self.max_negative_clicks!r}")
         if self.guided_labels is not None:

@@ -3,7 +3,7 @@ import pytest
 
 from nnunet_guide.core.clicks import (Click, interior_point, label_objects, robust_center, sample_training_clicks,
                                       validation_clicks)
-from nnunet_guide.settings import GuideSettings
+from nnunet_guide.settings import GuideSettings, GuideSettingsError
 
 
 def two_boxes():
@@ -168,3 +168,25 @@ def test_mask_bbox_is_the_tightest_box():
             continue
         idx = np.argwhere(m)
         assert mask_bbox(m) == tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0)))
+
+
+def test_extra_clicks_per_object_land_inside_it_and_count_1_to_max():
+    seg = two_boxes()
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, max_object_clicks=3)
+    counts = []
+    for seed in range(200):
+        clicks = sample_training_clicks(seg, [(2,)], (1, 1, 1), s, np.random.default_rng(seed))
+        per_object = {}
+        for c in clicks:
+            assert c.positive and seg[tuple(int(round(p)) for p in c.position)] == 2
+            first_box = c.position[0] < 11.5  # the two boxes are apart along the first axis
+            per_object[first_box] = per_object.get(first_box, 0) + 1
+        counts += list(per_object.values())
+    assert set(counts) == {1, 2, 3}  # U{1..3} clicks per clicked object
+    # the extra clicks come after the policy's clicks, which stay those of one click per object
+    for seed in range(20):
+        one = sample_training_clicks(seg, [(2,)], (1, 1, 1), s.replace(max_object_clicks=1), np.random.default_rng(seed))
+        more = sample_training_clicks(seg, [(2,)], (1, 1, 1), s, np.random.default_rng(seed))
+        assert more[:len(one)] == one
+    with pytest.raises(GuideSettingsError, match="max_object_clicks"):
+        GuideSettings(max_object_clicks=0)

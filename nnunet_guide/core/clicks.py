@@ -321,6 +321,24 @@ def _object_prompt(lab: np.ndarray, oid: int, offset: np.ndarray, shape, target:
     return out
 
 
+def _extra_object_clicks(lab: np.ndarray, object_ids: Sequence[int], first: Sequence[Click], offset: np.ndarray,
+                         max_clicks: int, rng: np.random.Generator) -> List[Click]:
+    """U{0..max_clicks-1} more positive clicks per object (``first[i]`` is object ``object_ids[i]``'s
+    click), each at a uniformly random voxel of the object, with the first click's sigma."""
+    slices = _object_slices(lab, int(max(object_ids)))
+    out: List[Click] = []
+    for oid, c in zip(object_ids, first):
+        n = int(rng.integers(0, max_clicks))
+        if n == 0:
+            continue
+        sl = slices[int(oid) - 1]
+        coords = np.argwhere(lab[sl] == oid)
+        shift = np.array([s.start for s in sl]) + np.asarray(offset)
+        for i in rng.integers(len(coords), size=n):
+            out.append(Click(c.target, tuple(float(v) for v in coords[i] + shift), True, c.sigma))
+    return out
+
+
 def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
                            settings, rng: np.random.Generator, ignore_label: Optional[int] = None,
                            slice_axis: Optional[int] = None) -> List[Click]:
@@ -331,7 +349,8 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
     positive click each (``settings.click_policy``; centre perturbed as in the original work), and
     with probability ``settings.p_negative`` U{1..max_negative_clicks} negative clicks land on
     other foreground classes (confusable, probability ``p_confusable``) or on background.
-    A clicked object's positive prompt is a box with probability ``settings.p_box`` and a
+    A clicked object gets U{1..``settings.max_object_clicks``} positive clicks (the extra ones at
+    random voxels of the object). A clicked object's positive prompt is a box with probability ``settings.p_box`` and a
     scribble or lasso with probability ``settings.p_scribble`` (:func:`nnunet_guide.core.prompts.
     simulate_prompt`): the prompts the interactive server accepts, all as clicks.
 
@@ -356,9 +375,12 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
             chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
             kinds = _prompt_kinds(len(chosen), settings, rng)
             points = [oid for oid, kind in zip(chosen, kinds) if kind == "point"]
-            clicks += object_clicks(lab, points, t, spacing, settings.click_policy, rng,
-                                    perturb=settings.perturb_center, min_sigma=settings.min_object_sigma,
-                                    offset=offset, shape=seg.shape) if points else []
+            first = object_clicks(lab, points, t, spacing, settings.click_policy, rng,
+                                  perturb=settings.perturb_center, min_sigma=settings.min_object_sigma,
+                                  offset=offset, shape=seg.shape) if points else []
+            clicks += first
+            if points and int(getattr(settings, "max_object_clicks", 1)) > 1:
+                clicks += _extra_object_clicks(lab, points, first, offset, settings.max_object_clicks, rng)
             for oid, kind in zip(chosen, kinds):
                 if kind != "point":
                     clicks += _object_prompt(lab, oid, offset, seg.shape, t, kind, spacing, settings, rng, slice_axis)
