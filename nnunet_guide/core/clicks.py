@@ -350,9 +350,10 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
     with probability ``settings.p_negative`` U{1..max_negative_clicks} negative clicks land on
     other foreground classes (confusable, probability ``p_confusable``) or on background.
     A clicked object gets U{1..``settings.max_object_clicks``} positive clicks (the extra ones at
-    random voxels of the object). A clicked object's positive prompt is a box with probability ``settings.p_box`` and a
-    scribble or lasso with probability ``settings.p_scribble`` (:func:`nnunet_guide.core.prompts.
-    simulate_prompt`): the prompts the interactive server accepts, all as clicks.
+    random voxels of the object). A clicked object's positive prompt is a box with probability
+    ``settings.p_box`` and a scribble or lasso with probability ``settings.p_scribble``
+    (:func:`nnunet_guide.core.prompts.simulate_prompt`): the prompts the interactive server
+    accepts, all as clicks.
 
     Args:
         seg: label map (spatial axes only); values < 0 count as background.
