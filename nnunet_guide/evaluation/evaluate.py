@@ -104,13 +104,13 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
     """
     out = EvaluationResult()
     guided_names = [t.name for t in guided]
-    prompt_settings = guide_settings
+    reach_settings = guide_settings  # None when the far-from-click Dice is skipped
     if guide_settings is not None:
         try:
             guide_reach_mm(guide_settings)
         except ValueError as e:  # an encoding whose reach the metrics don't know: no far Dice
             log(f"far-from-click Dice skipped: {e}")
-            guide_settings = None
+            reach_settings = None
     allowed = sorted({0, *(v for vals in classes.values() for v in vals)} |
                      ({options.ignore_label} if options.ignore_label is not None else set()))
     for i, case in enumerate(cases):
@@ -122,10 +122,10 @@ def evaluate(cases: Iterable[CaseInput], predict: PredictFn, guided: Sequence[Gu
             ignore_label=options.ignore_label, min_error_voxels=options.min_error_voxels,
             detection_min_dice=options.detection_min_dice, start=options.start,
             nsd_tolerance_mm=options.nsd_tolerance_mm,
-            reach=None if guide_settings is None else rendered_reach(case.spacing, guide_settings),
+            reach=None if reach_settings is None else rendered_reach(case.spacing, reach_settings),
             slice_axis=slice_axis,
-            prompt_step_mm=STEP_PER_SIGMA * 3.0 if prompt_settings is None else prompt_step_mm(prompt_settings,
-                                                                                                case.spacing))
+            prompt_step_mm=STEP_PER_SIGMA * 3.0 if guide_settings is None else prompt_step_mm(guide_settings,
+                                                                                               case.spacing))
         rec = case_record(session, classes, guided_names, case.spacing, options.thresholds)
         out.records.append(rec)
         last = step_label(session.n_steps, options.start)
