@@ -4,7 +4,8 @@ plain nnU-Net's quality, and teaches clicks early. Trains the variants of a stud
 
     python benchmarks/click_study.py prepare ROOT                 # hippocampus (24 cases) + LiTS slabs raw/preprocessed
     python benchmarks/click_study.py run benchmarks/studies/hippocampus.json --root ROOT/hippocampus --out OUT \\
-        [--epochs 20 --iters 25 --save-every 5] [--parallel 4 --da-workers 3] [--device cuda] [-n 3] [--deadline S]
+        [--epochs 20 --iters 25 --save-every 5] [--parallel 4 --da-workers 3] [--device cuda] [-n 3] [--deadline S] \\
+        [--test-set]
 
 A study file names the dataset, plans, configuration, base ``GuideSettings`` and jobs; each job is
 plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide variant (trainer
@@ -15,9 +16,14 @@ plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide var
   trainer's guided validation (``validation_guided/summary.json``, one click per object): automatic
   Dice against plain nnU-Net's (paired by fold, mean +- sd over folds) and one-click gain;
 - ``nnUNetv2_guide_evaluate`` (simulated user, ``-n`` click steps, and ``--start box`` where the job
-  asks for it) on the fold's validation cases for every saved checkpoint: harmful-click fraction,
-  largest fall, lesions lost per click and on a click at another lesion, far-Dice change, and the
-  click gain against training length.
+  asks for it) on the fold's validation cases for every saved checkpoint: harmful-click fraction
+  (with its Wilson 95% interval), largest fall, lesions lost per click and on a click at another
+  lesion, far-Dice change, and the click gain against training length;
+- with ``--test-set``, the same for every fold's final model on the dataset's test cases
+  (``imagesTs``/``labelsTs`` of its raw folder; ``prepare`` puts there the 236 hippocampus cases
+  outside the 24 trained on), next to plain nnU-Net's predictions of the same fold. A fold holds out
+  5 hippocampus cases, 15 clicks per structure: far too few to tell a 5% harmful rate from 20%
+  (0 of 15 still allows 20%); the test set gives about 700 clicks per structure and model.
 
 Prints the tables and writes ``OUT/study.json`` and ``OUT/study.md``; asserts nothing. Finished
 trainings and evaluations are reused when run again (resumable); ``--deadline`` stops starting new
@@ -28,6 +34,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -59,6 +66,8 @@ def prepare(root: str) -> None:
     env = nnunet_env(os.path.join(root, "hippocampus"))
     copy_hippocampus_subset(env["nnUNet_raw"], 4, 24)
     plan_and_preprocess(4, env)
+    write_test_set(os.path.join(env["nnUNet_raw"], "Dataset004_Hippocampus"),
+                   os.path.join(shared_data_dir(), "Dataset004_Hippocampus"))
     env = nnunet_env(os.path.join(root, "lits"))
     write_slab_dataset(load_lits117(allow_download=False, allow_phantom=False), env["nnUNet_raw"], 117, n_slabs=8)
     plan_and_preprocess(117, env)
@@ -66,6 +75,27 @@ def prepare(root: str) -> None:
     for pp in (os.path.join(root, "hippocampus", "nnUNet_preprocessed", "Dataset004_Hippocampus"),
                os.path.join(env["nnUNet_preprocessed"], "Dataset117_LiTS117Slabs")):
         write_splits(pp)
+
+
+def write_test_set(raw_folder: str, source: str) -> int:
+    """Every case of ``source`` (an nnU-Net raw dataset) that ``raw_folder`` does not train on, as
+    nnU-Net's test set of ``raw_folder``: ``imagesTs/CASE_XXXX.nii.gz`` and ``labelsTs/CASE.nii.gz``
+    (copies, written atomically). Returns the number of test cases."""
+    from nnunet_guide.settings import write_atomic
+    train = {n[:-len(".nii.gz")] for n in os.listdir(os.path.join(raw_folder, "labelsTr")) if n.endswith(".nii.gz")}
+    cases = sorted(n[:-len(".nii.gz")] for n in os.listdir(os.path.join(source, "labelsTr"))
+                   if n.endswith(".nii.gz") and n[:-len(".nii.gz")] not in train)
+    images = sorted(os.listdir(os.path.join(source, "imagesTr")))
+    for sub in ("imagesTs", "labelsTs"):
+        os.makedirs(os.path.join(raw_folder, sub), exist_ok=True)
+    for c in cases:
+        pairs = [(os.path.join(source, "labelsTr", f"{c}.nii.gz"), os.path.join(raw_folder, "labelsTs", f"{c}.nii.gz"))]
+        pairs += [(os.path.join(source, "imagesTr", n), os.path.join(raw_folder, "imagesTs", n))
+                  for n in images if n.startswith(c + "_") and len(n) == len(c) + len("_0000.nii.gz")]
+        for src, dst in pairs:
+            if not os.path.isfile(dst):
+                write_atomic(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+    return len(cases)
 
 
 def write_splits(pp_folder: str) -> None:
@@ -146,21 +176,58 @@ class Study:
         names.sort(key=lambda n: int(n[len("checkpoint_epoch"):-4]))
         return names + ["checkpoint_final.pth"]
 
-    def evaluate(self, job: dict, fold: int, chk: str, start: str) -> Optional[dict]:
-        out = os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", f"{chk[:-4]}_{start}")
+    def test_cases(self) -> List[str]:
+        """Case ids of the dataset's test set (``labelsTs`` of its raw folder)."""
+        folder = os.path.join(self.raw, "labelsTs")
+        if not os.path.isdir(folder):
+            raise SystemExit(f"--test-set: {folder} does not exist (`click_study.py prepare` writes the hippocampus "
+                             f"test set; LiTS case 117 has none)")
+        return sorted(n[:-len(".nii.gz")] for n in os.listdir(folder) if n.endswith(".nii.gz"))
+
+    def predict_plain_test(self, job: dict, fold: int) -> Optional[str]:
+        """Plain nnU-Net's predictions of the test set with the fold's model (reused when complete)."""
+        out = os.path.join(self.out, "test_predictions", slug(job["name"]), f"fold_{fold}")
+        cases = self.test_cases()
+        if all(os.path.isfile(os.path.join(out, f"{c}.nii.gz")) for c in cases):
+            return out
+        if self.late():
+            return None
+        t = time.time()
+        code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from click_harm import predict_plain; "
+                "a = json.loads(sys.argv[2]); predict_plain(a['model'], [a['fold']], a['images'], a['out'], a['device'])")
+        images = {c: os.path.join(self.raw, "imagesTs", f"{c}_0000.nii.gz") for c in cases}
+        arg = json.dumps({"model": self.model_folder(job), "fold": fold, "images": images, "out": out,
+                          "device": self.a.device})
+        ok = self._run([sys.executable, "-c", code, HERE, arg], self.env(job),
+                       os.path.join(self.out, "logs", f"predict_test_{slug(job['name'])}_f{fold}.log"))
+        print(f"  plain {job['name']} fold {fold}: {len(cases)} test cases predicted in {time.time() - t:.0f} s",
+              flush=True)
+        return out if ok else None
+
+    def evaluate(self, job: dict, fold: int, chk: str, start: str, where: str = "held-out",
+                 plain: Optional[str] = None) -> Optional[dict]:
+        """``nnUNetv2_guide_evaluate`` of one checkpoint on the fold's held-out cases, or on the test
+        set (``where="test"``, compared with the plain predictions in ``plain``)."""
+        tag = f"{chk[:-4]}_{start}" + ("_test" if where == "test" else "")
+        out = os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", tag)
         res = os.path.join(out, "results.json")
         if not os.path.isfile(res):
             if self.late():
                 return None
-            cases = sorted(self.splits[fold]["val"])
+            if where == "test":
+                folders, cases = ("imagesTs", "labelsTs"), self.test_cases()
+            else:
+                folders, cases = ("imagesTr", "labelsTr"), sorted(self.splits[fold]["val"])
             cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job), "-f", str(fold),
-                   "-chk", chk, "-i", os.path.join(self.raw, "imagesTr"), "-r", os.path.join(self.raw, "labelsTr"),
+                   "-chk", chk, "-i", os.path.join(self.raw, folders[0]), "-r", os.path.join(self.raw, folders[1]),
                    "-o", out, "-n", str(self.a.clicks), "--start", start, "--cases", *cases, "--overlays", "0",
                    "--device", self.a.device]
+            if plain:
+                cmd += ["--plain", plain]
             for c in self.spec.get("classes", []):
                 cmd += ["--class", c]
             if not self._run(cmd, self.env(job), os.path.join(self.out, "logs", f"eval_{slug(job['name'])}_f{fold}_"
-                                                                                   f"{chk[:-4]}_{start}.log")):
+                                                                                   f"{tag}.log")):
                 return None
         with open(res) as f:
             return json.load(f)["summary"]
@@ -191,14 +258,18 @@ def mean_sd(values: List[float]):
 
 def pooled(rows: List[dict]) -> dict:
     """Harm figures of one job/checkpoint/class pooled over folds (weighted by clicks)."""
+    from nnunet_guide.core.metrics import proportion_ci
     n = sum(r["clicks"] for r in rows)
     w = lambda key: (sum(r[key] * r["clicks"] for r in rows if r[key] is not None) / n) if n else None  # noqa: E731
-    return {"clicks": n, "harmful_fraction": w("harmful_fraction"), "gain_per_click": w("gain_per_click"),
+    harmful = sum(r["n_harmful"] for r in rows)
+    return {"clicks": n, "n_harmful": harmful, "harmful_ci95": proportion_ci(harmful, n),
+            "harmful_fraction": w("harmful_fraction"), "gain_per_click": w("gain_per_click"),
             "lesions_lost_per_click": w("lesions_lost_per_click"),
             "lesions_lost_elsewhere": sum(r["lesions_lost_elsewhere"] or 0 for r in rows),
             "largest_fall": max((r["largest_fall"] or 0.0 for r in rows), default=None),
             "far_dice_change_mean": w("far_dice_change_mean"),
             "auto": mean_sd([r["auto"] for r in rows])[0],
+            "auto_minus_plain": mean_sd([r["auto_minus_plain"] for r in rows])[0],
             "gain_first_click_step": mean_sd([r["gain_first_click_step"] for r in rows])[0],
             "dice_n": mean_sd([r["dice_n"] for r in rows])[0], "folds": len(rows)}
 
@@ -229,7 +300,12 @@ def run(a) -> int:
         trained = {(j["name"], f): pool.submit(study.train, j, f) for j in jobs for f in j["folds"]}
         trained = {k: v.result() for k, v in trained.items()}
 
-    # 2. evaluations: final checkpoints first, then the earlier ones (click gain against length)
+    # 2. evaluations: final checkpoints first (held-out cases, then the test set), then the earlier
+    # ones (click gain against length)
+    plain = next((j for j in jobs if j.get("plain")), None)
+    plain_test = {}
+    if a.test_set and plain:
+        plain_test = {f: study.predict_plain_test(plain, f) for f in plain["folds"] if trained[(plain["name"], f)]}
     work = []
     for j in jobs:
         if j.get("plain"):
@@ -239,12 +315,15 @@ def run(a) -> int:
                 continue
             chks = study.checkpoints(trained[(j["name"], f)])
             for start in j.get("starts", ["clicks"]):
-                work.append((0, j, f, chks[-1], start))
+                work.append((0, j, f, chks[-1], start, "held-out"))
+                if a.test_set:
+                    work.append((1, j, f, chks[-1], start, "test"))
             if j.get("curve"):
-                work += [(1, j, f, c, "clicks") for c in chks[:-1]]
+                work += [(2, j, f, c, "clicks", "held-out") for c in chks[:-1]]
     work.sort(key=lambda w: w[0])
     with cf.ThreadPoolExecutor(a.parallel) as pool:
-        evals = {(j["name"], f, c, s): pool.submit(study.evaluate, j, f, c, s) for _, j, f, c, s in work}
+        evals = {(j["name"], f, c, s, w): pool.submit(study.evaluate, j, f, c, s, w, plain_test.get(f) if w == "test"
+                                                      else None) for _, j, f, c, s, w in work}
         evals = {k: v.result() for k, v in evals.items()}
 
     # 3. tables
@@ -253,7 +332,6 @@ def run(a) -> int:
     lines = [f"# {spec.get('title', study.name)}", "",
              f"{study.name}, plans {study.plans} {study.config}, {a.epochs} x {a.iters} iterations per training, "
              f"device {a.device}; {time.time() - study.t0:.0f} s", ""]
-    plain = next((j for j in jobs if j.get("plain")), None)
     plain_val = {f: validation_dice(trained[(plain["name"], f)], "validation")
                  for f in plain["folds"] if trained.get((plain["name"], f))} if plain else {}
     lines += ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
@@ -278,31 +356,40 @@ def run(a) -> int:
             lines.append(f"| {j['name']} | {key} | {len(a_)} | {ms(row['auto'])} | "
                          f"{ms(row['auto_minus_plain'], True)} | {ms(row['guided'])} | {ms(row['gain'], True)} |")
 
-    lines += ["", f"## Simulated user, {a.clicks} click steps on the held-out cases (pooled over folds)", "",
-              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt is step 1); "
-              "AUC is the evaluation's area under that curve.", "",
-              "| job | start | checkpoint | class | clicks | Dice per step | AUC | gain 1st click step | gain/click | "
-              "harmful | largest fall | lesions lost/click | lost elsewhere | far-Dice change |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", f"## Simulated user, {a.clicks} click steps (pooled over folds)", "",
+              "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - plain "
+              "is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same cases). "
+              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt "
+              "is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks after which "
+              "the class's Dice fell by more than 0.005, with its Wilson 95% interval.", "",
+              "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
+              "gain 1st click step | gain/click | harmful (95% interval) | largest fall | lesions lost/click | "
+              "lost elsewhere | far-Dice change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
         if j.get("plain"):
             continue
-        keys = sorted({(c, s) for (n, f, c, s) in evals if n == j["name"]},
-                      key=lambda cs: (cs[1], int(cs[0][16:-4]) if cs[0].startswith("checkpoint_epoch") else 10 ** 9))
-        for chk, start in keys:
-            summaries = [evals[(j["name"], f, chk, start)] for f in j["folds"] if evals.get((j["name"], f, chk, start))]
+        keys = sorted({(c, s, w) for (n, f, c, s, w) in evals if n == j["name"]},
+                      key=lambda k: (k[2], k[1], int(k[0][16:-4]) if k[0].startswith("checkpoint_epoch") else 10 ** 9))
+        for chk, start, where in keys:
+            summaries = [evals[(j["name"], f, chk, start, where)] for f in j["folds"]
+                         if evals.get((j["name"], f, chk, start, where))]
             rows = [r for s in summaries for r in report_lines(s, chk)]
             for cname in sorted({r["class"] for r in rows}):
                 p = pooled([r for r in rows if r["class"] == cname])
                 curves = [s["guided"][cname]["mean_dice"] for s in summaries]
                 p["dice_per_step"] = [sum(c[i] for c in curves) / len(curves) for i in range(len(curves[0]))]
                 p["auc"] = mean_sd([s["guided"][cname].get("mean_auc") for s in summaries])[0]
-                result["harm"].setdefault(j["name"], []).append({"start": start, "checkpoint": chk, "class": cname,
-                                                                 **p})
+                result["harm"].setdefault(j["name"], []).append({"cases": where, "start": start, "checkpoint": chk,
+                                                                 "class": cname, **p})
                 steps = " / ".join(f"{v:.3f}" for v in p["dice_per_step"])
-                lines.append(f"| {j['name']} | {start} | {chk[:-4]} | {cname} | {p['clicks']} | {steps} | {f3(p['auc'])} | "
+                ci = p["harmful_ci95"]
+                harm = f3(p["harmful_fraction"]) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+                n_cases = sum(s.get("n_cases") or 0 for s in summaries) or "-"
+                lines.append(f"| {j['name']} | {where} ({n_cases}) | {start} | {chk[:-4]} | {cname} | {p['clicks']} | "
+                             f"{steps} | {f3(p['auc'])} | {f3(p['auto_minus_plain'], True)} | "
                              f"{f3(p['gain_first_click_step'], True)} | {f3(p['gain_per_click'], True)} | "
-                             f"{f3(p['harmful_fraction'])} | {f3(p['largest_fall'])} | "
+                             f"{harm} | {f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")
     text = "\n".join(lines) + "\n"
@@ -334,6 +421,9 @@ def main(argv=None) -> int:
     pr.add_argument("--only", nargs="+", help="only these jobs (names, or names with _ for spaces)")
     pr.add_argument("--folds", nargs="+", type=int, help="only these folds")
     pr.add_argument("--deadline", type=float, help="start no new training/evaluation after this many seconds")
+    pr.add_argument("--test-set", action="store_true",
+                    help="also evaluate every fold's final model on the dataset's test set (imagesTs/labelsTs), "
+                         "next to the plain job's predictions of it")
     a = p.parse_args(argv)
     if a.cmd == "prepare":
         prepare(a.root)

@@ -145,6 +145,22 @@ def test_robust_center_from_projections_equals_the_coordinate_medians():
         np.testing.assert_allclose(s2, s1)
 
 
+def test_robust_centers_of_several_objects_equal_the_coordinate_medians():
+    from nnunet_guide.core.clicks import cropped_objects, robust_centers
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        shape = tuple(int(v) for v in rng.integers(2, 14, size=rng.integers(2, 4)))
+        lab, n, _ = cropped_objects(rng.random(shape) < rng.uniform(0.05, 0.7), 1, None)
+        if not n:
+            continue
+        ids = sorted(rng.choice(np.arange(1, n + 1), size=int(rng.integers(1, n + 1)), replace=False))
+        centers, sigmas = robust_centers(lab, ids)  # one object (its box is the map's) or several
+        for i, oid in enumerate(ids):
+            c, s = robust_center(np.argwhere(lab == oid))
+            np.testing.assert_allclose(centers[i], c)
+            np.testing.assert_allclose(sigmas[i], s)
+
+
 def test_negative_clicks_are_uniform_over_their_pool():
     from nnunet_guide.core.clicks import _uniform_voxel
     rng = np.random.default_rng(1)

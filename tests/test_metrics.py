@@ -326,3 +326,17 @@ def test_click_effect_gain_tolerance_and_no_far_region():
     # a negative click on background lies in no lesion
     assert click_effect(ref, before, after, [(9.0,)]).clicked_lesions == ()
     assert isinstance(gain, ClickEffect)
+
+
+def test_proportion_ci_is_wilson_interval():
+    from nnunet_guide.core.metrics import proportion_ci
+    # 2 of 30 by hand: p = 1/15, z^2 = 3.8416; centre (p + z^2/60) / (1 + z^2/30) = 0.11586,
+    # half-width 1.96 sqrt(p(1-p)/30 + z^2/3600) / (1 + z^2/30) = 0.09738
+    lo, hi = proportion_ci(2, 30)
+    assert lo == pytest.approx(0.01848, abs=1e-4) and hi == pytest.approx(0.21324, abs=1e-4)
+    assert proportion_ci(0, 15) == (0.0, pytest.approx(3.8416 / 18.8416))  # 0 of 15 cannot show 5%
+    assert proportion_ci(15, 15)[1] == 1.0 and proportion_ci(0, 0) is None
+    lo, hi = proportion_ci(50, 1000)  # many clicks: close to the normal interval around 5%
+    assert lo == pytest.approx(0.0381, abs=5e-4) and hi == pytest.approx(0.0653, abs=5e-4)
+    with pytest.raises(ValueError, match="k = 3, n = 2"):
+        proportion_ci(3, 2)

@@ -322,7 +322,9 @@ def test_harm_is_counted_per_click_and_reported(tmp_path):
     per_case = list(csv.DictReader(open(tmp_path / "per_case.csv")))
     assert [r["lesions_lost"] for r in per_case if r["class"] == "tumor"] == ["1", "1"]
     md = open(tmp_path / "report.md").read()
-    assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000) | 0.000 |" in md and "2 (2)" in md
+    # 0 of 4 harmful: Wilson 95% interval [0, 1.96^2 / (4 + 1.96^2)] = [0, 0.490]
+    assert h["harmful_ci95"][0] == 0.0 and h["harmful_ci95"][1] == pytest.approx(3.8416 / 7.8416)
+    assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000; 0.000-0.490) | 0.000 |" in md and "2 (2)" in md
 
 
 def test_a_harmful_click_is_flagged():

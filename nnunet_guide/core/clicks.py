@@ -140,25 +140,45 @@ def _weighted_medians(counts: np.ndarray) -> np.ndarray:
     return 0.5 * (lo + hi)
 
 
+def _axis_histograms(labels: np.ndarray, ids: Sequence[int]) -> List[np.ndarray]:
+    """Per axis, (len(ids), size) voxel counts of the listed objects at each index of that axis,
+    from projections of each object inside its bounding box. A map holding one object is projected
+    whole, without a box search (the maps here are crops to the class's box: its box is the map)."""
+    nd = labels.ndim
+    single = int(labels.max()) == 1
+    slices = [tuple(slice(0, n) for n in labels.shape)] if single else _object_slices(labels, max(ids))
+    counts = [np.zeros((len(ids), size), np.int64) for size in labels.shape]
+    for i, oid in enumerate(ids):
+        sl = slices[0] if single else slices[oid - 1]
+        obj = labels[sl] == oid
+        # the first axis' projection, then the others from the (smaller) sum over the first axis
+        counts[0][i, sl[0]] = obj.reshape(obj.shape[0], -1).sum(axis=1)
+        if nd > 1:
+            rest = obj.sum(axis=0)
+            for a in range(1, nd):
+                counts[a][i, sl[a]] = rest.sum(axis=tuple(b for b in range(nd - 1) if b != a - 1))
+    return counts
+
+
 def robust_centers(labels: np.ndarray, object_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`robust_center_mask` of several objects of a label map at once (no minimum sigma):
-    median coordinate and 1.4826 * MAD per axis, from per-object axis histograms (one bincount
-    per axis over the foreground voxels, however many objects).
+    median coordinate and 1.4826 * MAD per axis, from per-object axis histograms. The histograms are
+    projections inside each object's box: on LiTS patches half the time of a bincount over the
+    listed foreground voxels, with the same counts.
 
     Returns (centers, sigmas), each (len(object_ids), ndim), in ``labels``' voxel coordinates.
     """
-    ids = np.asarray(object_ids, dtype=np.intp)
-    fg = labels != 0
-    coords, vals = np.nonzero(fg), labels[fg].astype(np.intp)
-    n = max(int(vals.max()) if vals.size else 0, int(ids.max()) if ids.size else 0)
+    ids = [int(o) for o in object_ids]
     m = len(ids)
     centers, sigmas = np.empty((m, labels.ndim)), np.empty((m, labels.ndim))
+    if m == 0:
+        return centers, sigmas
+    counts = _axis_histograms(labels, ids)
     for a, size in enumerate(labels.shape):
-        counts = np.bincount(vals * size + coords[a], minlength=(n + 1) * size).reshape(n + 1, size)[ids]
-        c = _weighted_medians(counts)
+        c = _weighted_medians(counts[a])
         # deviations |j - c| are multiples of 0.5: histogram them on that grid
         dev = np.rint(2 * np.abs(np.arange(size)[None, :] - c[:, None])).astype(np.int64)
-        hist = np.bincount((np.arange(m)[:, None] * (2 * size + 1) + dev).ravel(), weights=counts.ravel(),
+        hist = np.bincount((np.arange(m)[:, None] * (2 * size + 1) + dev).ravel(), weights=counts[a].ravel(),
                            minlength=m * (2 * size + 1)).reshape(m, 2 * size + 1)
         centers[:, a] = c
         sigmas[:, a] = MAD_TO_SIGMA * 0.5 * _weighted_medians(hist)

@@ -410,6 +410,21 @@ def mean_curve(curves: Sequence[Sequence[float]]) -> Optional[List[float]]:
     return [float(v) for v in arr.mean(axis=0)]
 
 
+def proportion_ci(k: int, n: int, z: float = 1.96) -> Optional[Tuple[float, float]]:
+    """Wilson score interval of a proportion ``k`` of ``n`` (95% with the default ``z``); None
+    when ``n`` is 0. Unlike the normal approximation it stays inside [0, 1] and is not empty at
+    k = 0: 0 of 15 harmful clicks gives [0, 0.204], so 15 clicks cannot show a 5% rate."""
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"a proportion needs 0 <= k <= n, got k = {k}, n = {n}")
+    if n == 0:
+        return None
+    p, z2 = k / n, z * z
+    den = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def format_float(v: Optional[float], digits: int = 3) -> str:
     """Human-readable number for tables: ``-`` for None (undefined), never ``nan``."""
     if v is None or (isinstance(v, float) and math.isnan(v)):

@@ -22,7 +22,8 @@ import numpy as np
 from ..core.clicks import Click
 from ..core.metrics import (HARM_TOLERANCE, LesionDetection, class_mask, clicks_to_reach, dice_auc,
                             dice_from_counts, dice_masks, error_volumes_from_counts, format_float, global_dice,
-                            lesion_detection, mean_dice, noc_summary, sum_detections, surface_dice)
+                            lesion_detection, mean_dice, noc_summary, proportion_ci, sum_detections,
+                            surface_dice)
 from ..core.user_sim import PROMPT_STARTS, SessionResult
 from ..settings import write_atomic, write_json_atomic, write_text_atomic
 
@@ -234,7 +235,7 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
     entries of that class).
 
     Returns ``n_clicks``; ``n_harmful`` and ``harmful_fraction`` (Dice fell by more than the
-    tolerance); ``largest_fall`` (largest Dice decrease, 0 when none fell); ``mean_gain`` (mean Dice
+    tolerance) with ``harmful_ci95``, its Wilson 95% interval ([low, high], None without clicks); ``largest_fall`` (largest Dice decrease, 0 when none fell); ``mean_gain`` (mean Dice
     change per click); ``lesions_lost`` (detected before a click, missed after it) and
     ``lesions_lost_elsewhere`` (of those, not the clicked lesion), their rate per click and their
     count per step (``lesions_lost_per_step``, index = step, 0 for the automatic result);
@@ -248,10 +249,13 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
         per_step[e["step"]] += len(e["lesions_lost"])
     far = [e["far_dice_after"] - e["far_dice_before"] for e in effects if e.get("far_dice_before") is not None]
     lost = sum(len(e["lesions_lost"]) for e in effects)
+    harmful = sum(1 for e in effects if e["harmful"])
+    ci = proportion_ci(harmful, n)
     return {
         "n_clicks": n,
-        "n_harmful": sum(1 for e in effects if e["harmful"]),
-        "harmful_fraction": (sum(1 for e in effects if e["harmful"]) / n) if n else None,
+        "n_harmful": harmful,
+        "harmful_fraction": (harmful / n) if n else None,
+        "harmful_ci95": list(ci) if ci else None,
         "largest_fall": max([0.0] + [e["dice_before"] - e["dice_after"] for e in effects]) if n else None,
         "mean_gain": _mean([e["dice_after"] - e["dice_before"] for e in effects]),
         "lesions_lost": lost,
@@ -601,11 +605,13 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
     for name, g in guided.items():
         h = g["harm"]
         rows.append([name, h["n_clicks"],
-                     f"{h['n_harmful']} ({format_float(h['harmful_fraction'], 3)})" if h["n_clicks"] else "0",
+                     f"{h['n_harmful']} ({format_float(h['harmful_fraction'], 3)}; "
+                     f"{format_float(h['harmful_ci95'][0], 3)}-{format_float(h['harmful_ci95'][1], 3)})"
+                     if h["n_clicks"] else "0",
                      h["largest_fall"], h["mean_gain"], f"{h['lesions_lost']} ({h['lesions_lost_elsewhere']})",
                      h["lesions_lost_per_click"], h["far_dice_change_mean"], h["far_dice_change_largest"]])
-    out.append(_md_table(["class", "clicks", "harmful (fraction)", "largest fall", "mean Dice gain per click",
-                          "lesions lost (elsewhere)", "lesions lost per click", "far-Dice change, mean",
+    out.append(_md_table(["class", "clicks", "harmful (fraction; Wilson 95% interval)", "largest fall",
+                          "mean Dice gain per click", "lesions lost (elsewhere)", "lesions lost per click", "far-Dice change, mean",
                           "far-Dice change, largest"], rows))
     for kind in PROMPT_STARTS:
         rows = [[name, g[f"{kind}_effect"]["n_clicks"], g[f"{kind}_effect"]["mean_gain"],
