@@ -102,6 +102,12 @@ class GuideSettings:
         max_negative_clicks: negative clicks per guided class are drawn from U{1..max}.
         p_confusable: probability that a negative click is placed on another foreground class
             (e.g. liver when guiding tumour) rather than on background.
+        p_near_negative: probability that a negative click is placed instead just outside the
+            class, at most ``near_negative_mm`` beyond its boundary (along a random ray from a
+            random voxel of the class): where a model's false positives are, and where the
+            evaluation's simulated user puts most of its negative clicks. 0 (default) keeps the
+            negatives above only, and the click streams of older settings unchanged.
+        near_negative_mm: how far beyond the class's boundary such a click may land (mm).
         connectivity: connectivity of objects as in ``scipy.ndimage.generate_binary_structure``
             (1 = faces only; ndim = full). Default 2 = 18-connectivity in 3D, as the original.
         min_object_sigma: lower bound of the object Gaussian's sigma in voxels (original: 2 px).
@@ -148,6 +154,8 @@ class GuideSettings:
     p_negative: float = 0.3
     max_negative_clicks: int = 3
     p_confusable: float = 0.5
+    p_near_negative: float = 0.0
+    near_negative_mm: float = 3.0
     connectivity: int = 2
     min_object_sigma: float = 2.0
     validation_seed: int = 12345
@@ -165,11 +173,12 @@ class GuideSettings:
         if self.click_policy not in CLICK_POLICIES:
             raise GuideSettingsError(
                 f"unknown click policy {self.click_policy!r}; expected one of {', '.join(CLICK_POLICIES)}")
-        for name in ("p_drop", "p_negative", "p_confusable", "p_correction", "p_box", "p_scribble"):
+        for name in ("p_drop", "p_negative", "p_confusable", "p_near_negative", "p_correction", "p_box",
+                     "p_scribble"):
             v = getattr(self, name)
             if not (0.0 <= v <= 1.0):
                 raise GuideSettingsError(f"{name} must be a probability in [0, 1], got {v!r}")
-        for name in ("sigma_mm", "ball_radius_mm", "min_object_sigma"):
+        for name in ("sigma_mm", "ball_radius_mm", "min_object_sigma", "near_negative_mm"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")

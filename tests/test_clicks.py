@@ -161,6 +161,43 @@ def test_robust_centers_of_several_objects_equal_the_coordinate_medians():
             np.testing.assert_allclose(sigmas[i], s)
 
 
+def test_near_negative_clicks_land_just_outside_the_class():
+    from scipy import ndimage
+    seg = two_boxes()
+    spacing = (2.0, 1.0, 1.0)  # anisotropic: the band is in mm
+    band = 3.0
+    s = GuideSettings(p_drop=0.0, p_negative=1.0, max_negative_clicks=3, p_near_negative=1.0, near_negative_mm=band)
+    # distance (mm) of every voxel outside class 2 to the class
+    dist = ndimage.distance_transform_edt(seg != 2, sampling=spacing)
+    n = 0
+    for seed in range(100):
+        for c in sample_training_clicks(seg, [(2,)], spacing, s, np.random.default_rng(seed)):
+            if c.positive:
+                continue
+            pos = tuple(int(p) for p in c.position)
+            assert seg[pos] != 2
+            # at most the band beyond the boundary, plus the rounding of the ray to voxels
+            assert dist[pos] <= band + float(np.linalg.norm(spacing))
+            n += 1
+    assert n > 100
+    with pytest.raises(GuideSettingsError, match="p_near_negative"):
+        GuideSettings(p_near_negative=1.5)
+    with pytest.raises(GuideSettingsError, match="near_negative_mm"):
+        GuideSettings(near_negative_mm=0)
+
+
+def test_near_negative_is_none_when_no_ray_can_leave_the_class_inside_the_array():
+    from nnunet_guide.core.clicks import _near_negative
+    full = np.ones((6, 6), bool)
+    assert _near_negative(full, None, (1.0, 1.0), 2.0, np.random.default_rng(0)) is None
+    # and an ignored ring around a square: every landing voxel is invalid
+    mask = np.zeros((12, 12), bool)
+    mask[3:9, 3:9] = True
+    valid = np.zeros_like(mask)
+    valid[mask] = True
+    assert _near_negative(mask, valid, (1.0, 1.0), 1.0, np.random.default_rng(0)) is None
+
+
 def test_negative_clicks_are_uniform_over_their_pool():
     from nnunet_guide.core.clicks import _uniform_voxel
     rng = np.random.default_rng(1)

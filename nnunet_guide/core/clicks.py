@@ -359,6 +359,45 @@ def _extra_object_clicks(lab: np.ndarray, object_ids: Sequence[int], first: Sequ
     return out
 
 
+def _near_negative(mask: np.ndarray, valid: Optional[np.ndarray], spacing: Sequence[float], band_mm: float,
+                   rng: np.random.Generator, tries: int = 8) -> Optional[Tuple[int, ...]]:
+    """A voxel just outside ``mask`` (which has a voxel): from a uniformly random voxel of the
+    mask, along a uniformly random direction (in mm), the ray's first voxel outside the mask, then
+    U(0, ``band_mm``) mm further. Rays that leave the array, or land on an invalid voxel, are
+    drawn again (``tries`` in all); None when every try failed."""
+    sp = np.asarray(spacing, float)
+    shape = np.array(mask.shape)
+    step = 0.5 * float(sp.min())  # mm per march step: at most half a voxel along every axis
+    n_steps = int(np.ceil(np.linalg.norm(shape * sp) / step))
+    chunk = np.arange(1, 33) * step  # march 32 steps at a time: most rays leave an object early
+    for _ in range(tries):
+        start = np.array(np.unravel_index(_uniform_voxel(mask, rng), mask.shape), float)
+        d = rng.normal(size=mask.ndim)
+        d_vox = d / max(float(np.linalg.norm(d)), 1e-12) / sp
+        extra = float(rng.uniform(0.0, band_mm))
+        exit_t = None
+        for first in range(0, n_steps, len(chunk)):
+            t = first * step + chunk
+            ray = np.rint(start + t[:, None] * d_vox).astype(np.intp)
+            inside = np.all((ray >= 0) & (ray < shape), axis=1)
+            out = ~inside
+            out[inside] = ~mask[tuple(ray[inside].T)]
+            if out.any():
+                k = int(np.argmax(out))
+                exit_t = float(t[k]) if inside[k] else None  # None: it left the array first
+                break
+        if exit_t is None:
+            continue
+        pos = np.rint(start + (exit_t + extra) * d_vox).astype(np.intp)
+        if np.any(pos < 0) or np.any(pos >= shape):
+            continue
+        pos = tuple(int(v) for v in pos)
+        if mask[pos] or (valid is not None and not valid[pos]):
+            continue
+        return pos
+    return None
+
+
 def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], spacing: Sequence[float],
                            settings, rng: np.random.Generator, ignore_label: Optional[int] = None,
                            slice_axis: Optional[int] = None) -> List[Click]:
@@ -368,7 +407,8 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
     Otherwise, per guided class with objects, a random subset of k ~ U{1..n} objects gets one
     positive click each (``settings.click_policy``; centre perturbed as in the original work), and
     with probability ``settings.p_negative`` U{1..max_negative_clicks} negative clicks land on
-    other foreground classes (confusable, probability ``p_confusable``) or on background.
+    other foreground classes (confusable, probability ``p_confusable``) or on background, or, with
+    probability ``p_near_negative``, just outside the class (:func:`_near_negative`).
     A clicked object gets U{1..``settings.max_object_clicks``} positive clicks (the extra ones at
     random voxels of the object). A clicked object's positive prompt is a box with probability
     ``settings.p_box`` and a scribble or lasso with probability ``settings.p_scribble``
@@ -412,7 +452,14 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
             if valid is not None:
                 confusable &= valid
                 background &= valid
+            near = float(getattr(settings, "p_near_negative", 0.0))
             for _ in range(n_neg):
+                if near > 0 and rng.random() < near and mask.any():
+                    pos = _near_negative(mask, valid, spacing, settings.near_negative_mm, rng)
+                    if pos is not None:
+                        clicks.append(Click(t, tuple(float(p) for p in pos), False,
+                                            (settings.min_object_sigma,) * seg.ndim))
+                        continue
                 pool = confusable if (rng.random() < settings.p_confusable and confusable.any()) else background
                 if not pool.any():
                     pool = confusable
