@@ -73,7 +73,7 @@ def report_lines(summary, label: str):
             "checkpoint": label, "class": name, "plain": plain.get("mean_dice"), "auto": auto,
             "auto_minus_plain": None if plain.get("mean_dice") is None else auto - plain["mean_dice"],
             "gain_first_click_step": gain1, "gain_per_click": h["mean_gain"], "dice_n": g["mean_dice"][n],
-            "clicks": h["n_clicks"], "n_harmful": h.get("n_harmful"), "harmful_fraction": h["harmful_fraction"], "largest_fall": h["largest_fall"],
+            "clicks": h["n_clicks"], "n_harmful": h.get("n_harmful"), "by_sign": h.get("by_sign") or {}, "harmful_fraction": h["harmful_fraction"], "largest_fall": h["largest_fall"],
             "lesions_lost_per_click": h["lesions_lost_per_click"],
             "lesions_lost_elsewhere": h["lesions_lost_elsewhere"],
             "far_dice_change_mean": h["far_dice_change_mean"], "far_dice_change_largest": h["far_dice_change_largest"],

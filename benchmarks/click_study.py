@@ -262,7 +262,9 @@ def pooled(rows: List[dict]) -> dict:
     n = sum(r["clicks"] for r in rows)
     w = lambda key: (sum(r[key] * r["clicks"] for r in rows if r[key] is not None) / n) if n else None  # noqa: E731
     harmful = sum(r["n_harmful"] for r in rows)
-    return {"clicks": n, "n_harmful": harmful, "harmful_ci95": proportion_ci(harmful, n),
+    by_sign = {k: [sum((r["by_sign"].get(k) or {}).get(f, 0) for r in rows) for f in ("n_harmful", "n_clicks")]
+               for k in ("positive", "negative")} if all(r["by_sign"] for r in rows) else None  # older reports
+    return {"clicks": n, "n_harmful": harmful, "harmful_ci95": proportion_ci(harmful, n), "by_sign": by_sign,
             "harmful_fraction": w("harmful_fraction"), "gain_per_click": w("gain_per_click"),
             "lesions_lost_per_click": w("lesions_lost_per_click"),
             "lesions_lost_elsewhere": sum(r["lesions_lost_elsewhere"] or 0 for r in rows),
@@ -363,9 +365,9 @@ def run(a) -> int:
               "is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks after which "
               "the class's Dice fell by more than 0.005, with its Wilson 95% interval.", "",
               "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
-              "gain 1st click step | gain/click | harmful (95% interval) | largest fall | lesions lost/click | "
-              "lost elsewhere | far-Dice change |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
+              "largest fall | lesions lost/click | lost elsewhere | far-Dice change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
         if j.get("plain"):
             continue
@@ -386,10 +388,13 @@ def run(a) -> int:
                 ci = p["harmful_ci95"]
                 harm = f3(p["harmful_fraction"]) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
                 n_cases = sum(s.get("n_cases") or 0 for s in summaries) or "-"
+                signs = " / ".join("{} of {}".format(*p["by_sign"][k]) for k in ("positive", "negative")) \
+                    if p["by_sign"] else "-"
                 lines.append(f"| {j['name']} | {where} ({n_cases}) | {start} | {chk[:-4]} | {cname} | {p['clicks']} | "
                              f"{steps} | {f3(p['auc'])} | {f3(p['auto_minus_plain'], True)} | "
                              f"{f3(p['gain_first_click_step'], True)} | {f3(p['gain_per_click'], True)} | "
-                             f"{harm} | {f3(p['largest_fall'])} | "
+                             f"{harm} | {signs} | "
+                             f"{f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")
     text = "\n".join(lines) + "\n"

@@ -324,7 +324,12 @@ def test_harm_is_counted_per_click_and_reported(tmp_path):
     md = open(tmp_path / "report.md").read()
     # 0 of 4 harmful: Wilson 95% interval [0, 1.96^2 / (4 + 1.96^2)] = [0, 0.490]
     assert h["harmful_ci95"][0] == 0.0 and h["harmful_ci95"][1] == pytest.approx(3.8416 / 7.8416)
-    assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000; 0.000-0.490) | 0.000 |" in md and "2 (2)" in md
+    assert h["by_sign"]["positive"] == {"n_clicks": 4, "n_harmful": 0, "harmful_fraction": 0.0,
+                                        "mean_gain": pytest.approx(h["mean_gain"])}
+    assert h["by_sign"]["negative"]["n_clicks"] == 0 and h["by_sign"]["negative"]["harmful_fraction"] is None
+    assert rows[0]["positive"] == "1"
+    assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000; 0.000-0.490) | 0 of 4 / 0 of 0 | 0.000 |" in md
+    assert "2 (2)" in md
 
 
 def test_a_harmful_click_is_flagged():
@@ -339,9 +344,23 @@ def test_a_harmful_click_is_flagged():
                    log=lambda m: None)
     (e,) = res.records[0]["effects"]
     assert e["harmful"] and e["dice_after"] == 0.0 and e["lesions_lost"] == [0, 1]
+    assert e["positive"] is True  # a click on a missed voxel
     h = summarize(res.records)["guided"]["tumor"]["harm"]
     assert h["harmful_fraction"] == 1.0 and h["largest_fall"] == pytest.approx(e["dice_before"])
     assert e.get("far_dice_before") is None  # no guide settings given: no far region
+    assert (h["by_sign"]["positive"]["n_harmful"], h["by_sign"]["negative"]["n_clicks"]) == (1, 0)
+
+    # the same with one false-positive voxel instead: the user's click is negative, and harmful
+    auto[3, 4, 4] = 2
+    auto[0, 0, 0] = 2
+    assert ref[0, 0, 0] != 2
+    res = evaluate([CaseInput("w", ref, (1, 1, 1))], worse, GUIDED, CLASSES, EvaluationOptions(n_clicks=1),
+                   log=lambda m: None)
+    (e,) = res.records[0]["effects"]
+    assert e["positive"] is False and e["harmful"]
+    h = summarize(res.records)["guided"]["tumor"]["harm"]
+    assert h["by_sign"]["negative"] == {"n_clicks": 1, "n_harmful": 1, "harmful_fraction": 1.0,
+                                        "mean_gain": pytest.approx(-e["dice_before"])}
 
 
 def prompt_start_eval(start):

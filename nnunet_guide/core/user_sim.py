@@ -236,12 +236,14 @@ class ClassTrace:
 class StepEffect:
     """What one prompt step did to one guided class: ``step`` (1-based), ``target`` (index into
     the guided classes), ``kind`` ("point", "box" or "scribble"), the step's prompt positions on that class,
-    and the :class:`~nnunet_guide.core.metrics.ClickEffect`."""
+    the :class:`~nnunet_guide.core.metrics.ClickEffect`, and ``positive``: whether the step's prompts on the
+    class were positive (True), negative (False) or both (None)."""
     step: int
     target: int
     kind: str
     positions: Tuple[Tuple[float, ...], ...]
     effect: ClickEffect
+    positive: Optional[bool] = None
 
 
 @dataclass
@@ -366,7 +368,9 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             det = (traces[name].detection[-2], traces[name].detection[-1]) if name else (None, None)
             eff = click_effect(r, p0, p1, [c.position for c in mine], far, connectivity, detection_min_dice,
                                harm_tolerance, case_id, *det)
-            effects.append(StepEffect(step, t, kind, tuple(tuple(c.position) for c in mine), eff))
+            signs = {bool(c.positive) for c in mine}
+            effects.append(StepEffect(step, t, kind, tuple(tuple(c.position) for c in mine), eff,
+                                      signs.pop() if len(signs) == 1 else None))
 
     pred = run([])
     first = pred

@@ -55,7 +55,7 @@ def case_record(session: SessionResult, classes: Mapping[str, Sequence[int]], gu
         else "clicks",
         "step_kinds": list(session.step_kinds),
         "clicks": [_click_dict(step, c, guided_names) for step, c in session.clicks],
-        "effects": [{"step": e.step, "class": guided_names[e.target], "kind": e.kind,
+        "effects": [{"step": e.step, "class": guided_names[e.target], "kind": e.kind, "positive": e.positive,
                      "positions": [[float(v) for v in p] for p in e.positions], **e.effect.to_dict()}
                     for e in session.effects],
         "classes": {},
@@ -240,8 +240,10 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
     ``lesions_lost_elsewhere`` (of those, not the clicked lesion), their rate per click and their
     count per step (``lesions_lost_per_step``, index = step, 0 for the automatic result);
     ``far_dice_change_mean`` / ``far_dice_change_largest`` (signed change of largest magnitude) of
-    the Dice beyond the guide's reach, and ``far_changed_voxels``. Fractions and means over no
-    clicks are None.
+    the Dice beyond the guide's reach, and ``far_changed_voxels``; ``by_sign``: ``n_clicks``,
+    ``n_harmful``, ``harmful_fraction`` and ``mean_gain`` of the positive and of the negative clicks
+    apart (a user's click on a miss, or on a false positive). Fractions and means over no clicks
+    are None.
     """
     n = len(effects)
     per_step = [0] * (n_steps + 1)
@@ -266,7 +268,22 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
         "far_dice_change_largest": max(far, key=abs) if far else None,
         "far_changed_voxels": sum(e["far_changed_voxels"] for e in effects if e.get("far_changed_voxels") is not None)
         if far else None,
+        "by_sign": {name: _sign_summary([e for e in effects if e.get("positive") is sign])
+                    for name, sign in (("positive", True), ("negative", False))},
     }
+
+
+def _signs(harm: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The positive and the negative clicks' summaries of a :func:`harm_summary` (of an older
+    results.json too, which has none: zero counts)."""
+    by = harm.get("by_sign") or {}
+    return [by.get(k) or {"n_clicks": 0, "n_harmful": 0} for k in ("positive", "negative")]
+
+
+def _sign_summary(effects: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    n, harmful = len(effects), sum(1 for e in effects if e["harmful"])
+    return {"n_clicks": n, "n_harmful": harmful, "harmful_fraction": harmful / n if n else None,
+            "mean_gain": _mean([e["dice_after"] - e["dice_before"] for e in effects])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,12 +351,13 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
     paths.append(os.path.join(out_dir, "dice_vs_clicks.csv"))
     _csv_atomic(rows, paths[-1])
 
-    rows = [["case", "step", "class", "kind", "positions", "dice_before", "dice_after", "change", "harmful",
+    rows = [["case", "step", "class", "kind", "positive", "positions", "dice_before", "dice_after", "change", "harmful",
              "lesions_detected_before", "lesions_lost", "lesions_lost_elsewhere", "clicked_lesions",
              "far_dice_before", "far_dice_after", "far_changed_voxels", "n_far_voxels"]]
     for r in records:
         for e in r.get("effects", ()):
-            rows.append([r["case"], e["step"], e["class"], e["kind"],
+            sign = e.get("positive")
+            rows.append([r["case"], e["step"], e["class"], e["kind"], "" if sign is None else int(sign),
                          " ".join("(" + ",".join(f"{v:g}" for v in p) + ")" for p in e["positions"]),
                          e["dice_before"], e["dice_after"], e["change"], int(e["harmful"]),
                          e["lesions_detected_before"], len(e["lesions_lost"]), len(e["lesions_lost_elsewhere"]),
@@ -608,11 +626,12 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
                      f"{h['n_harmful']} ({format_float(h['harmful_fraction'], 3)}; "
                      f"{format_float(h['harmful_ci95'][0], 3)}-{format_float(h['harmful_ci95'][1], 3)})"
                      if h["n_clicks"] else "0",
+                     " / ".join(f"{s['n_harmful']} of {s['n_clicks']}" for s in _signs(h)),
                      h["largest_fall"], h["mean_gain"], f"{h['lesions_lost']} ({h['lesions_lost_elsewhere']})",
                      h["lesions_lost_per_click"], h["far_dice_change_mean"], h["far_dice_change_largest"]])
-    out.append(_md_table(["class", "clicks", "harmful (fraction; Wilson 95% interval)", "largest fall",
-                          "mean Dice gain per click", "lesions lost (elsewhere)", "lesions lost per click", "far-Dice change, mean",
-                          "far-Dice change, largest"], rows))
+    out.append(_md_table(["class", "clicks", "harmful (fraction; Wilson 95% interval)", "harmful: positive / negative",
+                          "largest fall", "mean Dice gain per click", "lesions lost (elsewhere)",
+                          "lesions lost per click", "far-Dice change, mean", "far-Dice change, largest"], rows))
     for kind in PROMPT_STARTS:
         rows = [[name, g[f"{kind}_effect"]["n_clicks"], g[f"{kind}_effect"]["mean_gain"],
                  g[f"{kind}_effect"]["lesions_lost"]] for name, g in guided.items() if g.get(f"{kind}_effect")]
