@@ -194,11 +194,14 @@ class Study:
             return None
         t = time.time()
         code = ("import sys, json; sys.path.insert(0, sys.argv[1]); from click_harm import predict_plain; "
-                "a = json.loads(sys.argv[2]); predict_plain(a['model'], [a['fold']], a['images'], a['out'], a['device'])")
-        images = {c: os.path.join(self.raw, "imagesTs", f"{c}_0000.nii.gz") for c in cases}
-        arg = json.dumps({"model": self.model_folder(job), "fold": fold, "images": images, "out": out,
-                          "device": self.a.device})
-        ok = self._run([sys.executable, "-c", code, HERE, arg], self.env(job),
+                "a = json.load(open(sys.argv[2])); predict_plain(a['model'], [a['fold']], a['images'], a['out'], "
+                "a['device'])")
+        images = {c: [os.path.join(self.raw, "imagesTs", f"{c}_0000.nii.gz")] for c in cases}
+        args = os.path.join(self.out, "logs", f"predict_test_{slug(job['name'])}_f{fold}.json")
+        with open(args, "w") as f:
+            json.dump({"model": self.model_folder(job), "fold": fold, "images": images, "out": out,
+                       "device": self.a.device}, f, indent=1)
+        ok = self._run([sys.executable, "-c", code, HERE, args], self.env(job),
                        os.path.join(self.out, "logs", f"predict_test_{slug(job['name'])}_f{fold}.log"))
         print(f"  plain {job['name']} fold {fold}: {len(cases)} test cases predicted in {time.time() - t:.0f} s",
               flush=True)

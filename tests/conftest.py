@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny real nnU-Net dataset, planned and preprocessed by nnU-Net's own command."""
 import os
 
-import pytest
-import torch
+# nnU-Net's validation exports and scores in worker pools of nnUNet_def_n_proc `spawn` processes
+# (default 8), each importing torch and nnU-Net again: on a 2-core machine that start-up was most
+# of a tiny training's validation. One worker is plenty for the tests' few tiny cases. Set before
+# anything imports nnU-Net, and inherited by every command the tests run.
+os.environ.setdefault("nnUNet_def_n_proc", "1")
 
-import helpers as T
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import helpers as T  # noqa: E402
 
 
 @pytest.fixture(scope="module")
