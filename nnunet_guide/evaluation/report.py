@@ -235,8 +235,9 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
     entries of that class).
 
     Returns ``n_clicks``; ``n_harmful`` and ``harmful_fraction`` (Dice fell by more than the
-    tolerance) with ``harmful_ci95``, its Wilson 95% interval ([low, high], None without clicks); ``largest_fall`` (largest Dice decrease, 0 when none fell); ``mean_gain`` (mean Dice
-    change per click); ``lesions_lost`` (detected before a click, missed after it) and
+    tolerance) with ``harmful_ci95``, its Wilson 95% interval ([low, high], None without clicks);
+    ``largest_fall`` (largest Dice decrease, 0 when none fell); ``mean_gain`` (mean Dice change per
+    click); ``lesions_lost`` (detected before a click, missed after it) and
     ``lesions_lost_elsewhere`` (of those, not the clicked lesion), their rate per click and their
     count per step (``lesions_lost_per_step``, index = step, 0 for the automatic result);
     ``far_dice_change_mean`` / ``far_dice_change_largest`` (signed change of largest magnitude) of
