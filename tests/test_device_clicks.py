@@ -100,6 +100,31 @@ def test_drop_perturbation_negatives_and_ignore_label():
                     assert seg[b][tuple(int(round(p)) for p in c.position)] in (2, 0)
 
 
+def test_near_negatives_land_just_outside_the_class_as_on_the_cpu():
+    from scipy import ndimage
+    from nnunet_guide.core.clicks import sample_training_clicks
+    seg = constructed_batch()
+    spacing = (2.0, 1.0, 1.0)
+    s = GuideSettings(p_drop=0.0, p_negative=1.0, max_negative_clicks=3, p_near_negative=1.0, near_negative_mm=3.0)
+    dist = [ndimage.distance_transform_edt(seg[b] != 2, sampling=spacing) for b in range(len(seg))]
+    device, cpu = [], []
+    for seed in range(60):
+        packed = select_training_clicks(torch.from_numpy(seg), [(2,)], s, torch.Generator().manual_seed(seed),
+                                        ignore_label=9, spacing=spacing)
+        for b in range(len(seg)):
+            for c in unpack_clicks(packed[b]):
+                if not c.positive:
+                    p = tuple(int(v) for v in c.position)
+                    assert seg[b][p] not in (2, 9)  # outside the class, never on the ignore label
+                    device.append(dist[b][p])
+            cpu += [dist[b][tuple(int(v) for v in c.position)]
+                    for c in sample_training_clicks(seg[b], [(2,)], spacing, s, np.random.default_rng(seed),
+                                                    ignore_label=9) if not c.positive]
+    assert len(device) > 100 and max(device) <= 3.0 + float(np.linalg.norm(spacing))
+    # the same distribution of distances beyond the boundary as the CPU's rays
+    assert abs(np.mean(device) - np.mean(cpu)) < 0.3 and abs(np.median(device) - np.median(cpu)) <= 0.5
+
+
 def test_random_policy_clicks_object_voxels_and_interior_is_refused():
     seg = constructed_batch()
     s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="random")

@@ -284,9 +284,3 @@ def test_boxes_and_scribbles_travel_as_coordinates_and_refuse_device_selection(n
         click_selection = "device"
     with pytest.raises(GuideSettingsError, match="max_object_clicks 3"):
         make_trainer(SeveralClicksOnDevice, nnunet_paths).selects_clicks_on_device
-
-    class NearNegativesOnDevice(nnUNetTrainerGuidePrompts):
-        guide_settings = GuideSettings(p_near_negative=0.5)
-        click_selection = "device"
-    with pytest.raises(GuideSettingsError, match="p_near_negative 0.5"):
-        make_trainer(NearNegativesOnDevice, nnunet_paths).selects_clicks_on_device

@@ -108,7 +108,7 @@ def _segment_median(values: torch.Tensor, segment: torch.Tensor, n_segments: int
 
 def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], settings,
                            generator: Optional[torch.Generator] = None, ignore_label: Optional[int] = None,
-                           capacity: Optional[int] = None) -> torch.Tensor:
+                           capacity: Optional[int] = None, spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Simulate the clicks of a batch of training samples, on the label maps' device.
 
     Per sample: no guide with probability ``settings.p_drop``; otherwise, per guided class with
@@ -116,7 +116,8 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
     ``center``: the robust centre, perturbed as in the original work when ``perturb_center``;
     ``random``: a uniform voxel of the object), and with probability ``p_negative``
     U{1..max_negative_clicks} negative clicks land on a uniform voxel of the other foreground
-    classes (probability ``p_confusable``, if there are any) or of the background.
+    classes (probability ``p_confusable``, if there are any) or of the background, or, with
+    probability ``p_near_negative``, just outside the class (the CPU version's rays, all at once).
 
     Args:
         seg: integer label maps (B, *spatial), 2D or 3D.
@@ -125,6 +126,7 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
         generator: torch generator on ``seg``'s device (all randomness comes from it).
         ignore_label: never clicked, never part of an object.
         capacity: click rows per sample of the result (default: the largest count).
+        spacing: mm per axis (default 1): the rays of near-boundary negatives are in mm.
     Returns:
         packed clicks (B, K, 3 + 2 * ndim) on the CPU, as :func:`nnunet_guide.core.encoding.pack_click_batch`.
     """
@@ -188,7 +190,7 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
             pos = torch.minimum(pos.clamp_min(0), shape_t - 1)
             rows.append(_rows(sel_sample, t, True, pos, sigma))
         if settings.negatives and settings.max_negative_clicks > 0:
-            rows += _negative_rows(seg, mask, valid, guided, t, settings, rand)
+            rows += _negative_rows(seg, mask, valid, guided, t, settings, rand, spacing)
     K = capacity
     if not rows:
         out = torch.full((B, K or 0, packed_width(ndim)), float("nan"))
@@ -217,10 +219,60 @@ def _rows(sample: torch.Tensor, target: int, positive: bool, pos: torch.Tensor, 
     return torch.cat((head, pos.float(), sigma.float()), 1)
 
 
-def _negative_rows(seg, mask, valid, guided, t, settings, rand):
+def _near_negatives(mask, valid, band_mm, spacing, rand, m):
+    """For every sample and each of ``m`` clicks, one ray as in
+    :func:`nnunet_guide.core.clicks._near_negative` (from a uniform voxel of the sample's class
+    mask, a uniform direction in mm, the first voxel outside, then U(0, ``band_mm``) mm further):
+    positions (B, m, ndim) in voxels and whether the ray gave a valid voxel outside the class."""
+    B, shape = mask.shape[0], tuple(mask.shape[1:])
+    ndim, device = len(shape), mask.device
+    sp = torch.tensor([1.0] * ndim if spacing is None else [float(s) for s in spacing], device=device)
+    shape_t = torch.tensor(shape, device=device)
+    flat_mask = mask.reshape(B, -1)
+    cum = torch.cumsum(flat_mask.int(), 1)
+    size = cum[:, -1]
+    draw = (torch.floor(rand(B, m) * size[:, None]).long() + 1).clamp_max(size[:, None].clamp_min(1))
+    idx = torch.searchsorted(cum, draw)
+    start = torch.stack([(idx // math.prod(shape[a + 1:])) % shape[a] for a in range(ndim)], -1).float()
+    d = _normal(rand, (B, m, ndim))
+    d_vox = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) / sp
+    extra = rand(B, m) * band_mm
+    step = 0.5 * float(sp.min())
+    n_steps = int(math.ceil(float((shape_t.float() * sp).norm()) / step))
+    t = torch.arange(1, n_steps + 1, device=device).float() * step  # (S,)
+    ray = torch.round(start[:, :, None] + t[None, None, :, None] * d_vox[:, :, None]).long()  # (B, m, S, nd)
+    inside = ((ray >= 0) & (ray < shape_t)).all(-1)
+    flat = torch.zeros(ray.shape[:-1], dtype=torch.long, device=device)
+    for a in range(ndim):
+        flat = flat * shape[a] + ray[..., a].clamp(0, shape[a] - 1)
+    hit = torch.gather(flat_mask, 1, flat.reshape(B, -1)).reshape(flat.shape) & inside
+    out = ~hit
+    first = torch.argmax(out.int(), -1)  # the first step outside the class (or the array)
+    left_inside = torch.gather(inside, -1, first[..., None])[..., 0] & torch.gather(out, -1, first[..., None])[..., 0]
+    t_exit = t[first]
+    pos = torch.round(start + (t_exit + extra)[..., None] * d_vox)
+    ok = left_inside & (size > 0)[:, None] & ((pos >= 0) & (pos < shape_t)).all(-1)
+    p = pos.long()
+    lin = torch.zeros((B, m), dtype=torch.long, device=device)
+    for a in range(ndim):
+        lin = lin * shape[a] + p[..., a].clamp(0, shape[a] - 1)
+    ok &= ~torch.gather(flat_mask, 1, lin) & torch.gather(valid.reshape(B, -1), 1, lin)
+    return pos, ok
+
+
+def _normal(rand, size):
+    """Standard normal draws from the uniform generator (Box-Muller), so every draw comes from
+    the one ``torch.Generator`` of the batch."""
+    u1, u2 = rand(*size).clamp_min(1e-12), rand(*size)
+    return torch.sqrt(-2 * torch.log(u1)) * torch.cos(2 * math.pi * u2)
+
+
+def _negative_rows(seg, mask, valid, guided, t, settings, rand, spacing=None):
     """Negative clicks of guided class ``t``: per guided sample with probability ``p_negative``,
     U{1..max} clicks, each on a uniform voxel of the confusable pool (other foreground) with
-    probability ``p_confusable`` (if not empty) or else of the background (if not empty)."""
+    probability ``p_confusable`` (if not empty) or else of the background (if not empty); with
+    probability ``p_near_negative`` a click goes just outside the class instead, where the first of
+    its rays that gives a voxel lands (:func:`_near_negatives`; the pools above when none does)."""
     B, shape = seg.shape[0], tuple(seg.shape[1:])
     ndim = len(shape)
     device = seg.device
@@ -243,5 +295,20 @@ def _negative_rows(seg, mask, valid, guided, t, settings, rand):
     b, j = torch.nonzero(take, as_tuple=True)
     idx = flat[b, j]
     pos = torch.stack([(idx // math.prod(shape[a + 1:])) % shape[a] for a in range(ndim)], 1).float()
+    near = float(getattr(settings, "p_near_negative", 0.0))
+    if near > 0:
+        want = rand(B, m) < near
+        tries = 8  # as the CPU version
+        ray_pos, ray_ok = _near_negatives(mask, valid, settings.near_negative_mm, spacing, rand, m * tries)
+        ray_pos, ray_ok = ray_pos.view(B, m, tries, ndim), ray_ok.view(B, m, tries)
+        first = torch.argmax(ray_ok.int(), -1)  # the first ray that gave a voxel
+        near_pos = torch.gather(ray_pos, 2, first[..., None, None].expand(B, m, 1, ndim))[:, :, 0]
+        ok = ray_ok.any(-1)
+        use = (want & ok)[b, j]
+        pos = torch.where(use[:, None], near_pos[b, j], pos)
+        extra = (torch.arange(m, device=device)[None] < n_neg[:, None]) & (size == 0) & want & ok
+        if bool(extra.any()):  # no pool, but a ray: the click still happens
+            eb, ej = torch.nonzero(extra, as_tuple=True)
+            b, pos = torch.cat((b, eb)), torch.cat((pos, near_pos[eb, ej]))
     sigma = torch.full((b.numel(), ndim), float(settings.min_object_sigma), device=device)
     return [_rows(b, t, False, pos, sigma)]

@@ -133,8 +133,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         unsupported = ("region-based datasets" if self.label_manager.has_regions else
                        f"click policy {g.click_policy!r}" if g.click_policy not in DEVICE_POLICIES else
                        "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else
-                       f"max_object_clicks {g.max_object_clicks}" if g.max_object_clicks > 1 else
-                       f"p_near_negative {g.p_near_negative}" if g.p_near_negative else None)
+                       f"max_object_clicks {g.max_object_clicks}" if g.max_object_clicks > 1 else None)
         if unsupported is not None:
             if self.click_selection == "device":
                 raise GuideSettingsError(f"click_selection='device' is not available for {unsupported}; use 'loader'")
@@ -188,7 +187,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
             labels = (target[0] if isinstance(target, list) else target)[:, 0]
             clicks = select_training_clicks(labels, [t.labels for t in self.layout.targets], self.layout.guide,
                                             self._click_generator(), self.label_manager.ignore_label,
-                                            capacity=self.max_clicks_per_sample)
+                                            capacity=self.max_clicks_per_sample, spacing=self._patch_spacing)
         else:
             if not isinstance(target, list) or target[-1].ndim != 3:
                 raise RuntimeError("this batch carries no packed clicks: it did not come through the guide trainer's "
