@@ -100,6 +100,31 @@ def test_drop_perturbation_negatives_and_ignore_label():
                     assert seg[b][tuple(int(round(p)) for p in c.position)] in (2, 0)
 
 
+def test_several_clicks_per_object_on_the_device():
+    from scipy import ndimage
+    seg = constructed_batch()
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, max_object_clicks=3, perturb_center=False)  # boxes: centres inside
+    counts = []
+    for seed in range(40):
+        packed = select_training_clicks(torch.from_numpy(seg), [(1,)], s, torch.Generator().manual_seed(seed),
+                                        ignore_label=9)
+        for b in range(len(seg)):
+            lab, _ = ndimage.label(seg[b] == 1, structure=ndimage.generate_binary_structure(3, 2))
+            per_object = {}
+            for c in unpack_clicks(packed[b]):
+                oid = lab[tuple(int(v) for v in c.position)]
+                assert c.positive and oid > 0  # on an object of the class
+                per_object[oid] = per_object.get(oid, 0) + 1
+            counts += list(per_object.values())
+    assert set(counts) == {1, 2, 3}  # U{1..3} clicks per clicked object
+    # one click per object (the default) draws nothing more: the streams stay as they were
+    one = select_training_clicks(torch.from_numpy(seg), [(1,)], s.replace(max_object_clicks=1),
+                                 torch.Generator().manual_seed(0))
+    two = select_training_clicks(torch.from_numpy(seg), [(1,)], s, torch.Generator().manual_seed(0))
+    first = [c for c in unpack_clicks(one[0])]
+    assert [c for c in unpack_clicks(two[0])][:len(first)] == first
+
+
 def test_near_negatives_land_just_outside_the_class_as_on_the_cpu():
     from scipy import ndimage
     from nnunet_guide.core.clicks import sample_training_clicks

@@ -278,9 +278,3 @@ def test_boxes_and_scribbles_travel_as_coordinates_and_refuse_device_selection(n
         click_selection = "device"
     with pytest.raises(GuideSettingsError, match="boxes and scribbles"):
         make_trainer(PromptsOnDevice, nnunet_paths).selects_clicks_on_device
-
-    class SeveralClicksOnDevice(nnUNetTrainerGuidePrompts):
-        guide_settings = GuideSettings(max_object_clicks=3)
-        click_selection = "device"
-    with pytest.raises(GuideSettingsError, match="max_object_clicks 3"):
-        make_trainer(SeveralClicksOnDevice, nnunet_paths).selects_clicks_on_device

@@ -182,13 +182,17 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
                 pos = pos + raw_sigma.clamp_min(0.5) * (rand(n_sel, ndim) * 0.4 - 0.2)
                 factor = torch.exp((rand(n_sel, ndim) * 2 - 1) * math.log(1.4))
                 sigma = (sigma * factor).clamp_min(settings.min_object_sigma)
-            elif settings.click_policy == "random":  # a uniform voxel of each object: the largest random key
-                key = rand(vcomp.numel())
-                best = torch.full((n_sel,), -1.0, device=device).scatter_reduce(0, vcomp, key, reduce="amax")
-                hit = torch.nonzero(key == best[vcomp])[:, 0]
-                pos[vcomp[hit]] = vc[hit, 1:].float()
+            elif settings.click_policy == "random":
+                pos = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
             pos = torch.minimum(pos.clamp_min(0), shape_t - 1)
             rows.append(_rows(sel_sample, t, True, pos, sigma))
+            extra_max = int(getattr(settings, "max_object_clicks", 1))
+            if extra_max > 1:  # U{0..max-1} more clicks per object, at uniform voxels of it
+                n_extra = torch.floor(rand(n_sel) * extra_max).long()
+                for r in range(1, extra_max):
+                    more = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
+                    keep_r = n_extra >= r
+                    rows.append(_rows(sel_sample[keep_r], t, True, more[keep_r], sigma[keep_r]))
         if settings.negatives and settings.max_negative_clicks > 0:
             rows += _negative_rows(seg, mask, valid, guided, t, settings, rand, spacing)
     K = capacity
@@ -208,6 +212,17 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
     order = torch.argsort(sample, stable=True)
     slot = torch.arange(allrows.shape[0]) - (torch.cumsum(counts, 0) - counts)[sample[order]]
     out[sample[order], slot] = allrows[order, 1:]
+    return out
+
+
+def _uniform_object_voxels(vc, vcomp, n_sel, pos, rand):
+    """A uniform voxel of each selected object (the voxel with the largest random key); ``pos``
+    (n_sel, ndim) gives the shape and stays unchanged."""
+    key = rand(vcomp.numel())
+    best = torch.full((n_sel,), -1.0, device=pos.device).scatter_reduce(0, vcomp, key, reduce="amax")
+    hit = torch.nonzero(key == best[vcomp])[:, 0]
+    out = pos.clone()
+    out[vcomp[hit]] = vc[hit, 1:].float()
     return out
 
 

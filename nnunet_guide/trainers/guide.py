@@ -132,8 +132,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         g = self.layout.guide
         unsupported = ("region-based datasets" if self.label_manager.has_regions else
                        f"click policy {g.click_policy!r}" if g.click_policy not in DEVICE_POLICIES else
-                       "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else
-                       f"max_object_clicks {g.max_object_clicks}" if g.max_object_clicks > 1 else None)
+                       "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else None)
         if unsupported is not None:
             if self.click_selection == "device":
                 raise GuideSettingsError(f"click_selection='device' is not available for {unsupported}; use 'loader'")
