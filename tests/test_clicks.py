@@ -76,7 +76,7 @@ def test_drop_rate_within_binomial_bounds():
 
 def test_subset_counts_cover_1_to_n_and_positions_inside():
     seg = two_boxes()
-    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="random")
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="random", max_object_clicks=1)
     rng = np.random.default_rng(1)
     counts = set()
     for _ in range(200):
@@ -90,7 +90,7 @@ def test_subset_counts_cover_1_to_n_and_positions_inside():
 def test_center_perturbation_stays_within_bounds():
     seg = np.zeros((30, 30, 30), np.int16)
     seg[5:26, 10:21, 10:21] = 1
-    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="center", perturb_center=True)
+    s = GuideSettings(p_drop=0.0, p_negative=0.0, click_policy="center", perturb_center=True, max_object_clicks=1)
     rng = np.random.default_rng(3)
     coords = np.argwhere(seg == 1)
     c0, _ = robust_center(coords)

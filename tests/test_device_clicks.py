@@ -54,7 +54,7 @@ def constructed_batch():
 
 def test_positive_clicks_sit_at_the_robust_centres_of_the_objects():
     seg = constructed_batch()
-    s = GuideSettings(p_drop=0.0, perturb_center=False, p_negative=0.0)
+    s = GuideSettings(p_drop=0.0, perturb_center=False, p_negative=0.0, max_object_clicks=1)
     centres = {}
     for b in range(2):
         for t, label in enumerate((1, 2)):

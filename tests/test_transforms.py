@@ -49,7 +49,8 @@ def test_image_untouched_and_clicks_end_the_segmentation_list():
 
 
 def test_2d_patch_uses_in_plane_spacing():
-    t = SimulateClicksTransform(GuideSettings(p_drop=0.0, p_negative=0.0, encoding="object_gaussian"), [(1,)],
+    t = SimulateClicksTransform(GuideSettings(p_drop=0.0, p_negative=0.0, encoding="object_gaussian",
+                                              max_object_clicks=1), [(1,)],
                                 (5.0, 1.0, 1.0), capacity=4)
     seg = torch.zeros((1, 20, 20), dtype=torch.int16)
     seg[0, 8:12, 8:12] = 1
