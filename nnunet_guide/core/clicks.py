@@ -140,16 +140,25 @@ def _weighted_medians(counts: np.ndarray) -> np.ndarray:
     return 0.5 * (lo + hi)
 
 
-def _axis_histograms(labels: np.ndarray, ids: Sequence[int]) -> List[np.ndarray]:
+def _label_slices(labels: np.ndarray, n: Optional[int] = None) -> List[Tuple[slice, ...]]:
+    """``ndimage.find_objects`` of a label map with objects 1..n (n: its maximum when not given),
+    without the search when it holds one object: the maps here are crops to the class's box, so
+    that object's box is the whole map (and a larger box only costs time, not correctness)."""
+    n = int(labels.max()) if n is None else int(n)
+    if n == 1:
+        return [tuple(slice(0, s) for s in labels.shape)]
+    return _object_slices(labels, n)
+
+
+def _axis_histograms(labels: np.ndarray, ids: Sequence[int], slices=None) -> List[np.ndarray]:
     """Per axis, (len(ids), size) voxel counts of the listed objects at each index of that axis,
-    from projections of each object inside its bounding box. A map holding one object is projected
-    whole, without a box search (the maps here are crops to the class's box: its box is the map)."""
+    from projections of each object inside its bounding box (``slices``: :func:`_label_slices`,
+    computed when not given)."""
     nd = labels.ndim
-    single = int(labels.max()) == 1
-    slices = [tuple(slice(0, n) for n in labels.shape)] if single else _object_slices(labels, max(ids))
+    slices = _label_slices(labels) if slices is None else slices
     counts = [np.zeros((len(ids), size), np.int64) for size in labels.shape]
     for i, oid in enumerate(ids):
-        sl = slices[0] if single else slices[oid - 1]
+        sl = slices[oid - 1]
         obj = labels[sl] == oid
         # the first axis' projection, then the others from the (smaller) sum over the first axis
         counts[0][i, sl[0]] = obj.reshape(obj.shape[0], -1).sum(axis=1)
@@ -160,11 +169,12 @@ def _axis_histograms(labels: np.ndarray, ids: Sequence[int]) -> List[np.ndarray]
     return counts
 
 
-def robust_centers(labels: np.ndarray, object_ids: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+def robust_centers(labels: np.ndarray, object_ids: Sequence[int], slices=None) -> Tuple[np.ndarray, np.ndarray]:
     """:func:`robust_center_mask` of several objects of a label map at once (no minimum sigma):
     median coordinate and 1.4826 * MAD per axis, from per-object axis histograms. The histograms are
     projections inside each object's box: on LiTS patches half the time of a bincount over the
-    listed foreground voxels, with the same counts.
+    listed foreground voxels, with the same counts. ``slices``: the objects' boxes
+    (:func:`_label_slices`), when the caller has them.
 
     Returns (centers, sigmas), each (len(object_ids), ndim), in ``labels``' voxel coordinates.
     """
@@ -173,7 +183,7 @@ def robust_centers(labels: np.ndarray, object_ids: Sequence[int]) -> Tuple[np.nd
     centers, sigmas = np.empty((m, labels.ndim)), np.empty((m, labels.ndim))
     if m == 0:
         return centers, sigmas
-    counts = _axis_histograms(labels, ids)
+    counts = _axis_histograms(labels, ids, slices)
     for a, size in enumerate(labels.shape):
         c = _weighted_medians(counts[a])
         # deviations |j - c| are multiples of 0.5: histogram them on that grid
@@ -265,9 +275,9 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
     object_ids = [int(o) for o in object_ids]
     if not object_ids:
         return clicks
-    centers, raw_sigmas = robust_centers(labels, object_ids)
-    if policy != "center" and slices is None:
-        slices = _object_slices(labels, int(labels.max()) if labels.size else 0)
+    if slices is None:
+        slices = _label_slices(labels)
+    centers, raw_sigmas = robust_centers(labels, object_ids, slices)
     for oid, center, raw_sigma in zip(object_ids, centers, raw_sigmas):
         sigma = np.maximum(raw_sigma, min_sigma)
         offset = base
@@ -342,20 +352,21 @@ def _object_prompt(lab: np.ndarray, oid: int, offset: np.ndarray, shape, target:
 
 
 def _extra_object_clicks(lab: np.ndarray, object_ids: Sequence[int], first: Sequence[Click], offset: np.ndarray,
-                         max_clicks: int, rng: np.random.Generator) -> List[Click]:
+                         max_clicks: int, rng: np.random.Generator, slices) -> List[Click]:
     """U{0..max_clicks-1} more positive clicks per object (``first[i]`` is object ``object_ids[i]``'s
-    click), each at a uniformly random voxel of the object, with the first click's sigma."""
-    slices = _object_slices(lab, int(max(object_ids)))
+    click), each at a uniformly random voxel of the object, with the first click's sigma
+    (``slices``: the objects' boxes, :func:`_label_slices`)."""
     out: List[Click] = []
     for oid, c in zip(object_ids, first):
         n = int(rng.integers(0, max_clicks))
         if n == 0:
             continue
         sl = slices[int(oid) - 1]
-        coords = np.argwhere(lab[sl] == oid)
+        obj = lab[sl] == oid
         shift = np.array([s.start for s in sl]) + np.asarray(offset)
-        for i in rng.integers(len(coords), size=n):
-            out.append(Click(c.target, tuple(float(v) for v in coords[i] + shift), True, c.sigma))
+        for _ in range(n):  # uniform voxels of the object, by rejection inside its box (no voxel list)
+            pos = np.array(np.unravel_index(_uniform_voxel(obj, rng), obj.shape)) + shift
+            out.append(Click(c.target, tuple(float(v) for v in pos), True, c.sigma))
     return out
 
 
@@ -436,12 +447,13 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
             chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
             kinds = _prompt_kinds(len(chosen), settings, rng)
             points = [oid for oid, kind in zip(chosen, kinds) if kind == "point"]
+            slices = _label_slices(lab, n) if points else None
             first = object_clicks(lab, points, t, spacing, settings.click_policy, rng,
                                   perturb=settings.perturb_center, min_sigma=settings.min_object_sigma,
-                                  offset=offset, shape=seg.shape) if points else []
+                                  slices=slices, offset=offset, shape=seg.shape) if points else []
             clicks += first
             if points and int(getattr(settings, "max_object_clicks", 1)) > 1:
-                clicks += _extra_object_clicks(lab, points, first, offset, settings.max_object_clicks, rng)
+                clicks += _extra_object_clicks(lab, points, first, offset, settings.max_object_clicks, rng, slices)
             for oid, kind in zip(chosen, kinds):
                 if kind != "point":
                     clicks += _object_prompt(lab, oid, offset, seg.shape, t, kind, spacing, settings, rng, slice_axis)
