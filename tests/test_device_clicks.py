@@ -117,7 +117,7 @@ def test_several_clicks_per_object_on_the_device():
                 per_object[oid] = per_object.get(oid, 0) + 1
             counts += list(per_object.values())
     assert set(counts) == {1, 2, 3}  # U{1..3} clicks per clicked object
-    # one click per object (the default) draws nothing more: the streams stay as they were
+    # one click per object draws nothing more: its streams stay as they were before the option
     one = select_training_clicks(torch.from_numpy(seg), [(1,)], s.replace(max_object_clicks=1),
                                  torch.Generator().manual_seed(0))
     two = select_training_clicks(torch.from_numpy(seg), [(1,)], s, torch.Generator().manual_seed(0))
