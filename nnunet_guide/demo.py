@@ -76,9 +76,10 @@ class Progress:
 
 def demo_env(out: str, raw: Optional[str] = None, epochs: int = 20, iters: int = 25) -> Dict[str, str]:
     """Environment of nnU-Net's commands: folders under ``out``, our trainers registered, few
-    export processes (process start-up dominates on 2 cores), the short training schedule."""
+    export processes (process start-up dominates on 2 cores; the user's ``nnUNet_def_n_proc``
+    wins), the short training schedule."""
     return nnunet_env(out, {
-        "nnUNet_def_n_proc": str(max(1, min(os.cpu_count() or 1, 4))),
+        "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc") or str(max(1, min(os.cpu_count() or 1, 4))),
         "NNUNET_GUIDE_EPOCHS": str(epochs),
         "NNUNET_GUIDE_ITERS": str(iters),
         "NNUNET_GUIDE_VAL_ITERS": "2",
