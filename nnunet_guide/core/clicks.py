@@ -147,7 +147,7 @@ def _label_slices(labels: np.ndarray, n: Optional[int] = None) -> List[Tuple[sli
     n = int(labels.max()) if n is None else int(n)
     if n == 1:
         return [tuple(slice(0, s) for s in labels.shape)]
-    return _object_slices(labels, n)
+    return ndimage.find_objects(labels, max_label=n)
 
 
 def _axis_histograms(labels: np.ndarray, ids: Sequence[int], slices=None) -> List[np.ndarray]:
@@ -213,10 +213,6 @@ def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.n
     else:
         idx = ties[0]
     return (idx - 1).astype(float), best
-
-
-def _object_slices(labels: np.ndarray, n: int):
-    return ndimage.find_objects(labels, max_label=n)
 
 
 def mask_bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
@@ -465,8 +461,9 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
                 confusable &= valid
                 background &= valid
             near = float(getattr(settings, "p_near_negative", 0.0))
+            class_here = near > 0 and bool(mask.any())  # once per class, not per click
             for _ in range(n_neg):
-                if near > 0 and rng.random() < near and mask.any():
+                if near > 0 and rng.random() < near and class_here:
                     pos = _near_negative(mask, valid, spacing, settings.near_negative_mm, rng)
                     if pos is not None:
                         clicks.append(Click(t, tuple(float(p) for p in pos), False,

@@ -248,7 +248,7 @@ def _near_negatives(mask, valid, band_mm, spacing, rand, m):
     size = cum[:, -1]
     draw = (torch.floor(rand(B, m) * size[:, None]).long() + 1).clamp_max(size[:, None].clamp_min(1))
     idx = torch.searchsorted(cum, draw)
-    start = torch.stack([(idx // math.prod(shape[a + 1:])) % shape[a] for a in range(ndim)], -1).float()
+    start = _unravel(idx, shape).float()
     d = _normal(rand, (B, m, ndim))
     d_vox = d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12) / sp
     extra = rand(B, m) * band_mm
@@ -257,9 +257,7 @@ def _near_negatives(mask, valid, band_mm, spacing, rand, m):
     t = torch.arange(1, n_steps + 1, device=device).float() * step  # (S,)
     ray = torch.round(start[:, :, None] + t[None, None, :, None] * d_vox[:, :, None]).long()  # (B, m, S, nd)
     inside = ((ray >= 0) & (ray < shape_t)).all(-1)
-    flat = torch.zeros(ray.shape[:-1], dtype=torch.long, device=device)
-    for a in range(ndim):
-        flat = flat * shape[a] + ray[..., a].clamp(0, shape[a] - 1)
+    flat = _ravel_clamped(ray, shape)
     hit = torch.gather(flat_mask, 1, flat.reshape(B, -1)).reshape(flat.shape) & inside
     out = ~hit
     first = torch.argmax(out.int(), -1)  # the first step outside the class (or the array)
@@ -267,12 +265,23 @@ def _near_negatives(mask, valid, band_mm, spacing, rand, m):
     t_exit = t[first]
     pos = torch.round(start + (t_exit + extra)[..., None] * d_vox)
     ok = left_inside & (size > 0)[:, None] & ((pos >= 0) & (pos < shape_t)).all(-1)
-    p = pos.long()
-    lin = torch.zeros((B, m), dtype=torch.long, device=device)
-    for a in range(ndim):
-        lin = lin * shape[a] + p[..., a].clamp(0, shape[a] - 1)
+    lin = _ravel_clamped(pos.long(), shape)
     ok &= ~torch.gather(flat_mask, 1, lin) & torch.gather(valid.reshape(B, -1), 1, lin)
     return pos, ok
+
+
+def _unravel(idx: torch.Tensor, shape) -> torch.Tensor:
+    """Flat indices (any shape) -> voxel coordinates in a trailing axis (row-major ``shape``)."""
+    return torch.stack([(idx // math.prod(shape[a + 1:])) % shape[a] for a in range(len(shape))], -1)
+
+
+def _ravel_clamped(coords: torch.Tensor, shape) -> torch.Tensor:
+    """Voxel coordinates in a trailing axis -> flat indices, each coordinate clamped into ``shape``
+    (callers mask the out-of-array ones themselves)."""
+    flat = torch.zeros(coords.shape[:-1], dtype=torch.long, device=coords.device)
+    for a, n in enumerate(shape):
+        flat = flat * n + coords[..., a].clamp(0, n - 1)
+    return flat
 
 
 def _normal(rand, size):
@@ -309,7 +318,7 @@ def _negative_rows(seg, mask, valid, guided, t, settings, rand, spacing=None):
     take = (torch.arange(m, device=device)[None] < n_neg[:, None]) & (size > 0)
     b, j = torch.nonzero(take, as_tuple=True)
     idx = flat[b, j]
-    pos = torch.stack([(idx // math.prod(shape[a + 1:])) % shape[a] for a in range(ndim)], 1).float()
+    pos = _unravel(idx, shape).float()
     near = float(getattr(settings, "p_near_negative", 0.0))
     if near > 0:
         want = rand(B, m) < near
