@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 
 ENCODINGS = ("gaussian", "object_gaussian", "exp_distance", "ball")
 CLICK_POLICIES = ("center", "interior", "random")
+CORRECTION_USERS = ("densest_error", "largest_error")
 
 
 def _is_int(v: Any) -> bool:
@@ -114,13 +115,21 @@ class GuideSettings:
         validation_seed: seed of the simulated clicks of guided validation.
         p_correction: probability that a training sample also gets correction clicks from the
             model itself (the iterative click simulation of DeepEdit/RITM-style training): the
-            network predicts the batch with its current guides, and the evaluation's simulated
-            user (:mod:`nnunet_guide.core.user_sim`) clicks the interior-most voxel of the largest
-            error per guided class: positive on a miss, negative on a false positive. This is what
+            network predicts the batch with its current guides, and a simulated user
+            (``correction_user``) clicks the largest error of each guided class: positive on a
+            miss, negative on a false positive. This is what
             teaches negative clicks to remove false positives: ground-truth negatives land where
             the model is already right. Costs one extra forward pass per round for batches that
             have such a sample. 0 (default) switches it off.
         correction_rounds: at most this many correction rounds per batch (U{1..max}).
+        correction_user: who places the correction clicks, one of ``CORRECTION_USERS``:
+            ``densest_error`` (default): on the training device, at the error voxel whose
+            surroundings, within the guide's reach, hold the most error of its kind
+            (:mod:`nnunet_guide.core.device_user`): a few kernels, no copy off the device.
+            ``largest_error``: the evaluation's user itself, on the CPU (interior-most voxel of the
+            largest error component), as correction training ran before 2026-11-27. The
+            ``object_gaussian`` encoding always uses ``largest_error``: its clicks need the error's
+            extent.
         p_box: probability that a clicked object's positive prompt is a box instead of a click
             (its jittered bounding box, drawn on one slice in half of the cases), rendered as the
             box-sized Gaussian ellipse (``Click.kind == "box"``); what the server's box prompts are.
@@ -163,6 +172,7 @@ class GuideSettings:
     validation_seed: int = 12345
     p_correction: float = 0.0
     correction_rounds: int = 1
+    correction_user: str = "densest_error"
     p_box: float = 0.0
     p_scribble: float = 0.0
     max_object_clicks: int = 3
@@ -175,6 +185,9 @@ class GuideSettings:
         if self.click_policy not in CLICK_POLICIES:
             raise GuideSettingsError(
                 f"unknown click policy {self.click_policy!r}; expected one of {', '.join(CLICK_POLICIES)}")
+        if self.correction_user not in CORRECTION_USERS:
+            raise GuideSettingsError(f"unknown correction user {self.correction_user!r}; expected one of "
+                                     f"{', '.join(CORRECTION_USERS)}")
         for name in ("p_drop", "p_negative", "p_confusable", "p_near_negative", "p_correction", "p_box",
                      "p_scribble"):
             v = getattr(self, name)

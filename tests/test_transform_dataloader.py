@@ -152,9 +152,16 @@ class CorrectsAlways(nnUNetTrainerGuide):
     guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1, encoding="ball", ball_radius_mm=1.0)
 
 
-@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
-def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configuration, one_torch_thread):
-    tr = make_trainer(CorrectsAlways, nnunet_paths, configuration)
+class CorrectsAlwaysOnCPU(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1, encoding="ball", ball_radius_mm=1.0,
+                                   correction_user="largest_error")
+
+
+@pytest.mark.parametrize("configuration,trainer", [("3d_fullres", CorrectsAlways), ("2d", CorrectsAlways),
+                                                   ("3d_fullres", CorrectsAlwaysOnCPU)])
+def test_correction_clicks_land_on_the_networks_errors(nnunet_paths, configuration, trainer, one_torch_thread):
+    """Both correction users (densest_error on the device, largest_error on the CPU)."""
+    tr = make_trainer(trainer, nnunet_paths, configuration)
     tr.initialize()
     dl_tr, _ = tr.get_dataloaders()
     batch = tr.guided_batch(next(dl_tr))

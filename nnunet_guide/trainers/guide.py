@@ -30,7 +30,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from ..core.clicks import validation_clicks
 from ..core.consistency import consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
-from ..core.encoding import append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides
+from ..core.device_user import densest_error_clicks, uses_device_user
+from ..core.encoding import (append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides,
+                             unpack_clicks)
 from ..core.user_sim import correction_clicks
 from ..settings import ChannelLayout, GuidedTarget, GuideSettings, GuideSettingsError, resolve_targets, write_text_atomic
 from ..transforms import AttachClicksTransform, SimulateClicksTransform
@@ -242,17 +244,18 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         return super().validation_step(self.guided_batch(batch))
 
     # ---- correction clicks (iterative click simulation) ---------------------------------
-    def _label_maps(self, output: torch.Tensor, target: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
-        """Predicted and reference label maps (B, *spatial) of a full-resolution output/target."""
+    def _label_maps(self, output: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Predicted and reference label maps (B, *spatial), int64 on ``output``'s device, of a
+        full-resolution output/target."""
         lm = self.label_manager
+        target = target.to(output.device, non_blocking=True)
         if not lm.has_regions:
-            return output.argmax(1).cpu().numpy(), target[:, 0].cpu().numpy().astype(np.int16)
-        pred = np.zeros((output.shape[0], *output.shape[2:]), np.int16)
-        ref = np.zeros_like(pred)
-        prob, tgt = (output > 0).cpu().numpy(), (target > 0.5).cpu().numpy()
+            return output.argmax(1), target[:, 0].round().long()
+        pred = torch.zeros((output.shape[0], *output.shape[2:]), dtype=torch.long, device=output.device)
+        ref = torch.zeros_like(pred)
         for i, value in enumerate(lm.regions_class_order):  # nnU-Net's own region -> label rule
-            pred[prob[:, i]] = value
-            ref[tgt[:, i]] = value
+            pred[output[:, i] > 0] = value
+            ref[target[:, i] > 0.5] = value
         return pred, ref
 
     @torch.no_grad()
@@ -260,8 +263,9 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         """Add the simulated user's correction clicks to a :meth:`guided_batch` (in place: its
         ``clicks`` and the guide channels of its ``data``), for samples drawn with probability
         ``p_correction``: predict the chosen samples with their current guides, click the largest
-        error of each guided class, re-render their guides with the same renderer, repeat for
-        U{1..correction_rounds} rounds. Returns the clicks added per sample."""
+        error of each guided class (``correction_user``: on the device, or the evaluation's user on
+        the CPU), re-render their guides with the same renderer, repeat for U{1..correction_rounds}
+        rounds. Returns the clicks added per sample."""
         g = self.layout.guide
         rng = rng if rng is not None else np.random.default_rng(np.random.randint(0, 2 ** 31 - 1))
         data = batch["data"]
@@ -280,6 +284,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         spacing = self._patch_spacing[-(data.ndim - 2):]
         sel = torch.from_numpy(chosen).to(data.device)
         ref_target = target[sel.to(target.device)]
+        on_device = uses_device_user(g)
         was_training = self.network.training
         self.network.eval()
         try:
@@ -289,8 +294,14 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
                     out = self.network(data[sel])  # the chosen samples only
                 out = out[0] if isinstance(out, (list, tuple)) else out
                 pred, ref = self._label_maps(out.float(), ref_target)
-                for i, b in enumerate(chosen):
-                    new = correction_clicks(pred[i], ref[i], targets, spacing, g, self.label_manager.ignore_label)
+                ignore = self.label_manager.ignore_label
+                if on_device:  # the clicks come back as a few numbers, not the label maps
+                    rows = densest_error_clicks(pred, ref, targets, spacing, g, ignore).cpu()
+                    new_clicks = [unpack_clicks(r) for r in rows]
+                else:
+                    pred, ref = pred.cpu().numpy(), ref.cpu().numpy()
+                    new_clicks = [correction_clicks(p, r, targets, spacing, g, ignore) for p, r in zip(pred, ref)]
+                for b, new in zip(chosen, new_clicks):
                     batch["clicks"] = append_clicks(batch["clicks"], int(b), new)
                     added[b] += new
                 data[sel, g_lo:g_hi] = render_guide_batch(batch["clicks"][torch.from_numpy(chosen)], shape, spacing, g,
