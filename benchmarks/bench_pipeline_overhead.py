@@ -20,7 +20,9 @@ machine noise hits both sides:
    rendered, forward with the extra input channels, loss, backward, optimizer step), guide vs
    plain, and the full iteration (loader + step) ratio.
 3. **correction**: one correction round (forward of the chosen samples, simulated user, guides
-   re-rendered) against one forward pass of the same samples, with every sample chosen.
+   re-rendered) against one forward pass of the same samples, with every sample chosen, for each
+   correction user (``GuideSettings.correction_user``): ``densest_error`` (the default, on
+   ``--device``) and ``largest_error`` (the evaluation's user, on the CPU).
 """
 import argparse
 import os
@@ -108,8 +110,11 @@ def measure(pp, args, device):
     from nnunet_guide.trainers import nnUNetTrainerGuide
     from nnunet_guide.transforms import SimulateClicksTransform
 
-    class CorrectEverySample(nnUNetTrainerGuide):
+    class CorrectEverySample(nnUNetTrainerGuide):  # the default user: densest_error, on the device
         guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1)
+
+    class CorrectEverySampleOnCPU(nnUNetTrainerGuide):  # the evaluation's user
+        guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1, correction_user="largest_error")
 
     class GuideLoaderSelection(nnUNetTrainerGuide):
         click_selection = "loader"
@@ -182,31 +187,40 @@ def measure(pp, args, device):
         print(f"RATIO full iteration {name}/plain (single-threaded loader + step): "
               f"{(load[name] + step[name]) / (load['plain'] + step['plain']):.3f}")
 
-    # 3. one correction round vs one forward pass of the same (all chosen) samples
-    corr = make_trainer(CorrectEverySample, pp, args.plans, args.configuration, initialize=True, device=device)
-    corr.network.load_state_dict(guide.network.state_dict())
-    guided = [corr.guided_batch(b) for b in batches["guide/loader"]]
+    # 3. one correction round vs one forward pass of the same (all chosen) samples, for both users
+    corr = {}
+    for name, cls in (("densest_error", CorrectEverySample), ("largest_error", CorrectEverySampleOnCPU)):
+        corr[name] = make_trainer(cls, pp, args.plans, args.configuration, initialize=True, device=device)
+        corr[name].network.load_state_dict(guide.network.state_dict())
+    guided = [corr["densest_error"].guided_batch(b) for b in batches["guide/loader"]]
+    net = corr["densest_error"].network
 
     def forward():  # as the correction round runs it: eval mode, no gradients, autocast on a GPU
-        corr.network.eval()
+        net.eval()
         with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
             for g in guided:
-                corr.network(g["data"])
+                net(g["data"])
         sync(device)
         return len(guided)
 
-    def correction():
-        for g in guided:
-            corr.add_correction_clicks({**g, "data": g["data"].clone(), "clicks": g["clicks"].clone()},
-                                       np.random.default_rng(0))
-        sync(device)
-        return len(guided)
-    forward(), correction()  # warm-up
-    c = timed_rounds({"forward": forward, "correction": correction}, args.rounds)
+    def correction(tr):
+        def run():
+            for g in guided:
+                tr.add_correction_clicks({**g, "data": g["data"].clone(), "clicks": g["clicks"].clone()},
+                                         np.random.default_rng(0))
+            sync(device)
+            return len(guided)
+        return run
+    jobs = {"forward": forward, **{name: correction(tr) for name, tr in corr.items()}}
+    for job in jobs.values():
+        job()  # warm-up
+    c = timed_rounds(jobs, args.rounds)
     print(f"forward pass of the batch:       {c['forward'] * 1000:8.1f} ms")
-    print(f"one correction round:            {c['correction'] * 1000:8.1f} ms")
-    print(f"RATIO correction round / forward pass: {c['correction'] / c['forward']:.3f}  (aim <= 1.0 + a small "
-          f"simulated-user cost)")
+    for name in corr:
+        print(f"one correction round, {name + ':':15s} {c[name] * 1000:8.1f} ms")
+    for name in corr:
+        print(f"RATIO correction round ({name}) / forward pass: {c[name] / c['forward']:.3f}  (aim <= 1.0 + a small "
+              f"simulated-user cost)")
 
 
 def main(argv=None):

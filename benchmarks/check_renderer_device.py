@@ -6,7 +6,8 @@
    boxes) with every encoding, 2D and 3D, anisotropic, a 2D model's slice axis, on ``--device``,
    and prints the largest difference to the numpy reference renderer (tests/reference_encoding.py).
 2. Checks the device's connected components (``core.device_clicks.label_components``) against
-   scipy on random masks, 2D and 3D, every connectivity.
+   scipy on random masks, 2D and 3D, every connectivity, and that the densest-error correction
+   user (``core.device_user``) picks the same clicks on the device as on the CPU.
 3. Times rendering a training batch of guides on the device: 2 samples x 4 guide channels of
    128^3 with 8 / 64 / 512 clicks, against allocating and zero-filling the same channels (the
    floor of any dense renderer), as a ratio.
@@ -71,6 +72,14 @@ def main(argv=None):
                     assert np.array_equal(got[b] > 0, m) and len(pairs) == len(np.unique(pairs[:, 0])) == \
                         len(np.unique(pairs[:, 1])), (shape, conn, density)
     print("connected components on the device: same partition as scipy (2D/3D, connectivity 1-3, 3 densities)")
+    from nnunet_guide.core.device_user import densest_error_clicks
+    for shape, spacing in (((2, 24, 64, 48), (2.5, 0.8, 0.8)), ((3, 96, 80), (1.0, 1.0))):
+        ref = torch.from_numpy(rng.integers(0, 3, shape) * (rng.random(shape) < 0.3))
+        pred = torch.from_numpy(rng.integers(0, 3, shape) * (rng.random(shape) < 0.3))
+        on_cpu = densest_error_clicks(pred, ref, [(1, 2), (2,)], spacing, GuideSettings())
+        on_dev = densest_error_clicks(pred.to(device), ref.to(device), [(1, 2), (2,)], spacing, GuideSettings())
+        assert torch.equal(on_cpu.nan_to_num(-9), on_dev.cpu().nan_to_num(-9)), (shape, on_cpu, on_dev)
+    print("correction clicks of the densest-error user: the same on the device as on the CPU (2D/3D)")
     shape, s = (128, 128, 128), GuideSettings()
     for n in (8, 64, 512):
         packed = pack_click_batch([random_clicks(rng, shape, n) for _ in range(2)], 3).to(device)

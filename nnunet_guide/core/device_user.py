@@ -53,17 +53,22 @@ def box_widths(side_mm: float, spacing: Sequence[float]) -> tuple:
 
 
 def box_sums(x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
-    """Sum of ``x`` (N, *spatial), integer, over the box of ``widths`` voxels centred on every
-    voxel, outside the image counted as 0: exact (int64), from one cumulative sum per axis."""
-    out = x.long()
+    """Sum of ``x`` (N, *spatial), 0/1 or integer, over the box of ``widths`` voxels centred on
+    every voxel, outside the image counted as 0: exact integers (int32; int64 for tensors of 2^31
+    voxels or more), from one cumulative sum per axis, padded, and one difference of two views."""
+    dtype = torch.int32 if x.numel() < (1 << 31) else torch.int64  # a line's sums stay below numel
+    out = x.to(dtype)
     for axis, w in enumerate(widths, start=1):
         if w <= 1:
             continue
         n, half = out.shape[axis], w // 2
-        csum = torch.cumsum(out, axis)
-        csum = torch.cat((torch.zeros_like(csum.narrow(axis, 0, 1)), csum), axis)  # csum[i] = sum of x[:i]
-        idx = torch.arange(n, device=x.device)
-        out = csum.index_select(axis, (idx + half + 1).clamp(max=n)) - csum.index_select(axis, (idx - half).clamp(min=0))
+        csum = torch.cumsum(out, axis, dtype=dtype)
+        # padded[j] = sum of x[:j - half] (0 before the image, the whole line after it), so the
+        # box [i - half, i + half] sums to padded[i + w] - padded[i]
+        front = torch.zeros_like(csum.narrow(axis, 0, 1)).expand(*csum.shape[:axis], half + 1, *csum.shape[axis + 1:])
+        back = csum.narrow(axis, n - 1, 1).expand(*csum.shape[:axis], half, *csum.shape[axis + 1:])
+        padded = torch.cat((front, csum, back), axis)
+        out = padded.narrow(axis, w, n) - padded.narrow(axis, 0, n)
     return out
 
 
@@ -85,6 +90,13 @@ def error_scores(errors: torch.Tensor, spacing: Sequence[float], reach_mm: float
             break
         side *= 2
     return torch.where(errors, score, torch.full((), -1.0, dtype=torch.float64, device=errors.device))
+
+
+def _class_mask(seg: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    labels = [int(v) for v in labels]
+    if len(labels) == 1:
+        return seg == labels[0]
+    return torch.isin(seg, torch.as_tensor(labels, device=seg.device))
 
 
 def densest_error_clicks(prediction: torch.Tensor, reference: torch.Tensor, targets: Sequence[Sequence[int]],
@@ -116,23 +128,25 @@ def densest_error_clicks(prediction: torch.Tensor, reference: torch.Tensor, targ
     kinds = 2 if settings.negatives else 1
     valid = None if ignore_label is None else reference != ignore_label
     strides = torch.tensor([math.prod(shape[a + 1:]) for a in range(ndim)], device=dev)
-    padding = torch.full((packed_width(ndim),), float("nan"), device=dev)
-    padding[_TARGET] = -1
-    out = []
-    for t, labels in enumerate(targets):
-        values = torch.as_tensor([int(v) for v in labels], device=dev)
-        ref, pred = torch.isin(reference, values), torch.isin(prediction, values)
+    T = len(targets)
+    rows = torch.full((B, T, packed_width(ndim)), float("nan"), device=dev)
+    rows[..., _TARGET] = -1
+    if T == 0:
+        return rows
+    errors = []
+    for labels in targets:
+        ref, pred = _class_mask(reference, labels), _class_mask(prediction, labels)
         if valid is not None:
             ref, pred = ref & valid, pred & valid
-        errors = torch.stack((ref & ~pred, pred & ~ref)[:kinds], 1)  # (B, kinds, *spatial)
-        score = error_scores(errors.flatten(0, 1), spacing, reach).view(B, -1)
-        best, flat = score.max(1)  # the first maximum: false negatives before false positives
-        voxel = flat % n_vox
-        row = torch.empty((B, packed_width(ndim)), device=dev)
-        row[:, _TARGET] = float(t)
-        row[:, _POSITIVE] = (flat < n_vox).float()  # kind 0 of ``errors``: a miss
-        row[:, _KIND] = float(CLICK_KINDS.index("point"))
-        row[:, _POS:_POS + ndim] = (voxel[:, None] // strides % strides.new_tensor(shape)).float()
-        row[:, _POS + ndim:] = float("nan")
-        out.append(torch.where((best > 0)[:, None], row, padding))
-    return torch.stack(out, 1) if out else padding.expand(B, 0, -1).clone()
+        errors += [ref & ~pred, pred & ~ref][:kinds]
+    # every class and kind of every sample scored at once: (B * T * kinds, *spatial)
+    score = error_scores(torch.stack(errors, 1).flatten(0, 1), spacing, reach).view(B, T, -1)
+    best, flat = score.max(2)  # the first maximum: false negatives before false positives
+    voxel = flat % n_vox
+    found = best > 0
+    rows[..., _TARGET] = torch.where(found, torch.arange(T, device=dev).float(), -1.0)
+    rows[..., _POSITIVE] = torch.where(found, (flat < n_vox).float(), float("nan"))  # kind 0: a miss
+    rows[..., _KIND] = torch.where(found, float(CLICK_KINDS.index("point")), float("nan"))
+    position = (voxel[..., None] // strides % strides.new_tensor(shape)).float()
+    rows[..., _POS:_POS + ndim] = torch.where(found[..., None], position, float("nan"))
+    return rows
