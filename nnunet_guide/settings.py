@@ -124,8 +124,9 @@ class GuideSettings:
         correction_rounds: at most this many correction rounds per batch (U{1..max}).
         correction_user: who places the correction clicks, one of ``CORRECTION_USERS``:
             ``densest_error`` (default): on the training device, at the error voxel whose
-            surroundings, within the guide's reach, hold the most error of its kind
-            (:mod:`nnunet_guide.core.device_user`): a few kernels, no copy off the device.
+            surroundings (boxes from half the guide's reach up to the patch) hold the most error
+            of its kind (:mod:`nnunet_guide.core.device_user`): a fixed few kernels, and no label
+            map copied off the device.
             ``largest_error``: the evaluation's user itself, on the CPU (interior-most voxel of the
             largest error component), as correction training ran before 2026-11-27. The
             ``object_gaussian`` encoding always uses ``largest_error``: its clicks need the error's
