@@ -6,7 +6,7 @@ import torch
 from scipy import ndimage
 
 from nnunet_guide.core.device_user import box_sums, box_widths, densest_error_clicks, error_scores, uses_device_user
-from nnunet_guide.core.encoding import unpack_clicks
+from nnunet_guide.core.encoding import guide_reach_mm, unpack_clicks
 from nnunet_guide.core.user_sim import largest_error
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 
@@ -136,3 +136,34 @@ def test_settings_choose_the_user():
         _clicks(np.zeros((4, 4, 4), np.int64), np.ones((4, 4, 4), np.int64), [(1,)],
                 settings=GuideSettings(encoding="object_gaussian"))
     assert error_scores(torch.zeros((1, 3, 3, 3), dtype=torch.bool), (1.0, 1.0, 1.0), 3.0).max() == -1
+
+
+@pytest.mark.parametrize("negatives", [True, False])
+def test_scoring_inside_the_errors_box_gives_the_whole_patchs_clicks(negatives):
+    """The user scores the box around all errors only; the click must be the argmax over the whole
+    patch (same scores, same raster order for ties)."""
+    rng = np.random.default_rng(11)
+    shape, spacing = (3, 14, 40, 36), (2.5, 0.9, 0.9)
+    ref = np.zeros(shape, np.int64)
+    ref[:, 3:11, 8:30, 6:28] = 1
+    ref[:, 5:8, 12:20, 10:18] = 2
+    pred = ref.copy()
+    pred[0, 4:9, 9:16, 7:14] = 0  # misses and false positives in a corner of the patch
+    pred[1, 9:13, 28:37, 20:30] = 2
+    pred[2] = 0
+    pred[2, 2:4, 2:6, 30:34] = 1
+    settings = GuideSettings(negatives=negatives)
+    targets = [(1, 2), (2,)]
+    rows = densest_error_clicks(torch.from_numpy(pred), torch.from_numpy(ref), targets, spacing, settings)
+    for b in range(shape[0]):
+        for t, labels in enumerate(targets):
+            r, p = np.isin(ref[b], labels), np.isin(pred[b], labels)
+            kinds = [r & ~p, p & ~r][:2 if negatives else 1]
+            score = error_scores(torch.from_numpy(np.stack(kinds)), spacing, guide_reach_mm(settings)).numpy()
+            clicks = [c for c in unpack_clicks(rows[b]) if c.target == t]
+            if score.max() < 0:  # no error of a kind this model clicks
+                assert clicks == []
+                continue
+            (click,) = clicks
+            kind, *pos = np.unravel_index(int(np.argmax(score)), score.shape)
+            assert click.positive == (kind == 0) and click.position == tuple(float(v) for v in pos)
