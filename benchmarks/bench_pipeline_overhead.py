@@ -2,7 +2,7 @@
 
     python benchmarks/bench_pipeline_overhead.py [--datasets hippocampus lits] [--device cpu|cuda]
                                                  [--configuration 3d_fullres] [--plans nnUNetPlans]
-                                                 [--batches 24] [--steps 4] [--rounds 4]
+                                                 [--batches 24] [--steps 4] [--rounds 4] [--weights CHECKPOINT]
 
 Datasets (built here with nnU-Net's own planning and preprocessing, from ../shared/data):
 ``hippocampus`` (24 MSD hippocampus cases) and ``lits`` (the LiTS case 117 cut into 8 slabs of
@@ -22,7 +22,8 @@ machine noise hits both sides:
 3. **correction**: one correction round (forward of the chosen samples, simulated user, guides
    re-rendered) against one forward pass of the same samples, with every sample chosen, for each
    correction user (``GuideSettings.correction_user``): ``densest_error`` (the default, on
-   ``--device``) and ``largest_error`` (the evaluation's user, on the CPU).
+   ``--device``) and ``largest_error`` (the evaluation's user, on the CPU); with an untrained
+   network, or with a trained model's weights (``--weights``), whose errors are small.
 """
 import argparse
 import os
@@ -188,10 +189,14 @@ def measure(pp, args, device):
               f"{(load[name] + step[name]) / (load['plain'] + step['plain']):.3f}")
 
     # 3. one correction round vs one forward pass of the same (all chosen) samples, for both users
+    weights = None
+    if args.weights:  # a trained guide model's errors instead of an untrained network's
+        weights = torch.load(args.weights, map_location=device, weights_only=False)["network_weights"]
+        print(f"correction round with the weights of {args.weights}")
     corr = {}
     for name, cls in (("densest_error", CorrectEverySample), ("largest_error", CorrectEverySampleOnCPU)):
         corr[name] = make_trainer(cls, pp, args.plans, args.configuration, initialize=True, device=device)
-        corr[name].network.load_state_dict(guide.network.state_dict())
+        corr[name].network.load_state_dict(weights if weights is not None else guide.network.state_dict())
     guided = [corr["densest_error"].guided_batch(b) for b in batches["guide/loader"]]
     net = corr["densest_error"].network
 
@@ -235,6 +240,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=4, help="training steps per side and round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training step on the CPU")
+    p.add_argument("--weights", help="checkpoint of a guide model trained on this dataset with these plans "
+                                     "(checkpoint_final.pth): the correction round meets its errors, not an "
+                                     "untrained network's, which cover most of the patch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
