@@ -95,7 +95,8 @@ def main(argv=None):
     d = np.asarray(dist)
     print(f"{len(cases)} cases, classes {values}, {settings.encoding} sigma {settings.sigma_mm} mm; {n} clicks")
     print(f"same sign: {same_sign / n:.3f}; same error component: {same_component / n:.3f}")
-    print(f"distance between the two clicks: median {np.median(d):.2f} mm, 90th percentile {np.percentile(d, 90):.2f} mm")
+    print(f"distance between the two clicks: median {np.median(d):.2f} mm, "
+          f"90th percentile {np.percentile(d, 90):.2f} mm")
     c, g = float(np.median(t_cpu)), float(np.median(t_dev))
     print(f"time per case (median): largest_error {c * 1000:.1f} ms, densest_error on {device} {g * 1000:.1f} ms; "
           f"RATIO densest/largest {g / c:.3f}")

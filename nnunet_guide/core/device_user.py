@@ -1,5 +1,5 @@
 """Correction clicks chosen on the training device: a simulated user for the training loop whose
-cost is a fixed handful of kernels per guided class, whatever the errors look like.
+cost is a fixed few dozen kernels per round, whatever the errors look like.
 
 The evaluation's user (:func:`nnunet_guide.core.user_sim.largest_error`) labels the error
 components and takes a Euclidean distance transform of the largest one: exact, but on the CPU,
@@ -11,20 +11,21 @@ after the label maps are copied off the device. On an H100 that made one correct
 - every error voxel gets a score: the share of its own kind of error (missed or false) in boxes
   centred on it, of sides half, once, twice and four times the guide's reach
   (:func:`nnunet_guide.core.encoding.guide_reach_mm`: where a click's map falls to zero), the
-  larger boxes weighted more (:func:`error_scores`). A box that runs past the
-  image border counts the outside as no error, as the distance transform counts the border as
-  outside;
+  larger boxes weighted more (:func:`error_scores`). A box that runs past the image border counts
+  the outside as no error, as the distance transform counts the border as outside;
 - the click goes to the highest score: positive on a miss, negative on a false positive (ties:
   false negatives first, then the lowest flat index). No error, no click.
 
 The best-scoring voxel lies deep inside a large error region. Where one error dominates, that is
 where the evaluation's user clicks; otherwise the click is nearby. On plain nnU-Net's predictions
 of 236 held-out hippocampus cases both users clicked the same error component for 88% of 472
-clicks, with a median distance of 2.2 mm between the two clicks (``benchmarks/correction_users.py``). The cost is
-one cumulative sum and one difference per axis and box size, for all samples and classes at once,
-inside the box around all errors (where the scores are the same as over the whole patch), and
-two small copies to the host (that box, and the clicks). Clicks carry no sigma: the ``object_gaussian`` encoding needs the
-error's extent, so it keeps the evaluation's user (:func:`uses_device_user`).
+clicks, with a median distance of 2.2 mm between the two clicks (``benchmarks/correction_users.py``).
+
+Cost: one cumulative sum and one difference per axis and box size, for all samples and classes
+at once, inside the box around all errors (the scores there are the same as over the whole
+patch), and two small copies to the host (that box, and the clicks). Clicks carry no sigma: the
+``object_gaussian`` encoding needs the error's extent, so it keeps the evaluation's user
+(:func:`uses_device_user`).
 
 Conventions as in :mod:`nnunet_guide.core.clicks`: label maps (B, *spatial) in array axis order,
 ``spacing`` in mm per axis, click positions in voxels; clicks come back packed
@@ -42,12 +43,9 @@ from .encoding import guide_reach_mm, _KIND, _POS, _POSITIVE, _TARGET, CLICK_KIN
 SCALES = (0.5, 1.0, 2.0, 4.0)  # the boxes' sides, in units of the guide's reach
 
 
-
 def uses_device_user(settings) -> bool:
     """Whether correction clicks of these settings come from :func:`densest_error_clicks`."""
     return settings.correction_user == "densest_error" and settings.encoding != "object_gaussian"
-
-
 
 
 def box_widths(side_mm: float, spacing: Sequence[float]) -> tuple:
@@ -68,8 +66,9 @@ def box_sums(x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
         csum = torch.cumsum(out, axis, dtype=dtype)
         # padded[j] = sum of x[:j - half] (0 before the image, the whole line after it), so the
         # box [i - half, i + half] sums to padded[i + w] - padded[i]
-        front = torch.zeros_like(csum.narrow(axis, 0, 1)).expand(*csum.shape[:axis], half + 1, *csum.shape[axis + 1:])
-        back = csum.narrow(axis, n - 1, 1).expand(*csum.shape[:axis], half, *csum.shape[axis + 1:])
+        before, after = csum.shape[:axis], csum.shape[axis + 1:]
+        front = torch.zeros_like(csum.narrow(axis, 0, 1)).expand(*before, half + 1, *after)
+        back = csum.narrow(axis, n - 1, 1).expand(*before, half, *after)
         padded = torch.cat((front, csum, back), axis)
         out = padded.narrow(axis, w, n) - padded.narrow(axis, 0, n)
     return out
@@ -77,12 +76,13 @@ def box_sums(x: torch.Tensor, widths: Sequence[int]) -> torch.Tensor:
 
 def error_scores(errors: torch.Tensor, spacing: Sequence[float], reach_mm: float) -> torch.Tensor:
     """The user's score of every voxel of ``errors`` (N, *spatial), boolean: the share of error
-    voxels in boxes centred on it, of sides s = ``SCALES`` x ``reach_mm``, weighted by (s / ``reach_mm``)^2 and summed (float64: the same sum on every
-    device); -1 outside the errors. The larger boxes rank a large error above a small one and a
-    region's centre above its rim; the weights make them count as the size of the largest
-    component counts for the evaluation's user. On plain nnU-Net's errors on 236 hippocampus
-    cases, weights 1, s and s^2 picked the evaluation user's component for 80%, 84% and 88% of
-    the clicks (s^3: 89%, but further from its voxel); boxes beyond 4 x the reach added 0.2%."""
+    voxels in boxes centred on it, of sides s = ``SCALES`` x ``reach_mm``, weighted by
+    (s / ``reach_mm``)^2 and summed (float64: the same sum on every device); -1 outside the errors.
+    The larger boxes rank a large error above a small one and a region's centre above its rim; the
+    weights make them count as the size of the largest component counts for the evaluation's user.
+    On plain nnU-Net's errors on 236 hippocampus cases, weights 1, s and s^2 picked the evaluation
+    user's component for 80%, 84% and 88% of the clicks (s^3: 89%, but further from its voxel);
+    boxes beyond 4 x the reach added 0.2%."""
     score = torch.zeros(errors.shape, dtype=torch.float64, device=errors.device)
     for k in SCALES:
         widths = box_widths(k * reach_mm, spacing)
