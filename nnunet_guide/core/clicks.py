@@ -249,7 +249,7 @@ def cropped_objects(mask: np.ndarray, connectivity: int, slice_axis: Optional[in
         conn = int(min(max(connectivity, 1), crop.ndim))
         neighbours = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}[crop.ndim][conn]
         lab, n = cc3d.connected_components(crop, connectivity=neighbours, binary_image=True, return_N=True)
-        return lab, int(n), np.array([b.start for b in box])  # cc3d's unsigned labels: find_objects takes them as they are
+        return lab, int(n), np.array([b.start for b in box])  # unsigned, as find_objects takes them
     lab, n = label_objects(crop, connectivity, slice_axis)
     return lab, n, np.array([b.start for b in box])
 
