@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .device_clicks import _unravel
 from .encoding import guide_reach_mm, _KIND, _POS, _POSITIVE, _TARGET, CLICK_KINDS, packed_width
 
 SCALES = (0.5, 1.0, 2.0, 4.0)  # the boxes' sides, in units of the guide's reach
@@ -146,9 +147,7 @@ def densest_error_clicks(prediction: torch.Tensor, reference: torch.Tensor, targ
     score = error_scores(errors, spacing, reach).view(B, T, -1)
     best, flat = score.max(2)  # the first maximum: false negatives before false positives
     found = best > 0
-    strides = torch.tensor([math.prod(shape[a + 1:]) for a in range(ndim)], device=dev)
-    position = (flat[..., None] % n_vox) // strides % strides.new_tensor(shape)
-    position = position + position.new_tensor([b.start for b in box])
+    position = _unravel(flat % n_vox, shape) + torch.tensor([b.start for b in box], device=dev)
     rows[..., _TARGET] = torch.where(found, torch.arange(T, device=dev).float(), -1.0)
     rows[..., _POSITIVE] = torch.where(found, (flat < n_vox).float(), float("nan"))  # kind 0: a miss
     rows[..., _KIND] = torch.where(found, float(CLICK_KINDS.index("point")), float("nan"))

@@ -283,7 +283,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         shape = tuple(data.shape[2:])
         spacing = self._patch_spacing[-(data.ndim - 2):]
         sel = torch.from_numpy(chosen).to(data.device)
-        ref_target = target[sel.to(target.device)]
+        ref_target = target[sel.to(target.device)].to(data.device, non_blocking=True)  # once, not per round
         on_device = uses_device_user(g)
         was_training = self.network.training
         self.network.eval()
