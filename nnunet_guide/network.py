@@ -8,12 +8,58 @@ and inference compute them with the same code on the same tensors.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .settings import ChannelLayout
+from .settings import ChannelLayout, GuideSettingsError
+
+
+class StageGuides(nn.Module):
+    """The guide channels entering every encoder stage, not only the input (``guide_entry =
+    "every_stage"``): each stage's output gets a 1x1 convolution of the guides, max-pooled to the
+    stage's grid (a click's peak survives the pooling), added to it. The convolutions start at
+    zero, so an untrained model computes exactly what the input-only network computes, and
+    automatic mode (guides at their no-click value) adds only a learned constant per channel.
+
+    Args:
+        num_guide_channels: the layout's guide channels.
+        stage_channels: output channels of each encoder stage.
+        conv_op: the encoder's convolution (``nn.Conv2d`` or ``nn.Conv3d``).
+    """
+
+    def __init__(self, num_guide_channels: int, stage_channels: List[int], conv_op):
+        super().__init__()
+        self.proj = nn.ModuleList(conv_op(num_guide_channels, c, kernel_size=1) for c in stage_channels)
+        for p in self.proj:
+            nn.init.zeros_(p.weight)
+            nn.init.zeros_(p.bias)
+
+    def forward(self, i: int, features: torch.Tensor, guides: torch.Tensor) -> torch.Tensor:
+        """Stage ``i``'s features plus its projection of ``guides`` (full-resolution guide channels)."""
+        if guides.shape[2:] != features.shape[2:]:
+            pool = F.adaptive_max_pool3d if guides.ndim == 5 else F.adaptive_max_pool2d
+            guides = pool(guides, features.shape[2:])
+        return features + self.proj[i](guides.to(features.dtype))
+
+
+def build_stage_guides(base: nn.Module, layout: ChannelLayout) -> Optional[StageGuides]:
+    """``StageGuides`` for ``base``'s encoder when the layout's guides enter every stage, else None.
+    The encoder must be dynamic_network_architectures' (``stages``, ``output_channels``,
+    ``conv_op``, skips returned), as nnU-Net's plain and residual U-Nets are."""
+    if layout.guide is None or layout.guide.guide_entry != "every_stage" or not layout.guide_channel_indices:
+        return None
+    enc = getattr(base, "encoder", None)
+    stages, widths = getattr(enc, "stages", None), getattr(enc, "output_channels", None)
+    if stages is None or widths is None or not getattr(enc, "return_skips", False) or \
+            len(stages) != len(widths) or not hasattr(base, "decoder"):
+        raise GuideSettingsError(
+            f"guide_entry 'every_stage' needs an nnU-Net U-Net whose encoder has stages, output_channels "
+            f"and returns its skips (PlainConvUNet, ResidualEncoderUNet); {type(base).__name__} does not. "
+            f"Use guide_entry 'input' for this architecture.")
+    return StageGuides(len(layout.guide_channel_indices), list(widths), enc.conv_op)
 
 
 class ExtraChannelNetwork(nn.Module):
@@ -28,7 +74,9 @@ class ExtraChannelNetwork(nn.Module):
 
     ``forward`` accepts (B, num_image_channels, *spatial) or (B, num_image_channels + n_guide,
     *spatial) and returns what ``base`` returns. ``decoder`` and ``encoder`` are the base
-    network's, so nnU-Net's deep-supervision switch keeps working.
+    network's, so nnU-Net's deep-supervision switch keeps working. With ``guide_entry =
+    "every_stage"`` the wrapper runs the base encoder's stages itself and adds ``stage_guides``
+    to each stage's output before the decoder (see :class:`StageGuides`).
     """
 
     def __init__(self, base: nn.Module, layout: ChannelLayout, feature_module: Optional[nn.Module] = None):
@@ -39,6 +87,7 @@ class ExtraChannelNetwork(nn.Module):
         self.num_guide_channels = len(layout.guide_channel_indices)
         self.no_guide_value = layout.guide.no_guide_value if layout.guide is not None else 0.0
         self.num_channels = layout.num_channels
+        self.stage_guides = build_stage_guides(base, layout)
 
     @property
     def decoder(self):
@@ -68,7 +117,17 @@ class ExtraChannelNetwork(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor):
-        return self.base(self.complete_input(x))
+        x = self.complete_input(x)
+        if self.stage_guides is None:
+            return self.base(x)
+        guides = x[:, self.num_image_channels:self.num_fed_channels]
+        enc = self.base.encoder
+        h = enc.stem(x) if getattr(enc, "stem", None) is not None else x
+        skips = []
+        for i, stage in enumerate(enc.stages):
+            h = self.stage_guides(i, stage(h), guides)
+            skips.append(h)
+        return self.base.decoder(skips)
 
 
 #: former name (it also wraps models without guides); checkpoints store weights only, so both work

@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 ENCODINGS = ("gaussian", "object_gaussian", "exp_distance", "ball")
 CLICK_POLICIES = ("center", "interior", "random")
 CORRECTION_USERS = ("densest_error", "largest_error")
+GUIDE_ENTRIES = ("input", "every_stage")
 
 
 def _is_int(v: Any) -> bool:
@@ -152,6 +153,12 @@ class GuideSettings:
             click changes the segmentation near it only, so a click on one lesion cannot lose
             another. Costs one extra forward pass (no backward) of the guided samples per step.
             0 (default) switches it off.
+        guide_entry: where the guide channels enter the network. ``"input"`` (default): as input
+            channels only, as in the original work. ``"every_stage"``: also into every encoder
+            stage, as a zero-initialised 1x1 convolution of the guides max-pooled to the stage's
+            grid, added to its output (:class:`nnunet_guide.network.StageGuides`), so a click
+            reaches the deep, coarse stages directly instead of through the first convolutions
+            only. Settings files without the field load as ``"input"``.
     """
 
     guided_labels: Optional[Tuple[Union[str, int], ...]] = None
@@ -178,6 +185,7 @@ class GuideSettings:
     p_scribble: float = 0.0
     max_object_clicks: int = 3
     consistency_weight: float = 0.0
+    guide_entry: str = "input"
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -189,6 +197,9 @@ class GuideSettings:
         if self.correction_user not in CORRECTION_USERS:
             raise GuideSettingsError(f"unknown correction user {self.correction_user!r}; expected one of "
                                      f"{', '.join(CORRECTION_USERS)}")
+        if self.guide_entry not in GUIDE_ENTRIES:
+            raise GuideSettingsError(f"unknown guide entry {self.guide_entry!r}; expected one of "
+                                     f"{', '.join(GUIDE_ENTRIES)}")
         for name in ("p_drop", "p_negative", "p_confusable", "p_near_negative", "p_correction", "p_box",
                      "p_scribble"):
             v = getattr(self, name)

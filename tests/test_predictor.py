@@ -38,13 +38,14 @@ def tiny_plans(transpose=(0, 1, 2), spacing3d=(1.5, 1.2, 1.2), patch3d=(8, 16, 1
         "Dataset990_Tiny", transpose)
 
 
-def tiny_layout(negatives=True, encoding="gaussian", sigma_mm=3.0):
+def tiny_layout(negatives=True, encoding="gaussian", sigma_mm=3.0, guide_entry="input"):
     return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
-                        GuideSettings(negatives=negatives, encoding=encoding, sigma_mm=sigma_mm), ["CT"])
+                        GuideSettings(negatives=negatives, encoding=encoding, sigma_mm=sigma_mm,
+                                      guide_entry=guide_entry), ["CT"])
 
 
 def make_model_folder(root, configuration="3d_fullres", folds=(0,), layout=None, plans=None, seed=0,
-                      write_settings=True):
+                      write_settings=True, randomise=()):
     """A model folder as nnU-Net + nnunet_guide write it, with random (seeded) weights."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_guide.trainers import nnUNetTrainerGuide
@@ -63,6 +64,9 @@ def make_model_folder(root, configuration="3d_fullres", folds=(0,), layout=None,
     for i, fold in enumerate(folds):
         torch.manual_seed(seed + i)
         net = nnUNetTrainerGuide.build_network_architecture(pm, cm, layout.num_image_channels, 3, False)
+        for name, p in net.named_parameters():                  # parameters that start at zero in training
+            if name.startswith(tuple(randomise)):
+                nn.init.normal_(p.data, std=0.5)
         os.makedirs(os.path.join(root, f"fold_{fold}"), exist_ok=True)
         torch.save({"network_weights": net.state_dict(), "trainer_name": TRAINER,
                     "init_args": {"configuration": configuration}, "inference_allowed_mirroring_axes": (0, 1, 2)
@@ -209,6 +213,35 @@ def test_refuses_model_without_guide_settings_and_mismatched_checkpoint(tmp_path
     no_guides = make_model_folder(str(tmp_path / "noguide"), layout=build_layout(1, [], None, ["CT"]))
     with pytest.raises(GuideSettingsError, match="no guide channels"):
         predictor(no_guides)
+
+
+def test_model_with_guides_at_every_stage_predicts_and_its_checkpoint_is_checked(tmp_path):
+    """A guide_entry "every_stage" model folder: stock and guided prediction load it, a click acts
+    through the stage projections, and a layout that disagrees with the checkpoint is refused."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    ensure_trainers_discoverable()
+    layout = tiny_layout(guide_entry="every_stage")
+    model = make_model_folder(str(tmp_path / "staged"), layout=layout, randomise=("stage_guides",))
+    write_case(str(tmp_path / "in"), "case_a", seed=1)
+    image = os.path.join(str(tmp_path / "in"), "case_a_0000.nii.gz")
+    g = predictor(model)
+    assert g.network.stage_guides is not None
+    click = [{"point": [9.0, 10.0, 4.0], "label": "lesion", "space": "voxel"}]
+    auto = g.predict_case(image, save_or_return_probabilities=True)[1]
+    guided = g.predict_case(image, clicks=click, save_or_return_probabilities=True)[1]
+    stock = predictor(model, cls=nnUNetPredictor).predict_single_npy_array(*_read(image), None, None, True)[1]
+    np.testing.assert_allclose(auto, stock, atol=1e-6)
+    assert np.abs(guided - auto).max() > 1e-3
+    # the same checkpoint under settings that say "input": refused, naming the guide entry
+    plain = tiny_layout()
+    save_layout(plain, model)
+    with open(os.path.join(model, "plans.json")) as f:
+        plans = json.load(f)
+    plans[PLANS_KEY] = plain.to_dict()
+    with open(os.path.join(model, "plans.json"), "w") as f:
+        json.dump(plans, f)
+    with pytest.raises(GuideSettingsError, match=r"does not fit.*entering 'input'.*Unexpected key.*stage_guides"):
+        predictor(model)
 
 
 def test_automatic_cases_match_stock_nnunet_and_clicks_change_the_result(tmp_path, model):

@@ -65,6 +65,13 @@ def first_conv_in_channels(state_dict: Mapping[str, torch.Tensor]) -> Optional[i
     return None
 
 
+def _first_error_line(e: Exception, limit: int = 300) -> str:
+    """The informative line of torch's ``load_state_dict`` error (its first line only names the class)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def case_id_of(first_file: str, file_ending: str) -> str:
     """nnU-Net's case identifier: the file name without ``_0000`` and the file ending."""
     return os.path.basename(first_file)[:-(len(file_ending) + 5)]
@@ -192,14 +199,15 @@ class GuidedPredictor(nnUNetPredictor):
             with trainers_visible():  # nnU-Net looks the trainer up by name (nnUNet_extTrainer)
                 super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         except RuntimeError as e:
-            if "size mismatch" not in str(e):
+            if not any(k in str(e) for k in ("size mismatch", "Missing key", "Unexpected key")):
                 raise
+            entry = f", guides entering {layout.guide.guide_entry!r}" if layout.guide is not None else ""
             raise GuideSettingsError(
                 f"{model_training_output_dir}: the checkpoint {checkpoint_name} does not fit the network its "
                 f"plans.json / guide_settings.json describe ({layout.num_channels} input "
                 f"channels: {layout.num_image_channels} image + {len(layout.guide_channel_indices)} guide + "
-                f"{layout.num_extra_channels - len(layout.guide_channel_indices)} computed). Restore the files "
-                f"written at training time. ({str(e).splitlines()[0]})") from e
+                f"{layout.num_extra_channels - len(layout.guide_channel_indices)} computed{entry}). Restore the "
+                f"files written at training time. ({_first_error_line(e)})") from e
         self._set_layout(layout, f"{model_training_output_dir} ({checkpoint_name})")
 
     def manual_initialization(self, network, plans_manager, configuration_manager, parameters, dataset_json,

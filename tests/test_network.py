@@ -1,0 +1,110 @@
+"""The guide-aware network wrapper: guides entering every encoder stage (``guide_entry``)."""
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
+
+from nnunet_guide.network import ExtraChannelNetwork, StageGuides
+from nnunet_guide.settings import GuidedTarget, GuideSettings, GuideSettingsError, build_layout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def layout(entry: str):
+    return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
+                        GuideSettings(guide_entry=entry), ["CT"])
+
+
+def unet(dim: int, residual: bool = False, deep_supervision: bool = False) -> nn.Module:
+    kw = dict(input_channels=layout("input").num_channels, n_stages=3, features_per_stage=(4, 8, 16),
+              conv_op=CONV[dim], kernel_sizes=3, strides=(1, 2, 2), num_classes=3, conv_bias=True,
+              norm_op=NORM[dim], norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU,
+              deep_supervision=deep_supervision)
+    if residual:
+        return ResidualEncoderUNet(n_blocks_per_stage=(1, 1, 1), n_conv_per_stage_decoder=(1, 1), **kw)
+    return PlainConvUNet(n_conv_per_stage=1, n_conv_per_stage_decoder=1, **kw)
+
+
+def pair(dim: int, residual: bool = False, deep_supervision: bool = False):
+    """The same base weights wrapped with guides at the input only and at every stage."""
+    torch.manual_seed(0)
+    base = unet(dim, residual, deep_supervision)
+    staged = unet(dim, residual, deep_supervision)
+    staged.load_state_dict(base.state_dict())
+    return (ExtraChannelNetwork(base, layout("input")).eval(),
+            ExtraChannelNetwork(staged, layout("every_stage")).eval())
+
+
+def clicked_input(dim: int, shape):
+    torch.manual_seed(1)
+    x = torch.zeros(2, 5, *shape)
+    x[:, 0] = torch.randn(2, *shape)
+    centre = tuple(s // 2 for s in shape)
+    x[(0, 2) + centre] = 1.0                                     # a positive lesion click, sample 0
+    return x
+
+
+@pytest.mark.parametrize("dim,residual", [(2, False), (3, False), (3, True)])
+def test_untrained_stage_guides_change_nothing_and_learn_to(dim, residual):
+    shape = (16, 16) if dim == 2 else (8, 16, 16)
+    plain, staged = pair(dim, residual)
+    assert plain.stage_guides is None and isinstance(staged.stage_guides, StageGuides)
+    assert len(staged.stage_guides.proj) == 3
+    x = clicked_input(dim, shape)
+    with torch.no_grad():
+        assert torch.equal(plain(x), staged(x))                  # zero-initialised: the input-only network
+        assert torch.equal(plain(x[:, :1]), staged(x[:, :1]))    # automatic mode, stock nnU-Net's input
+    staged.train()
+    staged(x).square().mean().backward()
+    for p in staged.stage_guides.proj:
+        assert p.weight.grad.abs().sum() > 0                     # the projections train
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_a_click_reaches_the_coarsest_stage(dim):
+    """With the projection of the last stage alone set, a click changes the output, and only on
+    the clicked sample: the pooled guide reaches the coarse grid, per sample."""
+    shape = (16, 16) if dim == 2 else (8, 16, 16)
+    plain, staged = pair(dim)
+    last = staged.stage_guides.proj[-1]
+    with torch.no_grad():
+        last.weight.fill_(1.0)
+        x = clicked_input(dim, shape)
+        a, b = plain(x), staged(x)
+        assert not torch.allclose(a[0], b[0], atol=1e-4)
+        torch.testing.assert_close(a[1], b[1])
+        auto = x.clone()
+        auto[:, 1:] = 0
+        torch.testing.assert_close(plain(auto), staged(auto))   # no click: zero bias, no change
+
+
+def test_deep_supervision_outputs_are_kept():
+    plain, staged = pair(3, deep_supervision=True)
+    x = clicked_input(3, (8, 16, 16))
+    with torch.no_grad():
+        a, b = plain(x), staged(x)
+    assert isinstance(b, (list, tuple)) and len(a) == len(b) == 2
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_settings_and_architectures_that_cannot_take_stage_guides():
+    with pytest.raises(GuideSettingsError, match="unknown guide entry 'decoder'.*input, every_stage"):
+        GuideSettings(guide_entry="decoder")
+    assert GuideSettings.from_dict({}).guide_entry == "input"    # settings files written before the field
+    assert GuideSettings.from_dict(GuideSettings(guide_entry="every_stage").to_dict()).guide_entry == "every_stage"
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(5, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    with pytest.raises(GuideSettingsError, match="Flat does not.*guide_entry 'input'"):
+        ExtraChannelNetwork(Flat(), layout("every_stage"))
+    ExtraChannelNetwork(Flat(), layout("input"))                 # input-only wraps anything
