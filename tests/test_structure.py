@@ -17,6 +17,8 @@ TRAINERS = (
     "nnUNetTrainerGuideOriginal", "nnUNetTrainerGuideInterior", "nnUNetTrainerGuideRandomClick",
     "nnUNetTrainerGuideAlways", "nnUNetTrainerGuideDrop80", "nnUNetTrainerGuideCorrection", "nnUNetTrainerGuideTumor",
     "nnUNetTrainerGuideTumorCorrection", "nnUNetTrainerGuidePrompts", "nnUNetTrainerGuideTumorPrompts",
+    "nnUNetTrainerGuidePromptsCorrection", "nnUNetTrainerGuideTumorPromptsCorrection",
+    "nnUNetTrainerGuideTumorPromptsCorrectionShort",
     "nnUNetTrainerGuideShort", "nnUNetTrainerShort", "nnUNetTrainerGuideCorrectionShort",
     "nnUNetTrainerGuideTumorShort", "nnUNetTrainerGuideTumorCorrectionShort", "nnUNetTrainerGuideTumorPromptsShort",
     "nnUNetTrainerDensity", "nnUNetTrainerGuideDensity", "nnUNetTrainerGuideDensityFiLM", "nnUNetTrainerDensityFiLM",

@@ -91,6 +91,19 @@ class nnUNetTrainerGuideTumorPrompts(nnUNetTrainerGuide):
     guide_settings = GuideSettings(**TUMOR, **PROMPTS)
 
 
+class nnUNetTrainerGuidePromptsCorrection(nnUNetTrainerGuide):
+    """Boxes, scribbles and lasso (nnUNetTrainerGuidePrompts) and correction clicks
+    (nnUNetTrainerGuideCorrection): the recipe for a model that people click, box and scribble.
+    On 236 held-out hippocampus cases it harmed the fewest anterior clicks of all variants studied
+    (4.4%) with the second-largest gain after three click steps (docs/evaluation.md)."""
+    guide_settings = GuideSettings(**PROMPTS, **CORRECTION)
+
+
+class nnUNetTrainerGuideTumorPromptsCorrection(nnUNetTrainerGuide):
+    """nnUNetTrainerGuideTumor with boxes, scribbles, lasso and correction clicks."""
+    guide_settings = GuideSettings(**TUMOR, **PROMPTS, **CORRECTION)
+
+
 # ---- short runs (CPU tests, demos, benchmarks) ---------------------------------------------
 class nnUNetTrainerGuideShort(ShortSchedule, nnUNetTrainerGuide):
     """nnUNetTrainerGuide with a short schedule (default 2 epochs x 20 iterations; set
@@ -111,3 +124,7 @@ class nnUNetTrainerGuideTumorCorrectionShort(ShortSchedule, nnUNetTrainerGuideTu
 
 class nnUNetTrainerGuideTumorPromptsShort(ShortSchedule, nnUNetTrainerGuideTumorPrompts):
     """nnUNetTrainerGuideTumorPrompts with the short schedule."""
+
+
+class nnUNetTrainerGuideTumorPromptsCorrectionShort(ShortSchedule, nnUNetTrainerGuideTumorPromptsCorrection):
+    """nnUNetTrainerGuideTumorPromptsCorrection with the short schedule."""
