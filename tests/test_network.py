@@ -108,3 +108,19 @@ def test_settings_and_architectures_that_cannot_take_stage_guides():
     with pytest.raises(GuideSettingsError, match="Flat does not.*guide_entry 'input'"):
         ExtraChannelNetwork(Flat(), layout("every_stage"))
     ExtraChannelNetwork(Flat(), layout("input"))                 # input-only wraps anything
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_a_click_keeps_its_peak_on_coarse_grids(dim):
+    """A one-voxel click pooled to a 4x coarser grid keeps its value (max-pooling, not averaging)
+    in the coarse voxel that holds it, and nowhere else."""
+    sg = StageGuides(1, [2], CONV[dim])
+    with torch.no_grad():
+        sg.proj[0].weight.fill_(1.0)
+    fine = (8,) * dim
+    guides = torch.zeros(1, 1, *fine)
+    guides[(0, 0) + (5,) * dim] = 0.7
+    out = sg(0, torch.zeros(1, 2, *(2,) * dim), guides)
+    expected = torch.zeros(1, 2, *(2,) * dim)
+    expected[(slice(None), slice(None)) + (1,) * dim] = 0.7
+    torch.testing.assert_close(out, expected)
