@@ -75,6 +75,16 @@ def make_model_folder(root, configuration="3d_fullres", folds=(0,), layout=None,
     return root
 
 
+def replace_layout(model, layout):
+    """Rewrite a model folder's settings (guide_settings.json and plans.json) to ``layout``."""
+    save_layout(layout, model)
+    with open(os.path.join(model, "plans.json")) as f:
+        plans = json.load(f)
+    plans[PLANS_KEY] = layout.to_dict()
+    with open(os.path.join(model, "plans.json"), "w") as f:
+        json.dump(plans, f)
+
+
 def rotated_direction():
     c, s = np.cos(0.5), np.sin(0.5)
     return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
@@ -196,13 +206,7 @@ def test_refuses_model_without_guide_settings_and_mismatched_checkpoint(tmp_path
         predictor(stock)
     # settings say 2 guide channels (no negatives), checkpoint was built with 4
     bad = make_model_folder(str(tmp_path / "bad"))
-    layout = tiny_layout(negatives=False)
-    save_layout(layout, bad)
-    with open(os.path.join(bad, "plans.json")) as f:
-        plans = json.load(f)
-    plans[PLANS_KEY] = layout.to_dict()
-    with open(os.path.join(bad, "plans.json"), "w") as f:
-        json.dump(plans, f)
+    replace_layout(bad, tiny_layout(negatives=False))
     with pytest.raises(GuideSettingsError, match="checkpoint_final.pth does not fit.*3 input channels"):
         predictor(bad)
     # settings and plans agree with each other but not with the network check: first conv
@@ -233,13 +237,7 @@ def test_model_with_guides_at_every_stage_predicts_and_its_checkpoint_is_checked
     np.testing.assert_allclose(auto, stock, atol=1e-6)
     assert np.abs(guided - auto).max() > 1e-3
     # the same checkpoint under settings that say "input": refused, naming the guide entry
-    plain = tiny_layout()
-    save_layout(plain, model)
-    with open(os.path.join(model, "plans.json")) as f:
-        plans = json.load(f)
-    plans[PLANS_KEY] = plain.to_dict()
-    with open(os.path.join(model, "plans.json"), "w") as f:
-        json.dump(plans, f)
+    replace_layout(model, tiny_layout())
     with pytest.raises(GuideSettingsError, match=r"does not fit.*entering 'input'.*Unexpected key.*stage_guides"):
         predictor(model)
 
