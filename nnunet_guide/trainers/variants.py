@@ -94,11 +94,10 @@ class nnUNetTrainerGuideTumorPrompts(nnUNetTrainerGuide):
 class nnUNetTrainerGuidePromptsCorrection(nnUNetTrainerGuide):
     """Boxes, scribbles and lasso (nnUNetTrainerGuidePrompts) and correction clicks
     (nnUNetTrainerGuideCorrection): the recipe for a model that people click, box and scribble.
-    On 236 held-out hippocampus cases 4.4% (anterior) and 7.6% (posterior) of its clicks harmed, among
-    the fewest of the variants studied, with the second-largest gain after three click steps (one
-    training; docs/evaluation.md). Not for lesion
-    datasets yet: its tumour twin lost 3 lesions to clicks on other lesions on the LiTS slabs, where
-    the tumour trainers lost none."""
+    On 236 held-out hippocampus cases 4.4% (anterior) and 7.6% (posterior) of its clicks harmed,
+    among the fewest of the variants studied, with the second-largest gain after three click steps
+    (one training; docs/evaluation.md). Not for lesion datasets yet: its tumour twin lost 3 lesions
+    to clicks on other lesions on the LiTS slabs, where the tumour trainers lost none."""
     guide_settings = GuideSettings(**PROMPTS, **CORRECTION)
 
 
