@@ -5,6 +5,7 @@
 # runs the hippocampus and LiTS studies side by side, and copies the tables, summaries, evaluation
 # results and the small LiTS models to OUT.
 #   BUDGET=420 bash benchmarks/device_study.sh OUTDIR
+#   ONLY_HIPPOCAMPUS="plain;prompts + up to 3 clicks per object" FOLDS="0 1 2" TEST_SET=1 bash benchmarks/device_study.sh OUTDIR
 set -uo pipefail
 out=${1:-/tmp/study_out}
 budget=${BUDGET:-420}
@@ -19,8 +20,10 @@ run() {  # study [click_study.py run options...]
   python3 benchmarks/click_study.py run benchmarks/studies/$d.json --root /tmp/.study/$d --out /tmp/study/$d \
     --device cuda --deadline "$budget" "$@" > "$out/$d.txt" 2>&1
 }
-if [ -n "${ONLY_HIPPOCAMPUS:-}" ]; then  # a second, short run: these hippocampus jobs on fold 0
-  run hippocampus --parallel 4 --da-workers 3 --folds 0 --only $ONLY_HIPPOCAMPUS
+if [ -n "${ONLY_HIPPOCAMPUS:-}" ]; then  # a second, short run: these hippocampus jobs (names separated by ;)
+  IFS=';' read -ra jobs <<< "$ONLY_HIPPOCAMPUS"     # on ${FOLDS:-0}, plus the test set if TEST_SET=1
+  # shellcheck disable=SC2086
+  run hippocampus --parallel 4 --da-workers 3 --folds ${FOLDS:-0} ${TEST_SET:+--test-set} --only "${jobs[@]}"
 else
   run hippocampus --parallel 3 --da-workers 3 &
   run lits --parallel 2 --da-workers 2 &
