@@ -65,10 +65,14 @@ def first_conv_in_channels(state_dict: Mapping[str, torch.Tensor]) -> Optional[i
     return None
 
 
+#: how torch's ``load_state_dict`` errors begin the lines that say why a checkpoint does not fit
+_STATE_DICT_MISFITS = ("size mismatch", "Missing key", "Unexpected key")
+
+
 def _first_error_line(e: Exception, limit: int = 300) -> str:
     """The informative line of torch's ``load_state_dict`` error (its first line only names the class)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    line = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))), lines[0])
+    line = next((ln for ln in lines if ln.startswith(_STATE_DICT_MISFITS)), lines[0])
     return line if len(line) <= limit else line[:limit] + "..."
 
 
@@ -199,7 +203,7 @@ class GuidedPredictor(nnUNetPredictor):
             with trainers_visible():  # nnU-Net looks the trainer up by name (nnUNet_extTrainer)
                 super().initialize_from_trained_model_folder(model_training_output_dir, use_folds, checkpoint_name)
         except RuntimeError as e:
-            if not any(k in str(e) for k in ("size mismatch", "Missing key", "Unexpected key")):
+            if not any(k in str(e) for k in _STATE_DICT_MISFITS):
                 raise
             entry = f", guides entering {layout.guide.guide_entry!r}" if layout.guide is not None else ""
             raise GuideSettingsError(

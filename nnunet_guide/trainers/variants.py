@@ -101,7 +101,6 @@ class nnUNetTrainerGuidePromptsCorrection(nnUNetTrainerGuide):
     guide_settings = GuideSettings(**PROMPTS, **CORRECTION)
 
 
-
 # ---- short runs (CPU tests, demos, benchmarks) ---------------------------------------------
 class nnUNetTrainerGuideShort(ShortSchedule, nnUNetTrainerGuide):
     """nnUNetTrainerGuide with a short schedule (default 2 epochs x 20 iterations; set
