@@ -31,6 +31,7 @@ work after that many seconds so the tables of what finished are still written.
 """
 import argparse
 import concurrent.futures as cf
+import csv
 import json
 import math
 import os
@@ -207,12 +208,24 @@ class Study:
               flush=True)
         return out if ok else None
 
+    def eval_folder(self, job: dict, fold: int, chk: str, start: str, where: str) -> str:
+        tag = f"{chk[:-4]}_{start}" + ("_test" if where == "test" else "")
+        return os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", tag)
+
+    def per_case(self, job: dict, fold: int, chk: str, start: str, where: str) -> List[dict]:
+        """The evaluation's ``per_case.csv`` rows, with the fold added ([] when it did not run)."""
+        path = os.path.join(self.eval_folder(job, fold, chk, start, where), "per_case.csv")
+        if not os.path.isfile(path):
+            return []
+        with open(path, newline="") as f:
+            return [{**r, "fold": fold} for r in csv.DictReader(f)]
+
     def evaluate(self, job: dict, fold: int, chk: str, start: str, where: str = "held-out",
                  plain: Optional[str] = None) -> Optional[dict]:
         """``nnUNetv2_guide_evaluate`` of one checkpoint on the fold's held-out cases, or on the test
         set (``where="test"``, compared with the plain predictions in ``plain``)."""
-        tag = f"{chk[:-4]}_{start}" + ("_test" if where == "test" else "")
-        out = os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", tag)
+        out = self.eval_folder(job, fold, chk, start, where)
+        tag = os.path.basename(out)
         res = os.path.join(out, "results.json")
         if not os.path.isfile(res):
             if self.late():
@@ -277,6 +290,44 @@ def pooled(rows: List[dict]) -> dict:
             "auto_minus_plain": mean_sd([r["auto_minus_plain"] for r in rows])[0],
             "gain_first_click_step": mean_sd([r["gain_first_click_step"] for r in rows])[0],
             "dice_n": mean_sd([r["dice_n"] for r in rows])[0], "folds": len(rows)}
+
+
+def prompts_against_clicks(per_start: Dict[str, List[dict]]) -> List[dict]:
+    """A first box or scribble against a first click, paired by case: ``per_start`` maps each start
+    (``"clicks"``, ``"box"``, ``"scribble"``) to the evaluations' per-case rows (``fold``, ``case``,
+    ``class``, ``dice_0``, ``dice_1``, ``auc``) of one model. Per other start and class: the cases
+    both evaluations have, the mean first-step gain of each, the mean paired difference (prompt minus
+    click) of the Dice after the first step with its 95% interval (normal approximation), the same
+    for the AUC, and how many cases the prompt ended at least as well (within 0.005)."""
+    def index(rows):
+        return {(str(r["fold"]), r["case"], r["class"]): r for r in rows if r.get("dice_1") not in (None, "")}
+    clicks, out = index(per_start.get("clicks", [])), []
+    for start, rows in per_start.items():
+        if start == "clicks":
+            continue
+        other = index(rows)
+        for cname in sorted({k[2] for k in other}):
+            keys = sorted(k for k in other if k[2] == cname and k in clicks)
+            if not keys:
+                continue
+            num = lambda r, col: float(r[col])  # noqa: E731
+            diff = [num(other[k], "dice_1") - num(clicks[k], "dice_1") for k in keys]
+            auc = [num(other[k], "auc") - num(clicks[k], "auc") for k in keys]
+            out.append({"start": start, "class": cname, "cases": len(keys),
+                        "gain": sum(num(other[k], "dice_1") - num(other[k], "dice_0") for k in keys) / len(keys),
+                        "click_gain": sum(num(clicks[k], "dice_1") - num(clicks[k], "dice_0") for k in keys) / len(keys),
+                        "minus_click": mean_ci(diff), "auc_minus_click": mean_ci(auc),
+                        "at_least_as_good": sum(d >= -0.005 for d in diff)})
+    return out
+
+
+def mean_ci(values: List[float]):
+    """Mean and its 95% interval by the normal approximation (no interval for fewer than 2 values)."""
+    m, sd = mean_sd(values)
+    if m is None or len(values) < 2:
+        return m, None
+    h = 1.96 * sd / math.sqrt(len(values))
+    return m, (m - h, m + h)
 
 
 def f3(v, sign=False):
@@ -400,6 +451,7 @@ def run(a) -> int:
                              f"{f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")
+    lines += prompt_table(study, jobs, trained, evals, result)
     text = "\n".join(lines) + "\n"
     print("\n" + text, flush=True)
     with open(os.path.join(study.out, "study.md"), "w") as f:
@@ -407,6 +459,46 @@ def run(a) -> int:
     with open(os.path.join(study.out, "study.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0
+
+
+def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, result: dict) -> List[str]:
+    """Report lines comparing each job's first box / scribble with its first click, paired by case
+    (final checkpoints; held-out cases pooled over folds, and the test set)."""
+    lines = []
+    for j in jobs:
+        if len(j.get("starts", ["clicks"])) < 2 or "clicks" not in j["starts"]:
+            continue
+        for where in ("held-out", "test"):
+            per_start = {}
+            for start in j["starts"]:
+                for f in j["folds"]:
+                    if trained.get((j["name"], f)) and evals.get((j["name"], f, "checkpoint_final.pth", start, where)):
+                        per_start.setdefault(start, []).extend(
+                            study.per_case(j, f, "checkpoint_final.pth", start, where))
+            rows = prompts_against_clicks(per_start)
+            if not rows:
+                continue
+            result.setdefault("prompts", {}).setdefault(j["name"], {})[where] = rows
+            if not lines:
+                lines += ["", "## A first box or scribble against a first click (paired by case)", "",
+                          "Same model, final checkpoint; each case evaluated from each start. Minus click: the "
+                          "Dice after the prompt minus the Dice after the first click step, mean over cases "
+                          "with its 95% interval (normal approximation); the same for the AUC of the whole "
+                          "curve. At least as good: cases where the prompt's Dice is no more than 0.005 below "
+                          "the click's.", "",
+                          "| job | cases | start | class | n | gain, prompt | gain, click | prompt minus click "
+                          "(95%) | AUC, prompt minus click (95%) | at least as good |",
+                          "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                lines.append(f"| {j['name']} | {where} | {r['start']} | {r['class']} | {r['cases']} | "
+                             f"{f3(r['gain'], True)} | {f3(r['click_gain'], True)} | {fci(r['minus_click'])} | "
+                             f"{fci(r['auc_minus_click'])} | {r['at_least_as_good']} of {r['cases']} |")
+    return lines
+
+
+def fci(t) -> str:
+    m, ci = t
+    return "-" if m is None else f3(m, True) + (f" ({ci[0]:+.3f} to {ci[1]:+.3f})" if ci else "")
 
 
 def main(argv=None) -> int:
