@@ -313,9 +313,8 @@ def prompts_against_clicks(per_start: Dict[str, List[dict]]) -> List[dict]:
             num = lambda r, col: float(r[col])  # noqa: E731
             diff = [num(other[k], "dice_1") - num(clicks[k], "dice_1") for k in keys]
             auc = [num(other[k], "auc") - num(clicks[k], "auc") for k in keys]
-            out.append({"start": start, "class": cname, "cases": len(keys),
-                        "gain": sum(num(other[k], "dice_1") - num(other[k], "dice_0") for k in keys) / len(keys),
-                        "click_gain": sum(num(clicks[k], "dice_1") - num(clicks[k], "dice_0") for k in keys) / len(keys),
+            gain = lambda rows: sum(num(rows[k], "dice_1") - num(rows[k], "dice_0") for k in keys) / len(keys)  # noqa: E731
+            out.append({"start": start, "class": cname, "cases": len(keys), "gain": gain(other), "click_gain": gain(clicks),
                         "minus_click": mean_ci(diff), "auc_minus_click": mean_ci(auc),
                         "at_least_as_good": sum(d >= -0.005 for d in diff)})
     return out
