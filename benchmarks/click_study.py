@@ -310,11 +310,13 @@ def prompts_against_clicks(per_start: Dict[str, List[dict]]) -> List[dict]:
             keys = sorted(k for k in other if k[2] == cname and k in clicks)
             if not keys:
                 continue
-            num = lambda r, col: float(r[col])  # noqa: E731
-            diff = [num(other[k], "dice_1") - num(clicks[k], "dice_1") for k in keys]
-            auc = [num(other[k], "auc") - num(clicks[k], "auc") for k in keys]
-            gain = lambda rows: sum(num(rows[k], "dice_1") - num(rows[k], "dice_0") for k in keys) / len(keys)  # noqa: E731
-            out.append({"start": start, "class": cname, "cases": len(keys), "gain": gain(other), "click_gain": gain(clicks),
+            diff = [float(other[k]["dice_1"]) - float(clicks[k]["dice_1"]) for k in keys]
+            auc = [float(other[k]["auc"]) - float(clicks[k]["auc"]) for k in keys]
+
+            def gain(rows):
+                return sum(float(rows[k]["dice_1"]) - float(rows[k]["dice_0"]) for k in keys) / len(keys)
+            out.append({"start": start, "class": cname, "cases": len(keys), "gain": gain(other),
+                        "click_gain": gain(clicks),
                         "minus_click": mean_ci(diff), "auc_minus_click": mean_ci(auc),
                         "at_least_as_good": sum(d >= -0.005 for d in diff)})
     return out
