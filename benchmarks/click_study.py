@@ -345,9 +345,7 @@ def run(a) -> int:
     study = Study(spec, a.root, a.out, a)
     jobs = [j for j in spec["jobs"] if not a.only or j["name"] in a.only or slug(j["name"]) in a.only]
     for j in jobs:
-        j.setdefault("folds", [0])
-        if a.folds is not None:
-            j["folds"] = [f for f in j["folds"] if f in a.folds]
+        j["folds"] = list(a.folds) if a.folds is not None else j.get("folds", [0])
     n_train = sum(len(j["folds"]) for j in jobs)
     print(f"study {a.study}: {study.name}, {study.plans} {study.config}, {len(jobs)} jobs / {n_train} trainings of "
           f"{a.epochs} x {a.iters} iterations on {a.device}, {a.parallel} at once", flush=True)
@@ -520,7 +518,8 @@ def main(argv=None) -> int:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("-n", "--clicks", type=int, default=3, help="click steps of the simulated user (default 3)")
     pr.add_argument("--only", nargs="+", help="only these jobs (names, or names with _ for spaces)")
-    pr.add_argument("--folds", nargs="+", type=int, help="only these folds")
+    pr.add_argument("--folds", nargs="+", type=int,
+                    help="train and measure every chosen job on these folds (default: the job's own folds, or 0)")
     pr.add_argument("--deadline", type=float, help="start no new training/evaluation after this many seconds")
     pr.add_argument("--test-set", action="store_true",
                     help="also evaluate every fold's final model on the dataset's test set (imagesTs/labelsTs), "
