@@ -121,7 +121,10 @@ class GuideSettings:
             miss, negative on a false positive. This is what
             teaches negative clicks to remove false positives: ground-truth negatives land where
             the model is already right. Costs one extra forward pass per round for batches that
-            have such a sample. 0 (default) switches it off.
+            have such a sample. 0 (default) switches it off. Samples without guides are chosen
+            too (the user's clicks after the automatic result), so only ``p_drop * (1 -
+            p_correction)`` of the samples stay automatic: 0.25 with 0.5 and 0.5; p_drop 0.67 with
+            p_correction 0.25 keeps half.
         correction_rounds: at most this many correction rounds per batch (U{1..max}).
         correction_user: who places the correction clicks, one of ``CORRECTION_USERS``:
             ``densest_error`` (default): on the training device, at the error voxel whose
