@@ -18,7 +18,8 @@ plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide var
 - ``nnUNetv2_guide_evaluate`` (simulated user, ``-n`` click steps, and ``--start box`` where the job
   asks for it) on the fold's validation cases for every saved checkpoint: harmful-click fraction
   (with its Wilson 95% interval), largest fall, lesions lost per click and on a click at another
-  lesion, far-Dice change, and the click gain against training length;
+  lesion, far-Dice change, and the click gain against training length; for jobs with several
+  ``starts``, the first box or scribble against the first click, paired by case;
 - with ``--test-set``, the same for every fold's final model on the dataset's test cases
   (``imagesTs``/``labelsTs`` of its raw folder; ``prepare`` puts there the 236 hippocampus cases
   outside the 24 trained on), next to plain nnU-Net's predictions of the same fold. A fold holds out
@@ -483,7 +484,7 @@ def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, res
                           "Same model, final checkpoint; each case evaluated from each start. Minus click: the "
                           "Dice after the prompt minus the Dice after the first click step, mean over cases "
                           "with its 95% interval (normal approximation); the same for the AUC of the whole "
-                          "curve. At least as good: cases where the prompt's Dice is no more than 0.005 below "
+                          "curve (the prompt adds a step to it). At least as good: cases where the prompt's Dice is no more than 0.005 below "
                           "the click's.", "",
                           "| job | cases | start | class | n | gain, prompt | gain, click | prompt minus click "
                           "(95%) | AUC, prompt minus click (95%) | at least as good |",
