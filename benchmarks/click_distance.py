@@ -52,7 +52,11 @@ def analyse(eval_dir: str, extra_classes: Sequence[str], edges: Sequence[float])
     classes = evaluated_classes(dataset_json, extra_classes)
     spacing = {c["case"]: c["spacing"] for c in res["cases"]}
     with open(os.path.join(eval_dir, "clicks.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["kind"] == "point"]
+        reader = csv.DictReader(f)
+        if "positive" not in (reader.fieldnames or []):
+            raise SystemExit(f"{eval_dir}/clicks.csv has no 'positive' column (an older nnUNetv2_guide_evaluate "
+                             f"wrote it): evaluate again")
+        rows = [r for r in reader if r["kind"] == "point"]
     table, mismatched, cache = {}, 0, {}
     for r in rows:
         case, cname = r["case"], r["class"]
