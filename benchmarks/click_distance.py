@@ -3,17 +3,16 @@ distance to the clicked class, from finished ``nnUNetv2_guide_evaluate`` outputs
 
     python benchmarks/click_distance.py EVAL_DIR [EVAL_DIR ...] [--class liver+tumor=1,2] [--bands 1 2 3]
 
-For every point click of ``EVAL_DIR/clicks.csv`` (boxes and scribbles are left out) it measures, on
-the evaluation's reference segmentation (``results.json`` names the folder; spacing as the
-evaluation used it), how far the click lies from the clicked class: a negative click's distance to
-the nearest voxel of the class, a positive click's depth inside it (distance to the nearest voxel
-outside), in mm. Per sign and distance band it prints the clicks, the harmful ones (the class's
-Dice fell by more than 0.005, as the evaluation counts them) and the mean Dice change. Clicks whose
-sign disagrees with the reference at their position are counted and left out (there should be
-none). Prints numbers; asserts nothing.
+For every point click of the evaluation (``EVAL_DIR/results.json``; boxes and scribbles are left
+out) it measures, on the evaluation's reference segmentation (read with the model's nnU-Net reader,
+as the evaluation read it; spacing as the evaluation used it), how far the click lies from the
+clicked class: a negative click's distance to the nearest voxel of the class, a positive click's
+depth inside it (distance to the nearest voxel outside), in mm. Per sign and distance band it prints
+the clicks, the harmful ones (the class's Dice fell by more than 0.005, as the evaluation counts
+them) and the mean Dice change. Clicks whose sign disagrees with the reference at their position are
+counted and left out (there should be none). Prints numbers; asserts nothing.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -43,41 +42,44 @@ def band(d: float, edges: Sequence[float]) -> str:
 
 
 def analyse(eval_dir: str, extra_classes: Sequence[str], edges: Sequence[float]) -> Tuple[Dict, int]:
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunet_guide.evaluation.evaluate import evaluated_classes
     with open(os.path.join(eval_dir, "results.json")) as f:
         res = json.load(f)
-    with open(os.path.join(res["settings"]["model"], "dataset.json")) as f:
+    model = res["settings"]["model"]
+    with open(os.path.join(model, "dataset.json")) as f:
         dataset_json = json.load(f)
     classes = evaluated_classes(dataset_json, extra_classes)
-    spacing = {c["case"]: c["spacing"] for c in res["cases"]}
-    with open(os.path.join(eval_dir, "clicks.csv"), newline="") as f:
-        reader = csv.DictReader(f)
-        if "positive" not in (reader.fieldnames or []):
-            raise SystemExit(f"{eval_dir}/clicks.csv has no 'positive' column (an older nnUNetv2_guide_evaluate "
-                             f"wrote it): evaluate again")
-        rows = [r for r in reader if r["kind"] == "point"]
-    table, mismatched, cache = {}, 0, {}
-    for r in rows:
-        case, cname = r["case"], r["class"]
-        if cname not in classes:
-            raise SystemExit(f"{eval_dir}: class {cname!r} of case {case} is not in the model's dataset.json; "
-                             f"give it as --class {cname}=LABEL,LABEL")
-        if (case, cname) not in cache:
-            path = os.path.join(res["settings"]["reference"], case + dataset_json["file_ending"])
-            ref, _ = SimpleITKIO().read_seg(path)
-            cache[(case, cname)] = distances(ref[0], classes[cname], spacing[case])
-        mask, outside, inside = cache[(case, cname)]
-        p = tuple(int(round(float(v))) for v in r["positions"].strip("()").split(","))
-        positive = r["positive"] == "1"
-        if positive != bool(mask[p]):
-            mismatched += 1
+    reader = PlansManager(os.path.join(model, "plans.json")).image_reader_writer_class  # the evaluation's reader
+    table, mismatched = {}, 0
+    for case in res["cases"]:
+        points = [e for e in case["effects"] if e["kind"] == "point"]
+        if not points:
             continue
-        key = ("positive" if positive else "negative", band(float(inside[p] if positive else outside[p]), edges))
-        cell = table.setdefault(key, [0, 0, 0.0])
-        cell[0] += 1
-        cell[1] += int(r["harmful"])
-        cell[2] += float(r["change"])
+        if any("positive" not in e for e in points):
+            raise SystemExit(f"{eval_dir}/results.json, case {case['case']}: its clicks have no 'positive' field "
+                             f"(an older nnUNetv2_guide_evaluate wrote it): evaluate again")
+        path = os.path.join(res["settings"]["reference"], case["case"] + dataset_json["file_ending"])
+        ref = reader().read_seg(path)[0][0]
+        per_class = {}
+        for e in points:
+            cname = e["class"]
+            if cname not in classes:
+                raise SystemExit(f"{eval_dir}: class {cname!r} of case {case['case']} is not in the model's "
+                                 f"dataset.json; give it as --class {cname}=LABEL,LABEL")
+            if cname not in per_class:
+                per_class[cname] = distances(ref, classes[cname], case["spacing"])
+            mask, outside, inside = per_class[cname]
+            p = tuple(int(round(v)) for v in e["positions"][0])
+            if e["positive"] != bool(mask[p]):
+                mismatched += 1
+                continue
+            key = ("positive" if e["positive"] else "negative",
+                   band(float(inside[p] if e["positive"] else outside[p]), edges))
+            cell = table.setdefault(key, [0, 0, 0.0])
+            cell[0] += 1
+            cell[1] += int(e["harmful"])
+            cell[2] += float(e["change"])
     return table, mismatched
 
 
