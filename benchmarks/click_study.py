@@ -484,8 +484,8 @@ def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, res
                           "Same model, final checkpoint; each case evaluated from each start. Minus click: the "
                           "Dice after the prompt minus the Dice after the first click step, mean over cases "
                           "with its 95% interval (normal approximation); the same for the AUC of the whole "
-                          "curve (the prompt adds a step to it). At least as good: cases where the prompt's Dice is no more than 0.005 below "
-                          "the click's.", "",
+                          "curve (the prompt adds a step to it). At least as good: cases where the prompt's Dice "
+                          "is no more than 0.005 below the click's.", "",
                           "| job | cases | start | class | n | gain, prompt | gain, click | prompt minus click "
                           "(95%) | AUC, prompt minus click (95%) | at least as good |",
                           "|---|---|---|---|---|---|---|---|---|---|"]
