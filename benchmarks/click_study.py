@@ -9,8 +9,9 @@ plain nnU-Net's quality, and teaches clicks early. Trains the variants of a stud
 
 A study file names the dataset, plans, configuration, base ``GuideSettings`` and jobs; each job is
 plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide variant (trainer
-``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``), on its
-``folds``. All jobs share the schedule (``--epochs`` x ``--iters``). Per job and fold it uses:
+``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``; with
+``"density": true`` ``nnUNetTrainerGuideDensityStudy``, the density and texture channels too, on the
+study's plans with histograms, which ``nnUNetv2_guide_plan`` adds when missing), on its ``folds``. All jobs share the schedule (``--epochs`` x ``--iters``). Per job and fold it uses:
 
 - nnU-Net's own validation of the fold (``validation/summary.json``, 0 clicks) and the guide
   trainer's guided validation (``validation_guided/summary.json``, one click per object): automatic
@@ -49,6 +50,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from click_harm import report_lines  # noqa: E402
 
 PLAIN_TRAINER, GUIDE_TRAINER = "nnUNetTrainerStudy", "nnUNetTrainerGuideStudy"
+DENSITY_TRAINER = "nnUNetTrainerGuideDensityStudy"
 TRAIN = ("from nnunetv2.run.run_training import run_training_entry as m; import sys; "
          "sys.argv[0] = 'nnUNetv2_train'; m()")
 
@@ -128,9 +130,32 @@ class Study:
     def late(self) -> bool:
         return self.a.deadline is not None and time.time() - self.t0 > self.a.deadline
 
+    @staticmethod
+    def trainer(job: dict) -> str:
+        return PLAIN_TRAINER if job.get("plain") else DENSITY_TRAINER if job.get("density") else GUIDE_TRAINER
+
+    def job_plans(self, job: dict) -> str:
+        """The study's plans, or their density copy (``nnUNetv2_guide_plan``'s default name) for a
+        ``"density": true`` job: same preprocessed data, plus the histograms."""
+        return self.plans + "_density" if job.get("density") else self.plans
+
+    def plan_density(self, jobs: List[dict]) -> None:
+        """``nnUNetv2_guide_plan`` once, when a density job is chosen and its plans are missing."""
+        if not any(j.get("density") for j in jobs):
+            return
+        folder = os.path.join(self.root, "nnUNet_preprocessed", self.name)
+        if os.path.isfile(os.path.join(folder, self.plans + "_density.json")):
+            return
+        if not self._run([sys.executable, "-m", "nnunet_guide.cli.plan", "-d", self.dataset, "-c", self.config,
+                          "-p", self.plans],
+                         self.env({"name": "density plans", "plain": True}),
+                         os.path.join(self.out, "logs", "plan_density.log")):
+            raise SystemExit(f"nnUNetv2_guide_plan failed for {self.name} ({self.plans}): see "
+                             f"{os.path.join(self.out, 'logs', 'plan_density.log')}")
+
     def model_folder(self, job: dict) -> str:
-        trainer = PLAIN_TRAINER if job.get("plain") else GUIDE_TRAINER
-        return os.path.join(self.out, "results", slug(job["name"]), self.name, f"{trainer}__{self.plans}__{self.config}")
+        return os.path.join(self.out, "results", slug(job["name"]), self.name,
+                            f"{self.trainer(job)}__{self.job_plans(job)}__{self.config}")
 
     def env(self, job: dict) -> Dict[str, str]:
         from nnunet_guide.paths import trainer_search_path
@@ -165,9 +190,8 @@ class Study:
         if self.late():
             return None
         t = time.time()
-        trainer = PLAIN_TRAINER if job.get("plain") else GUIDE_TRAINER
-        ok = self._run([sys.executable, "-c", TRAIN, self.dataset, self.config, str(fold), "-tr", trainer,
-                        "-p", self.plans, "-device", self.a.device], self.env(job),
+        ok = self._run([sys.executable, "-c", TRAIN, self.dataset, self.config, str(fold), "-tr", self.trainer(job),
+                        "-p", self.job_plans(job), "-device", self.a.device], self.env(job),
                        os.path.join(self.out, "logs", f"train_{slug(job['name'])}_f{fold}.log"))
         print(f"  trained {job['name']} fold {fold} in {time.time() - t:.0f} s ({'ok' if ok else 'failed'}) "
               f"[{time.time() - self.t0:.0f} s]", flush=True)
@@ -352,6 +376,7 @@ def run(a) -> int:
           f"{a.epochs} x {a.iters} iterations on {a.device}, {a.parallel} at once", flush=True)
 
     # 1. trainings (plain first: every guide job is compared with it)
+    study.plan_density(jobs)
     with cf.ThreadPoolExecutor(a.parallel) as pool:
         trained = {(j["name"], f): pool.submit(study.train, j, f) for j in jobs for f in j["folds"]}
         trained = {k: v.result() for k, v in trained.items()}

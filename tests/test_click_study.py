@@ -47,3 +47,15 @@ def test_classes_are_separate_and_a_single_case_has_no_interval():
 
 def test_without_a_click_evaluation_there_is_nothing_to_compare():
     assert click_study.prompts_against_clicks({"box": [row(0, "a", "tumor", 0.5, 0.6, 0.6)]}) == []
+
+
+def test_a_density_job_trains_the_density_study_trainer_on_the_density_plans():
+    from types import SimpleNamespace
+    study = SimpleNamespace(plans="nnUNetPlans_small")
+    density, guide, plain = {"name": "d", "density": True}, {"name": "g"}, {"name": "p", "plain": True}
+    assert [click_study.Study.trainer(j) for j in (density, guide, plain)] == [
+        "nnUNetTrainerGuideDensityStudy", "nnUNetTrainerGuideStudy", "nnUNetTrainerStudy"]
+    assert [click_study.Study.job_plans(study, j) for j in (density, guide, plain)] == [
+        "nnUNetPlans_small_density", "nnUNetPlans_small", "nnUNetPlans_small"]
+    from nnunet_guide import trainers
+    assert click_study.DENSITY_TRAINER in trainers.__all__

@@ -15,7 +15,7 @@ from .density import *  # noqa: F401,F403
 from .density import DensityChannels
 from .guide import nnUNetTrainerGuide
 from .short import ShortSchedule, nnUNetTrainerShort
-from .study import nnUNetTrainerGuideStudy, nnUNetTrainerStudy
+from .study import nnUNetTrainerGuideDensityStudy, nnUNetTrainerGuideStudy, nnUNetTrainerStudy
 from .variants import *  # noqa: F401,F403
 
 __all__ = sorted({n for m in (_base, _guide, _short, _study, _variants, _density) for n in dir(m)

@@ -9,6 +9,9 @@ Environment:
     NNUNET_GUIDE_SAVE_EVERY: also save ``checkpoint_epoch{N}.pth`` every N epochs (click gain
         against training length).
     NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS: the short schedule (``ShortSchedule``).
+
+``nnUNetTrainerGuideDensityStudy`` is the same with the density and texture channels of
+``nnUNetTrainerGuideDensity`` (train it with the density plans ``nnUNetv2_guide_plan`` writes).
 """
 import json
 import os
@@ -17,6 +20,7 @@ from os.path import join
 import torch
 
 from ..settings import GuideSettings, GuideSettingsError
+from .density import DensityChannels
 from .guide import nnUNetTrainerGuide
 from .short import ShortSchedule, nnUNetTrainerShort
 
@@ -75,3 +79,7 @@ class nnUNetTrainerStudy(_StudyCheckpoints, nnUNetTrainerShort):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         _apply_oversampling(self, study_options())
+
+
+class nnUNetTrainerGuideDensityStudy(DensityChannels, nnUNetTrainerGuideStudy):
+    """nnUNetTrainerGuideStudy with nnUNetTrainerGuideDensity's prior, case-specific and texture maps."""
