@@ -36,7 +36,10 @@ def analyse_fold(fold_dir: str, reference: str, reach_mm: float) -> List[Dict]:
     model = os.path.dirname(os.path.abspath(fold_dir))
     with open(os.path.join(model, "dataset.json")) as f:
         ending = json.load(f)["file_ending"]
-    with open(os.path.join(model, "guide_settings.json")) as f:
+    settings = os.path.join(model, "guide_settings.json")
+    if not os.path.isfile(settings):
+        raise SystemExit(f"{fold_dir}: {settings} does not exist; give the fold_X folder of a guide model")
+    with open(settings) as f:
         targets = json.load(f)["targets"]
     reader = PlansManager(os.path.join(model, "plans.json")).image_reader_writer_class
     auto_dir, guided_dir = (os.path.join(fold_dir, d) for d in ("validation", "validation_guided"))

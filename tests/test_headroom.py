@@ -114,3 +114,6 @@ def test_benchmark_reads_a_models_validation_folders(tmp_path, capsys):
     os.remove(raw / "c1.nii.gz")
     with pytest.raises(SystemExit, match="case c1: no reference"):
         bench.main([str(model / "fold_0"), "--reference", str(raw)])
+    os.remove(model / "guide_settings.json")
+    with pytest.raises(SystemExit, match="guide_settings.json does not exist"):
+        bench.main([str(model / "fold_0"), "--reference", str(raw)])
