@@ -9,9 +9,11 @@ plain nnU-Net's quality, and teaches clicks early. Trains the variants of a stud
 
 A study file names the dataset, plans, configuration, base ``GuideSettings`` and jobs; each job is
 plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide variant (trainer
-``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``; with
-``"density": true`` ``nnUNetTrainerGuideDensityStudy``, the density and texture channels too, on the
-study's plans with histograms, which ``nnUNetv2_guide_plan`` adds when missing), on its ``folds``. All jobs share the schedule (``--epochs`` x ``--iters``). Per job and fold it uses:
+``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``), on its
+``folds``. A job with ``"density": true`` trains ``nnUNetTrainerGuideDensityStudy`` instead: the
+density and texture channels too, on a copy of the study's plans with histograms, which
+``nnUNetv2_guide_plan`` writes when it is missing. All jobs share the schedule (``--epochs`` x
+``--iters``). Per job and fold it uses:
 
 - nnU-Net's own validation of the fold (``validation/summary.json``, 0 clicks) and the guide
   trainer's guided validation (``validation_guided/summary.json``, one click per object): automatic
