@@ -137,19 +137,19 @@ class Study:
         return PLAIN_TRAINER if job.get("plain") else DENSITY_TRAINER if job.get("density") else GUIDE_TRAINER
 
     def job_plans(self, job: dict) -> str:
-        """The study's plans, or their density copy (``nnUNetv2_guide_plan``'s default name) for a
-        ``"density": true`` job: same preprocessed data, plus the histograms."""
+        """The study's plans, or for a ``"density": true`` job their density copy (same preprocessed
+        data, plus the histograms; :meth:`plan_density` writes it under this name)."""
         return self.plans + "_density" if job.get("density") else self.plans
 
     def plan_density(self, jobs: List[dict]) -> None:
         """``nnUNetv2_guide_plan`` once, when a density job is chosen and its plans are missing."""
         if not any(j.get("density") for j in jobs):
             return
-        folder = os.path.join(self.root, "nnUNet_preprocessed", self.name)
-        if os.path.isfile(os.path.join(folder, self.plans + "_density.json")):
+        target = self.job_plans({"density": True})
+        if os.path.isfile(os.path.join(self.root, "nnUNet_preprocessed", self.name, target + ".json")):
             return
         if not self._run([sys.executable, "-m", "nnunet_guide.cli.plan", "-d", self.dataset, "-c", self.config,
-                          "-p", self.plans],
+                          "-p", self.plans, "-o", target],
                          self.env({"name": "density plans", "plain": True}),
                          os.path.join(self.out, "logs", "plan_density.log")):
             raise SystemExit(f"nnUNetv2_guide_plan failed for {self.name} ({self.plans}): see "
