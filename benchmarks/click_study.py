@@ -12,7 +12,9 @@ plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide var
 ``nnUNetTrainerGuideStudy`` with the base settings updated by the job's ``settings``), on its
 ``folds``. A job with ``"density": true`` trains ``nnUNetTrainerGuideDensityStudy`` instead: the
 density and texture channels too, on a copy of the study's plans with histograms, which
-``nnUNetv2_guide_plan`` writes when it is missing. All jobs share the schedule (``--epochs`` x
+``nnUNetv2_guide_plan`` writes when it is missing; with ``"density": "fold"`` every fold gets its
+own copy, planned from that fold's training cases only (``--fold``), so its held-out cases are not
+in the histograms. All jobs share the schedule (``--epochs`` x
 ``--iters``). Per job and fold it uses:
 
 - nnU-Net's own validation of the fold (``validation/summary.json``, 0 clicks) and the guide
@@ -136,28 +138,33 @@ class Study:
     def trainer(job: dict) -> str:
         return PLAIN_TRAINER if job.get("plain") else DENSITY_TRAINER if job.get("density") else GUIDE_TRAINER
 
-    def job_plans(self, job: dict) -> str:
-        """The study's plans, or for a ``"density": true`` job their density copy (same preprocessed
-        data, plus the histograms; :meth:`plan_density` writes it under this name)."""
-        return self.plans + "_density" if job.get("density") else self.plans
+    def job_plans(self, job: dict, fold: int) -> str:
+        """The study's plans, or for a density job their density copy (same preprocessed data, plus
+        the histograms; :meth:`plan_density` writes it under this name): one for all folds
+        (``"density": true``) or one per fold (``"density": "fold"``)."""
+        density = job.get("density")
+        if density not in (None, False, True, "fold"):
+            raise SystemExit(f"job {job.get('name')!r}: \"density\" is true or \"fold\", got {density!r}")
+        if not density:
+            return self.plans
+        return self.plans + ("_density" if density is True else f"_density_fold{fold}")
 
     def plan_density(self, jobs: List[dict]) -> None:
-        """``nnUNetv2_guide_plan`` once, when a density job is chosen and its plans are missing."""
-        if not any(j.get("density") for j in jobs):
-            return
-        target = self.job_plans({"density": True})
-        if os.path.isfile(os.path.join(self.root, "nnUNet_preprocessed", self.name, target + ".json")):
-            return
-        if not self._run([sys.executable, "-m", "nnunet_guide.cli.plan", "-d", self.dataset, "-c", self.config,
-                          "-p", self.plans, "-o", target],
-                         self.env({"name": "density plans", "plain": True}),
-                         os.path.join(self.out, "logs", "plan_density.log")):
-            raise SystemExit(f"nnUNetv2_guide_plan failed for {self.name} ({self.plans}): see "
-                             f"{os.path.join(self.out, 'logs', 'plan_density.log')}")
+        """``nnUNetv2_guide_plan`` for every density plans file the chosen jobs train on that is
+        missing (``--fold`` for fold-wise ones)."""
+        for plans, fold in sorted({(self.job_plans(j, f), j["density"] == "fold" and f)
+                                   for j in jobs if j.get("density") for f in j["folds"]}, key=str):
+            if os.path.isfile(os.path.join(self.root, "nnUNet_preprocessed", self.name, plans + ".json")):
+                continue
+            log = os.path.join(self.out, "logs", f"plan_{plans}.log")
+            if not self._run([sys.executable, "-m", "nnunet_guide.cli.plan", "-d", self.dataset, "-c", self.config,
+                              "-p", self.plans, "-o", plans] + ([] if fold is False else ["--fold", str(fold)]),
+                             self.env({"name": "density plans", "plain": True}), log):
+                raise SystemExit(f"nnUNetv2_guide_plan failed for {self.name} ({plans}): see {log}")
 
-    def model_folder(self, job: dict) -> str:
+    def model_folder(self, job: dict, fold: int) -> str:
         return os.path.join(self.out, "results", slug(job["name"]), self.name,
-                            f"{self.trainer(job)}__{self.job_plans(job)}__{self.config}")
+                            f"{self.trainer(job)}__{self.job_plans(job, fold)}__{self.config}")
 
     def env(self, job: dict) -> Dict[str, str]:
         from nnunet_guide.paths import trainer_search_path
@@ -186,14 +193,14 @@ class Study:
         return rc == 0
 
     def train(self, job: dict, fold: int) -> Optional[str]:
-        fold_dir = os.path.join(self.model_folder(job), f"fold_{fold}")
+        fold_dir = os.path.join(self.model_folder(job, fold), f"fold_{fold}")
         if os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
             return fold_dir
         if self.late():
             return None
         t = time.time()
         ok = self._run([sys.executable, "-c", TRAIN, self.dataset, self.config, str(fold), "-tr", self.trainer(job),
-                        "-p", self.job_plans(job), "-device", self.a.device], self.env(job),
+                        "-p", self.job_plans(job, fold), "-device", self.a.device], self.env(job),
                        os.path.join(self.out, "logs", f"train_{slug(job['name'])}_f{fold}.log"))
         print(f"  trained {job['name']} fold {fold} in {time.time() - t:.0f} s ({'ok' if ok else 'failed'}) "
               f"[{time.time() - self.t0:.0f} s]", flush=True)
@@ -227,7 +234,7 @@ class Study:
         images = {c: [os.path.join(self.raw, "imagesTs", f"{c}_0000.nii.gz")] for c in cases}
         args = os.path.join(self.out, "logs", f"predict_test_{slug(job['name'])}_f{fold}.json")
         with open(args, "w") as f:
-            json.dump({"model": self.model_folder(job), "fold": fold, "images": images, "out": out,
+            json.dump({"model": self.model_folder(job, fold), "fold": fold, "images": images, "out": out,
                        "device": self.a.device}, f, indent=1)
         ok = self._run([sys.executable, "-c", code, HERE, args], self.env(job),
                        os.path.join(self.out, "logs", f"predict_test_{slug(job['name'])}_f{fold}.log"))
@@ -261,7 +268,7 @@ class Study:
                 folders, cases = ("imagesTs", "labelsTs"), self.test_cases()
             else:
                 folders, cases = ("imagesTr", "labelsTr"), sorted(self.splits[fold]["val"])
-            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job), "-f", str(fold),
+            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job, fold), "-f", str(fold),
                    "-chk", chk, "-i", os.path.join(self.raw, folders[0]), "-r", os.path.join(self.raw, folders[1]),
                    "-o", out, "-n", str(self.a.clicks), "--start", start, "--cases", *cases, "--overlays", "0",
                    "--device", self.a.device]

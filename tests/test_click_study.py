@@ -53,9 +53,13 @@ def test_a_density_job_trains_the_density_study_trainer_on_the_density_plans():
     from types import SimpleNamespace
     study = SimpleNamespace(plans="nnUNetPlans_small")
     density, guide, plain = {"name": "d", "density": True}, {"name": "g"}, {"name": "p", "plain": True}
-    assert [click_study.Study.trainer(j) for j in (density, guide, plain)] == [
-        "nnUNetTrainerGuideDensityStudy", "nnUNetTrainerGuideStudy", "nnUNetTrainerStudy"]
-    assert [click_study.Study.job_plans(study, j) for j in (density, guide, plain)] == [
-        "nnUNetPlans_small_density", "nnUNetPlans_small", "nnUNetPlans_small"]
+    fold_wise = {"name": "f", "density": "fold"}
+    assert [click_study.Study.trainer(j) for j in (density, fold_wise, guide, plain)] == [
+        "nnUNetTrainerGuideDensityStudy", "nnUNetTrainerGuideDensityStudy", "nnUNetTrainerGuideStudy",
+        "nnUNetTrainerStudy"]
+    assert [click_study.Study.job_plans(study, j, 2) for j in (density, fold_wise, guide, plain)] == [
+        "nnUNetPlans_small_density", "nnUNetPlans_small_density_fold2", "nnUNetPlans_small", "nnUNetPlans_small"]
+    with pytest.raises(SystemExit, match="density"):
+        click_study.Study.job_plans(study, {"name": "x", "density": "yes"}, 0)
     from nnunet_guide import trainers
     assert click_study.DENSITY_TRAINER in trainers.__all__

@@ -83,6 +83,7 @@ def test_cli_errors_name_what_is_missing(synthetic):
     assert "no preprocessed dataset '999'" in cli("-d", "999")
     assert "configuration '3d_lowres' is not in" in cli("-d", dataset_id, "-c", "3d_lowres")
     assert "own identifier" in cli("-d", dataset_id, "-o", "nnUNetPlans")
+    assert "fold 7 is not in" in cli("-d", dataset_id, "-c", "3d_fullres", "--fold", "7")
     assert "nnUNetPlans_nothere.json does not exist" in cli("-d", dataset_id, "-p", "nnUNetPlans_nothere")
     with open(os.path.join(folder, "nnUNetPlans.json")) as f:
         plans = json.load(f)
@@ -94,13 +95,53 @@ def test_cli_errors_name_what_is_missing(synthetic):
     assert "nnUNetPlans_moved_3d_fullres does not exist" in err and "nnUNetv2_plan_and_preprocess" in err
 
 
-def _trainer(cls, folder, plans_name, configuration="3d_fullres"):
+def _trainer(cls, folder, plans_name, configuration="3d_fullres", fold=0):
     with open(os.path.join(folder, plans_name + ".json")) as f:
         plans = json.load(f)
     plans["continue_training"] = False   # nnU-Net's run_training adds this before building a trainer
     with open(os.path.join(folder, "dataset.json")) as f:
         dj = json.load(f)
-    return cls(plans, configuration, 0, dj, device=torch.device("cpu"))
+    return cls(plans, configuration, fold, dj, device=torch.device("cpu"))
+
+
+def _fold_split(folder):
+    """The 5-fold split nnU-Net's trainer uses for the synthetic set: its splits_final.json once a
+    training has written it, the same seeded split before."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    path = os.path.join(folder, "splits_final.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    ids = sorted(n[:-len(".nii.gz")] for n in os.listdir(os.path.join(folder, "gt_segmentations")))
+    return generate_crossval_split(ids, seed=12345, n_splits=5)
+
+
+def test_fold_plans_hold_only_the_folds_training_cases_and_other_folds_are_refused(synthetic):
+    """--fold: histograms of one fold's training cases (its held-out cases stay out of the prior),
+    recorded by name; a density trainer of a fold whose held-out cases were planned on refuses in
+    nnU-Net's split step, naming the plans file, both folds and the command that fixes it."""
+    from nnunet_guide.trainers import nnUNetTrainerGuideDensity
+    folder, dataset_id = synthetic["folder"], str(synthetic["id"])
+    dst = plan_density(dataset_id, configurations=["3d_fullres"], source_plans="nnUNetPlans_small", fold=1,
+                       verbose=False)
+    assert dst == os.path.join(folder, "nnUNetPlans_small_density_fold1.json")
+    with open(dst) as f:
+        h = json.load(f)[PLANS_DENSITY_KEY]["configurations"]["3d_fullres"]
+    train = sorted(_fold_split(folder)[1]["train"])
+    assert h["fold"] == 1 and h["training_cases"] == train and h["num_cases"] == len(train) < 6
+
+    tr = _trainer(nnUNetTrainerGuideDensity, folder, "nnUNetPlans_small_density_fold1", fold=1)
+    assert sorted(tr.do_split()[0]) == train                      # its own fold trains
+    tr = _trainer(nnUNetTrainerGuideDensity, folder, "nnUNetPlans_small_density_fold1", fold=0)
+    with pytest.raises(DensityError) as e:
+        tr.do_split()
+    msg = str(e.value)
+    assert "nnUNetPlans_small_density_fold1.json" in msg and "fold 1's training cases" in msg
+    assert "not training cases of fold 0" in msg and "-p nnUNetPlans_small --fold 0" in msg
+
+    with pytest.raises(DensityError, match=r"fold 5 is not in .*folds 0\.\.4"):
+        plan_density(dataset_id, configurations=["3d_fullres"], source_plans="nnUNetPlans_small", fold=5,
+                     verbose=False)
 
 
 def test_density_trainer_without_planned_histograms_is_a_clear_error(synthetic):

@@ -10,6 +10,12 @@ plans file is only read.
 
     nnUNetv2_guide_plan -d 4 [-c 3d_fullres 2d] [-p nnUNetPlans] [-o nnUNetPlans_density]
     nnUNetv2_train 4 3d_fullres 0 -tr nnUNetTrainerDensity -p nnUNetPlans_density
+
+Like nnU-Net's own normalisation statistics, the histograms come from every training case by
+default, so a cross-validation fold's held-out cases are in them. ``--fold F`` plans them from
+fold F's training cases only (nnU-Net's ``splits_final.json``, or the split nnU-Net's trainer
+would create), into ``<source>_density_fold<F>``; the entry lists those cases, and the density
+trainers refuse to train another fold with it.
 """
 from __future__ import annotations
 
@@ -66,11 +72,45 @@ def _label_values(dataset_json: dict) -> List[int]:
     return sorted(vals | {0})
 
 
+def fold_training_cases(dataset_folder: str, fold: int, identifiers: Sequence[str]) -> List[str]:
+    """The training cases of cross-validation fold ``fold``, as nnU-Net's trainer will take them:
+    from ``splits_final.json`` in the preprocessed dataset folder, or, where that file does not
+    exist yet, from the seeded 5-fold split nnU-Net's trainer writes on first use (computed with
+    nnU-Net's own function over ``identifiers``, not written). DensityError naming the file and
+    the value for a fold the split does not have or a case the preprocessed data lacks."""
+    splits_file = os.path.join(dataset_folder, "splits_final.json")
+    if os.path.isfile(splits_file):
+        try:
+            with open(splits_file) as f:
+                splits = json.load(f)
+            _ = [s["train"] for s in splits]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DensityError(f"{splits_file}: not an nnU-Net split file (a list of {{'train': [...], 'val': [...]}}): "
+                               f"{e}") from e
+        source = splits_file
+    else:
+        from nnunetv2.utilities.crossval_split import generate_crossval_split
+        splits = generate_crossval_split(sorted(identifiers), seed=12345, n_splits=5)
+        source = f"nnU-Net's default 5-fold split of {len(identifiers)} cases ({splits_file} does not exist yet)"
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < len(splits):
+        raise DensityError(f"fold {fold!r} is not in {source}: it has folds 0..{len(splits) - 1}")
+    train = [str(c) for c in splits[fold]["train"]]
+    missing = sorted(set(train) - set(identifiers))
+    if missing:
+        raise DensityError(f"{source}, fold {fold}: {len(missing)} training case(s) have no preprocessed data, e.g. "
+                           f"{missing[:3]}")
+    if not train:
+        raise DensityError(f"{source}, fold {fold} has no training case")
+    return train
+
+
 def compute_histograms(data_folder: str, labels: Sequence[int], num_channels: int,
                        channel_names: Optional[Sequence[str]] = None, num_bins: int = DEFAULT_NUM_BINS,
                        max_samples_per_label: int = 20000, max_cases: Optional[int] = None, seed: int = 0,
-                       verbose: bool = True) -> Dict:
-    """Histograms of one preprocessed folder (nnU-Net's dataset classes read the cases).
+                       verbose: bool = True, fold: Optional[int] = None) -> Dict:
+    """Histograms of one preprocessed folder (nnU-Net's dataset classes read the cases): of all its
+    cases, or with ``fold`` of that cross-validation fold's training cases only
+    (:func:`fold_training_cases`; the entry then records ``fold`` and ``training_cases``).
 
     Returns the dict of :meth:`HistogramAccumulator.finalize` plus ``data_identifier``.
     """
@@ -84,6 +124,8 @@ def compute_histograms(data_folder: str, labels: Sequence[int], num_channels: in
     ids = list(dataset.identifiers)
     if not ids:
         raise DensityError(f"{data_folder} holds no preprocessed case")
+    if fold is not None:
+        ids = fold_training_cases(os.path.dirname(os.path.normpath(data_folder)), fold, ids)
     if max_cases is not None and len(ids) > max_cases:
         rng = np.random.default_rng(seed)
         ids = sorted(rng.choice(ids, int(max_cases), replace=False).tolist())
@@ -96,26 +138,31 @@ def compute_histograms(data_folder: str, labels: Sequence[int], num_channels: in
             print(f"  {i + 1}/{len(ids)} cases ({time.time() - t0:.0f} s)", flush=True)
     out = acc.finalize(num_bins, channel_names)
     out["data_identifier"] = os.path.basename(os.path.normpath(data_folder))
+    if fold is not None:
+        out["fold"] = int(fold)
+        out["training_cases"] = sorted(ids)
     return out
 
 
 def plan_density(dataset: str, configurations: Optional[Sequence[str]] = None, source_plans: str = "nnUNetPlans",
                  target_plans: Optional[str] = None, num_bins: int = DEFAULT_NUM_BINS,
                  max_samples_per_label: int = 20000, max_cases: Optional[int] = None, seed: int = 0,
-                 preprocessed_dir: Optional[str] = None, verbose: bool = True) -> str:
+                 preprocessed_dir: Optional[str] = None, verbose: bool = True, fold: Optional[int] = None) -> str:
     """Write ``<target_plans>.json`` next to the source plans; returns its path.
 
     Args:
         dataset: id or name of a preprocessed dataset.
         configurations: which configurations to plan (default: every one whose preprocessed
             folder exists). Configurations sharing a ``data_identifier`` are computed once.
-        source_plans / target_plans: plans identifiers (target default: source + "_density").
+        source_plans / target_plans: plans identifiers (target default: source + "_density", with
+            ``fold`` source + "_density_fold<fold>").
         num_bins, max_samples_per_label, max_cases, seed: see ``HistogramAccumulator``.
+        fold: plan from this cross-validation fold's training cases only (:func:`compute_histograms`).
     Histograms already in the target file for configurations not requested are kept.
     """
     root = _preprocessed_root(preprocessed_dir)
     folder = _dataset_folder(str(dataset), root)
-    target_plans = target_plans or f"{source_plans}_density"
+    target_plans = target_plans or f"{source_plans}_density" + ("" if fold is None else f"_fold{fold}")
     if target_plans == source_plans:
         raise DensityError(f"the derived plans need their own identifier; -o {target_plans} equals -p {source_plans}")
     src = os.path.join(folder, source_plans + ".json")
@@ -161,7 +208,7 @@ def plan_density(dataset: str, configurations: Optional[Sequence[str]] = None, s
             if verbose:
                 print(f"{cfg}: histograms of {data_folder}", flush=True)
             by_ident[ident] = compute_histograms(data_folder, labels, len(names), names, num_bins,
-                                                 max_samples_per_label, max_cases, seed, verbose)
+                                                 max_samples_per_label, max_cases, seed, verbose, fold)
         entries[cfg] = by_ident[ident]
 
     dst = os.path.join(folder, target_plans + ".json")
@@ -171,7 +218,7 @@ def plan_density(dataset: str, configurations: Optional[Sequence[str]] = None, s
             with open(dst) as f:
                 old = json.load(f).get(PLANS_DENSITY_KEY, {}).get("configurations", {})
             kept = {k: v for k, v in old.items() if k not in entries and k in all_cfgs
-                    and v.get("data_identifier") == identifier(k)}
+                    and v.get("data_identifier") == identifier(k) and v.get("fold") == fold}
         except (OSError, json.JSONDecodeError, AttributeError):
             kept = {}
     new = copy.deepcopy(plans)

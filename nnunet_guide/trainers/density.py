@@ -101,6 +101,25 @@ class DensityChannels:
     def build_feature_module(layout: ChannelLayout) -> Optional[nn.Module]:
         return build_density_module(layout)
 
+    def do_split(self):
+        """nnU-Net's split, refused when the histograms were planned for one fold
+        (``nnUNetv2_guide_plan --fold``) and this fold's held-out cases are among their cases:
+        the held-out cases' class intensities would be in the network's prior."""
+        tr_keys, val_keys = super().do_split()
+        planned = self.layout.extra.get(EXTRA_KEY, {}).get("histograms", {}).get("training_cases")
+        if planned is not None:
+            held_out = sorted(set(planned) - set(tr_keys))
+            if held_out:
+                hist = self.layout.extra[EXTRA_KEY]["histograms"]
+                raise DensityError(
+                    f"{self._plans_file()}: its density histograms were planned from fold {hist.get('fold')}'s "
+                    f"training cases, and {len(held_out)} of them are not training cases of fold {self.fold} (e.g. "
+                    f"{held_out[:3]}): train fold {hist.get('fold')} with these plans, or plan fold {self.fold}: "
+                    f"`nnUNetv2_guide_plan -d {self.plans_manager.dataset_name} -c {self.configuration_name} "
+                    f"-p {self.plans_manager.plans.get(PLANS_DENSITY_KEY, {}).get('source_plans', 'nnUNetPlans')} "
+                    f"--fold {self.fold}`")
+        return tr_keys, val_keys
+
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
