@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .clicks import label_objects, mask_bbox
+from .clicks import label_objects, mask_bbox, target_mask
 from .encoding import click_reach_voxels, guide_reach_mm  # noqa: F401  (the reach is the renderer's)
 
 
@@ -73,11 +73,8 @@ def check_pair(reference: np.ndarray, prediction: np.ndarray, case: Optional[str
 
 
 def class_mask(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
-    """Boolean mask of a class: ``seg == labels[0]`` or, for a region, ``isin(seg, labels)``."""
-    labels = tuple(int(v) for v in labels)
-    if len(labels) == 1:
-        return np.asarray(seg) == labels[0]
-    return np.isin(seg, labels)
+    """Boolean mask of a class: ``seg == labels[0]`` or, for a region, any of its labels."""
+    return target_mask(seg, tuple(int(v) for v in labels))
 
 
 def check_label_values(seg: np.ndarray, allowed: Sequence[int], case: Optional[str] = None,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-from ..core.clicks import Click, box_click
+from ..core.clicks import Click, box_click, target_mask
 from ..core.prompts import (PromptError, prompt_step_mm, check_inside, clip_box, lasso_clicks,
                             scribble_clicks)
 from ..inference.click_io import object_sigma
@@ -163,13 +163,13 @@ class GuideModel:
     def mask(self, session: GuidedSession) -> np.ndarray:
         """The served class's current mask (bool) in the client's axis order."""
         seg = session.segmentation
-        m = seg == self.label_values[0] if len(self.label_values) == 1 else np.isin(seg, self.label_values)
+        m = target_mask(seg, self.label_values)
         return self.to_client(m)
 
     def mask_in(self, session: GuidedSession, box: Tuple[slice, ...]) -> np.ndarray:
         """:meth:`mask` inside ``box`` (slices in the client's axis order) only."""
         seg = session.segmentation[tuple(box[i] for i in self.inv)]
-        m = seg == self.label_values[0] if len(self.label_values) == 1 else np.isin(seg, self.label_values)
+        m = target_mask(seg, self.label_values)
         return self.to_client(m)
 
     def changed_box(self, session: GuidedSession) -> Optional[Tuple[slice, ...]]:
