@@ -85,10 +85,11 @@ def main(argv: List[str] = None) -> int:
     for d in a.fold_dirs:
         ref = a.reference
         if ref is None:
-            from nnunetv2.paths import nnUNet_raw
             dataset = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(d))))
-            if nnUNet_raw is None:
-                raise SystemExit("nnUNet_raw is not set: give --reference")
+            nnUNet_raw = os.environ.get("nnUNet_raw")  # nnunetv2.paths' value is a lazy object that raises
+            if not nnUNet_raw:
+                raise SystemExit(f"{d}: nnUNet_raw is not set, so the references of {dataset} cannot be found: give "
+                                 f"--reference (its labelsTr folder)")
             ref = os.path.join(nnUNet_raw, dataset, "labelsTr")
         rows += analyse_fold(d, ref, a.reach_mm)
 
