@@ -268,10 +268,10 @@ class Study:
                 folders, cases = ("imagesTs", "labelsTs"), self.test_cases()
             else:
                 folders, cases = ("imagesTr", "labelsTr"), sorted(self.splits[fold]["val"])
-            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job, fold), "-f", str(fold),
-                   "-chk", chk, "-i", os.path.join(self.raw, folders[0]), "-r", os.path.join(self.raw, folders[1]),
-                   "-o", out, "-n", str(self.a.clicks), "--start", start, "--cases", *cases, "--overlays", "0",
-                   "--device", self.a.device]
+            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job, fold),
+                   "-f", str(fold), "-chk", chk, "-i", os.path.join(self.raw, folders[0]),
+                   "-r", os.path.join(self.raw, folders[1]), "-o", out, "-n", str(self.a.clicks), "--start", start,
+                   "--cases", *cases, "--overlays", "0", "--device", self.a.device]
             if plain:
                 cmd += ["--plain", plain]
             for c in self.spec.get("classes", []):

@@ -85,8 +85,8 @@ def fold_training_cases(dataset_folder: str, fold: int, identifiers: Sequence[st
                 splits = json.load(f)
             _ = [s["train"] for s in splits]
         except (OSError, ValueError, TypeError, KeyError) as e:
-            raise DensityError(f"{splits_file}: not an nnU-Net split file (a list of {{'train': [...], 'val': [...]}}): "
-                               f"{e}") from e
+            raise DensityError(f"{splits_file}: not an nnU-Net split file (a list of "
+                               f"{{'train': [...], 'val': [...]}}): {e}") from e
         source = splits_file
     else:
         from nnunetv2.utilities.crossval_split import generate_crossval_split
