@@ -83,10 +83,12 @@ def fold_training_cases(dataset_folder: str, fold: int, identifiers: Sequence[st
         try:
             with open(splits_file) as f:
                 splits = json.load(f)
-            _ = [s["train"] for s in splits]
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError) as e:
+            raise DensityError(f"{splits_file} cannot be read as JSON: {e}") from e
+        if not isinstance(splits, list) or not all(isinstance(s, dict) and isinstance(s.get("train"), list)
+                                                   for s in splits):
             raise DensityError(f"{splits_file}: not an nnU-Net split file (a list of "
-                               f"{{'train': [...], 'val': [...]}}): {e}") from e
+                               f"{{'train': [...], 'val': [...]}} per fold)")
         source = splits_file
     else:
         from nnunetv2.utilities.crossval_split import generate_crossval_split
