@@ -144,6 +144,21 @@ def test_fold_plans_hold_only_the_folds_training_cases_and_other_folds_are_refus
                      verbose=False)
 
 
+@pytest.mark.parametrize("content, message", [
+    ("[{\"train\": [\"a\"]", "cannot be read as JSON"),            # cut short
+    ("{\"train\": [\"a\"]}", "not an nnU-Net split file"),          # a dict, not a list of folds
+    ("[{\"val\": [\"a\"]}]", "not an nnU-Net split file"),          # a fold without 'train'
+    ("[{\"train\": \"a\"}]", "not an nnU-Net split file"),          # 'train' not a list
+])
+def test_a_malformed_split_file_is_named_in_the_error(tmp_path, content, message):
+    from nnunet_guide.preprocessing.density_plans import fold_training_cases
+    splits_file = tmp_path / "splits_final.json"
+    splits_file.write_text(content)
+    with pytest.raises(DensityError, match=message) as e:
+        fold_training_cases(str(tmp_path), 0, ["a", "b"])
+    assert str(splits_file) in str(e.value)
+
+
 def test_density_trainer_without_planned_histograms_is_a_clear_error(synthetic):
     from nnunet_guide.trainers import nnUNetTrainerDensity
     with pytest.raises(DensityError) as e:
