@@ -11,7 +11,8 @@
    runs ``nnUNetv2_guide_evaluate`` (simulated user, ``-n`` click steps, ``--start``) into
    ``DIR/eval_<checkpoint>``.
 3. Prints, per guided class: automatic Dice of the guide model vs plain nnU-Net, Dice gain of the
-   first click step and per click, harmful-click rate (Dice fell by more than 0.005), largest fall,
+   first click step and per click, harmful-click rate (Dice fell by more than 0.005), clicks not
+   followed (the output still disagrees with the click at its voxel), largest fall,
    lesions lost per click (and those lost on a click at another lesion), the Dice change beyond the
    guide's reach, and NSD (2 mm) and FP/FN volume at 0 and N steps; then the issue's aims.
 
@@ -73,7 +74,9 @@ def report_lines(summary, label: str):
             "checkpoint": label, "class": name, "plain": plain.get("mean_dice"), "auto": auto,
             "auto_minus_plain": None if plain.get("mean_dice") is None else auto - plain["mean_dice"],
             "gain_first_click_step": gain1, "gain_per_click": h["mean_gain"], "dice_n": g["mean_dice"][n],
-            "clicks": h["n_clicks"], "n_harmful": h.get("n_harmful"), "by_sign": h.get("by_sign") or {}, "harmful_fraction": h["harmful_fraction"], "largest_fall": h["largest_fall"],
+            "clicks": h["n_clicks"], "n_harmful": h.get("n_harmful"), "by_sign": h.get("by_sign") or {},
+            "harmful_fraction": h["harmful_fraction"], "largest_fall": h["largest_fall"],
+            "n_not_followed": h.get("n_not_followed"), "not_followed_fraction": h.get("not_followed_fraction"),
             "lesions_lost_per_click": h["lesions_lost_per_click"],
             "lesions_lost_elsewhere": h["lesions_lost_elsewhere"],
             "far_dice_change_mean": h["far_dice_change_mean"], "far_dice_change_largest": h["far_dice_change_largest"],
@@ -90,7 +93,8 @@ def print_table(rows) -> None:
             ("auto", "auto Dice", 3), ("auto_minus_plain", "auto-plain", -3),
             ("gain_first_click_step", "gain 1st click", -3),
             ("gain_per_click", "gain/click", -3), ("dice_n", "Dice N", 3), ("clicks", "clicks", None),
-            ("harmful_fraction", "harmful", 3), ("largest_fall", "largest fall", 3),
+            ("harmful_fraction", "harmful", 3), ("not_followed_fraction", "not followed", 3),
+            ("largest_fall", "largest fall", 3),
             ("lesions_lost_per_click", "lost/click", 3), ("lesions_lost_elsewhere", "lost elsewhere", None),
             ("far_dice_change_mean", "far-Dice chg", -4), ("nsd_0", "NSD 0", 3), ("nsd_n", "NSD N", 3),
             ("plain_nsd", "plain NSD", 3)]

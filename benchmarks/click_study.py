@@ -314,7 +314,10 @@ def pooled(rows: List[dict]) -> dict:
     harmful = sum(r["n_harmful"] for r in rows)
     by_sign = {k: [sum((r["by_sign"].get(k) or {}).get(f, 0) for r in rows) for f in ("n_harmful", "n_clicks")]
                for k in ("positive", "negative")} if all(r["by_sign"] for r in rows) else None  # older reports
+    ignored = [sum((r["by_sign"].get(k) or {}).get("n_not_followed", 0) for r in rows) for k in ("positive", "negative")]
+    known = all(r.get("not_followed_fraction") is not None for r in rows)  # older reports have none
     return {"clicks": n, "n_harmful": harmful, "harmful_ci95": proportion_ci(harmful, n), "by_sign": by_sign,
+            "not_followed": ignored if known and by_sign else None,
             "harmful_fraction": w("harmful_fraction"), "gain_per_click": w("gain_per_click"),
             "lesions_lost_per_click": w("lesions_lost_per_click"),
             "lesions_lost_elsewhere": sum(r["lesions_lost_elsewhere"] or 0 for r in rows),
@@ -451,11 +454,13 @@ def run(a) -> int:
               "is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same cases). "
               "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt "
               "is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks after which "
-              "the class's Dice fell by more than 0.005, with its Wilson 95% interval.", "",
+              "the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: clicks after which "
+              "the output still disagreed with the click at its own voxel.", "",
               "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
               "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
-              "largest fall | lesions lost/click | lost elsewhere | far-Dice change |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "not followed: positive / negative clicks | largest fall | lesions lost/click | lost elsewhere | "
+              "far-Dice change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
         if j.get("plain"):
             continue
@@ -478,10 +483,13 @@ def run(a) -> int:
                 n_cases = sum(s.get("n_cases") or 0 for s in summaries) or "-"
                 signs = " / ".join("{} of {}".format(*p["by_sign"][k]) for k in ("positive", "negative")) \
                     if p["by_sign"] else "-"
+                ignored = " / ".join(f"{m} of {p['by_sign'][k][1]}"
+                                     for m, k in zip(p["not_followed"], ("positive", "negative"))) \
+                    if p["not_followed"] else "-"
                 lines.append(f"| {j['name']} | {where} ({n_cases}) | {start} | {chk[:-4]} | {cname} | {p['clicks']} | "
                              f"{steps} | {f3(p['auc'])} | {f3(p['auto_minus_plain'], True)} | "
                              f"{f3(p['gain_first_click_step'], True)} | {f3(p['gain_per_click'], True)} | "
-                             f"{harm} | {signs} | "
+                             f"{harm} | {signs} | {ignored} | "
                              f"{f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")

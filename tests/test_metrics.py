@@ -316,6 +316,23 @@ def test_click_effect_hand_computed():
     assert (e.far_dice_before, e.far_dice_after, e.far_changed_voxels, e.n_far_voxels) == (1.0, 0.5, 4, 16)
 
 
+def test_click_effect_followed():
+    ref, before, after = _click_on_one_lesion()  # after: voxels 2..6 of the class
+    # a positive click inside the output after it, or a negative one outside it, was followed
+    assert click_effect(ref, before, after, [(4.0,)], click_signs=[True]).followed is True
+    assert click_effect(ref, before, after, [(9.0,)], click_signs=[False]).followed is True
+    # a positive click on lesion B (lost after) and a negative one on the new false positive (6) were not
+    assert click_effect(ref, before, after, [(13.0,)], click_signs=[True]).followed is False
+    assert click_effect(ref, before, after, [(6.0,)], click_signs=[False]).followed is False
+    # a step is followed only if all its clicks are; positions round to the nearest voxel
+    assert click_effect(ref, before, after, [(4.0,), (13.0,)], click_signs=[True, True]).followed is False
+    assert click_effect(ref, before, after, [(6.4,), (9.0,)], click_signs=[True, False]).followed is True
+    assert click_effect(ref, before, after, [(6.6,)], click_signs=[True]).followed is False  # voxel 7
+    assert click_effect(ref, before, after, [(4.0,)]).followed is None  # no signs: not recorded
+    with pytest.raises(ValueError, match="case 'c'.*2 click signs for 1 clicks"):
+        click_effect(ref, before, after, [(4.0,)], case="c", click_signs=[True, False])
+
+
 def test_click_effect_gain_tolerance_and_no_far_region():
     ref, before, after = _click_on_one_lesion()
     gain = click_effect(ref, after, before, [(13.0,)])  # the reverse: B found again

@@ -324,12 +324,17 @@ def test_harm_is_counted_per_click_and_reported(tmp_path):
     md = open(tmp_path / "report.md").read()
     # 0 of 4 harmful: Wilson 95% interval [0, 1.96^2 / (4 + 1.96^2)] = [0, 0.490]
     assert h["harmful_ci95"][0] == 0.0 and h["harmful_ci95"][1] == pytest.approx(3.8416 / 7.8416)
-    assert h["by_sign"]["positive"] == {"n_clicks": 4, "n_harmful": 0, "harmful_fraction": 0.0,
+    assert h["by_sign"]["positive"] == {"n_clicks": 4, "n_harmful": 0, "harmful_fraction": 0.0, "n_not_followed": 0,
                                         "mean_gain": pytest.approx(h["mean_gain"])}
+    # every click found the tumour it was placed in: all followed
+    assert [e["followed"] for e in eff] == [True, True] and (h["n_not_followed"], h["not_followed_fraction"]) == (0, 0.0)
+    assert [r["followed"] for r in rows] == ["1"] * 4 and [r["clicks_not_followed"] for r in per_case] == ["0"] * 4
     assert h["by_sign"]["negative"]["n_clicks"] == 0 and h["by_sign"]["negative"]["harmful_fraction"] is None
     assert rows[0]["positive"] == "1"
     assert "## Does a click harm?" in md and "| tumor | 4 | 0 (0.000; 0.000-0.490) | 0 of 4 / 0 of 0 | 0.000 |" in md
     assert "2 (2)" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| tumor | 4 | 0 (0.000;")]
+    assert row.endswith("| 0 of 4 / 0 of 0 |")  # not followed, positive / negative
 
 
 def test_a_harmful_click_is_flagged():
@@ -349,6 +354,9 @@ def test_a_harmful_click_is_flagged():
     assert h["harmful_fraction"] == 1.0 and h["largest_fall"] == pytest.approx(e["dice_before"])
     assert e.get("far_dice_before") is None  # no guide settings given: no far region
     assert (h["by_sign"]["positive"]["n_harmful"], h["by_sign"]["negative"]["n_clicks"]) == (1, 0)
+    # the clicked voxel is still not tumour: the click was not followed
+    assert e["followed"] is False and (h["n_not_followed"], h["not_followed_fraction"]) == (1, 1.0)
+    assert h["not_followed_ci95"][0] == pytest.approx(1 / (1 + 3.8416))  # Wilson, 1 of 1
 
     # the same with one false-positive voxel instead: the user's click is negative, and harmful
     auto[3, 4, 4] = 2
@@ -358,8 +366,9 @@ def test_a_harmful_click_is_flagged():
                    log=lambda m: None)
     (e,) = res.records[0]["effects"]
     assert e["positive"] is False and e["harmful"]
+    assert e["followed"] is True  # the clicked voxel left the tumour class (with every true tumour voxel)
     h = summarize(res.records)["guided"]["tumor"]["harm"]
-    assert h["by_sign"]["negative"] == {"n_clicks": 1, "n_harmful": 1, "harmful_fraction": 1.0,
+    assert h["by_sign"]["negative"] == {"n_clicks": 1, "n_harmful": 1, "harmful_fraction": 1.0, "n_not_followed": 0,
                                         "mean_gain": pytest.approx(-e["dice_before"])}
 
 

@@ -612,6 +612,9 @@ class ClickEffect:
             both empty there gives 1.0, as everywhere.
         far_changed_voxels: far voxels whose membership of the class changed.
         n_far_voxels: size of the far region.
+        followed: for point clicks with their signs given, whether the output now agrees with every
+            click at its own voxel (a positive click's voxel in the class, a negative one's outside
+            it); False is a click the user sees do nothing where they clicked. None without signs.
     """
     dice_before: float
     dice_after: float
@@ -623,6 +626,7 @@ class ClickEffect:
     far_dice_after: Optional[float] = None
     far_changed_voxels: Optional[int] = None
     n_far_voxels: Optional[int] = None
+    followed: Optional[bool] = None
 
     @property
     def change(self) -> float:
@@ -651,7 +655,8 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
                  click_positions: Sequence[Sequence[float]] = (), far_mask: Optional[np.ndarray] = None,
                  connectivity: int = 2, min_dice: float = 0.0, harm_tolerance: float = HARM_TOLERANCE,
                  case: Optional[str] = None, detection_before: Optional[LesionDetection] = None,
-                 detection_after: Optional[LesionDetection] = None, exclude_connected: bool = True) -> ClickEffect:
+                 detection_after: Optional[LesionDetection] = None, exclude_connected: bool = True,
+                 click_signs: Sequence[bool] = ()) -> ClickEffect:
     """The effect of one click step on the clicked class.
 
     Args:
@@ -668,6 +673,8 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
             (reference | before | after) that reaches into the guide's reach: a clicked object
             larger than the reach may rightly change beyond it; what stays is what no click
             touches, not even through the object it lies in.
+        click_signs: the point clicks' signs (True = positive), one per position, to tell whether
+            the output followed them (``ClickEffect.followed``); empty to skip.
     """
     ref = np.asarray(reference_mask, bool)
     before, after = np.asarray(before_mask, bool), np.asarray(after_mask, bool)
@@ -681,13 +688,17 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
         raise ValueError(f"{_case_prefix(case)}lesion counts differ before/after ({hit0.size} vs {hit1.size}); "
                          f"the detections must come from the same reference")
     lost = tuple(int(j) for j in np.flatnonzero(hit0 & ~hit1))
+    if len(click_signs) and len(click_signs) != len(click_positions):
+        raise ValueError(f"{_case_prefix(case)}{len(click_signs)} click signs for {len(click_positions)} clicks")
+    voxels = [tuple(int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(pos, ref.shape)) for pos in click_positions]
     clicked: List[int] = []
-    if len(click_positions):
+    if voxels:
         lab, _ = label_objects(ref, connectivity)
-        for pos in click_positions:
-            idx = tuple(int(np.clip(round(float(v)), 0, n - 1)) for v, n in zip(pos, ref.shape))
+        for idx in voxels:
             if lab[idx] and int(lab[idx]) - 1 not in clicked:
                 clicked.append(int(lab[idx]) - 1)
+    followed = (all(bool(after[idx]) == bool(sign) for idx, sign in zip(voxels, click_signs))
+                if len(click_signs) else None)
     far = {}
     if far_mask is not None:
         fm = np.asarray(far_mask, bool)
@@ -702,4 +713,4 @@ def click_effect(reference_mask: np.ndarray, before_mask: np.ndarray, after_mask
                    far_changed_voxels=int(np.count_nonzero(before[fm] != after[fm])),
                    n_far_voxels=int(fm.sum()))
     return ClickEffect(float(d0), float(d1), bool(d0 - d1 > harm_tolerance), int(hit0.sum()), lost,
-                       tuple(sorted(clicked)), **far)
+                       tuple(sorted(clicked)), **far, followed=followed)

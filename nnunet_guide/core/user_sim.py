@@ -18,7 +18,8 @@ instead gives one 3D box per reference object of every guided class, the object'
 ``start="scribble"`` one scribble per reference object, on its largest axial cross-section.
 
 Every step records what it did to each clicked class (:class:`StepEffect`): Dice before and after,
-lesions lost, and the Dice beyond the guide's reach of every prompt so far.
+lesions lost, the Dice beyond the guide's reach of every prompt so far, and for point clicks whether
+the output followed each click at its own voxel.
 
 The user is deterministic: the same prediction and reference give the same click, so no seed
 is needed here; evaluation runs are repeatable as long as the model's prediction is.
@@ -367,7 +368,8 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             name = same[t]
             det = (traces[name].detection[-2], traces[name].detection[-1]) if name else (None, None)
             eff = click_effect(r, p0, p1, [c.position for c in mine], far, connectivity, detection_min_dice,
-                               harm_tolerance, case_id, *det)
+                               harm_tolerance, case_id, *det,
+                               click_signs=[bool(c.positive) for c in mine] if kind == "point" else ())
             signs = {bool(c.positive) for c in mine}
             effects.append(StepEffect(step, t, kind, tuple(tuple(c.position) for c in mine), eff,
                                       signs.pop() if len(signs) == 1 else None))

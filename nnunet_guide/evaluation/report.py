@@ -241,10 +241,13 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
     ``lesions_lost_elsewhere`` (of those, not the clicked lesion), their rate per click and their
     count per step (``lesions_lost_per_step``, index = step, 0 for the automatic result);
     ``far_dice_change_mean`` / ``far_dice_change_largest`` (signed change of largest magnitude) of
-    the Dice beyond the guide's reach, and ``far_changed_voxels``; ``by_sign``: ``n_clicks``,
-    ``n_harmful``, ``harmful_fraction`` and ``mean_gain`` of the positive and of the negative clicks
-    apart (a user's click on a miss, or on a false positive). Fractions and means over no clicks
-    are None.
+    the Dice beyond the guide's reach, and ``far_changed_voxels``; ``n_not_followed`` and
+    ``not_followed_fraction`` (with ``not_followed_ci95``): clicks after which the output still
+    disagreed with the click at its own voxel, of the clicks that record it (``followed``; an older
+    results.json has none: 0 and None); ``by_sign``: ``n_clicks``, ``n_harmful``,
+    ``harmful_fraction``, ``n_not_followed`` and ``mean_gain`` of the positive and of the negative
+    clicks apart (a user's click on a miss, or on a false positive). Fractions and means over no
+    clicks are None.
     """
     n = len(effects)
     per_step = [0] * (n_steps + 1)
@@ -254,6 +257,9 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
     lost = sum(len(e["lesions_lost"]) for e in effects)
     harmful = sum(1 for e in effects if e["harmful"])
     ci = proportion_ci(harmful, n)
+    known = [e["followed"] for e in effects if e.get("followed") is not None]
+    ignored = known.count(False)
+    ci_ignored = proportion_ci(ignored, len(known))
     return {
         "n_clicks": n,
         "n_harmful": harmful,
@@ -269,6 +275,9 @@ def harm_summary(effects: Sequence[Mapping[str, Any]], n_steps: int) -> Dict[str
         "far_dice_change_largest": max(far, key=abs) if far else None,
         "far_changed_voxels": sum(e["far_changed_voxels"] for e in effects if e.get("far_changed_voxels") is not None)
         if far else None,
+        "n_not_followed": ignored,
+        "not_followed_fraction": ignored / len(known) if known else None,
+        "not_followed_ci95": list(ci_ignored) if ci_ignored else None,
         "by_sign": {name: _sign_summary([e for e in effects if e.get("positive") is sign])
                     for name, sign in (("positive", True), ("negative", False))},
     }
@@ -278,12 +287,20 @@ def _signs(harm: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     """The positive and the negative clicks' summaries of a :func:`harm_summary` (of an older
     results.json too, which has none: zero counts)."""
     by = harm.get("by_sign") or {}
-    return [by.get(k) or {"n_clicks": 0, "n_harmful": 0} for k in ("positive", "negative")]
+    return [by.get(k) or {"n_clicks": 0, "n_harmful": 0, "n_not_followed": 0} for k in ("positive", "negative")]
+
+
+def _not_followed(harm: Mapping[str, Any]) -> str:
+    """'k of n' per sign, of a :func:`harm_summary` ('-' where no click recorded it)."""
+    if harm.get("not_followed_fraction") is None:
+        return "-"
+    return " / ".join(f"{s.get('n_not_followed', 0)} of {s['n_clicks']}" for s in _signs(harm))
 
 
 def _sign_summary(effects: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     n, harmful = len(effects), sum(1 for e in effects if e["harmful"])
     return {"n_clicks": n, "n_harmful": harmful, "harmful_fraction": harmful / n if n else None,
+            "n_not_followed": sum(1 for e in effects if e.get("followed") is False),
             "mean_gain": _mean([e["dice_after"] - e["dice_before"] for e in effects])}
 
 
@@ -313,7 +330,7 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
              "plain_dice", "plain_recall", "plain_precision",
              "nsd_0", f"nsd_{n}", "fp_mm3_0", "fn_mm3_0", f"fp_mm3_{n}", f"fn_mm3_{n}",
              "clicks", "harmful_clicks", "largest_fall", "lesions_lost", "lesions_lost_elsewhere",
-             "far_dice_change_largest", "plain_nsd", "plain_fp_mm3", "plain_fn_mm3"]
+             "far_dice_change_largest", "plain_nsd", "plain_fp_mm3", "plain_fn_mm3", "clicks_not_followed"]
     rows: List[List[Any]] = [head]
     for r in records:
         for name, c in r["classes"].items():
@@ -331,6 +348,7 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
             row += [h["n_clicks"], h["n_harmful"], h["largest_fall"], h["lesions_lost"], h["lesions_lost_elsewhere"],
                     h["far_dice_change_largest"]]
             row += [p.get("nsd"), p.get("fp_mm3"), p.get("fn_mm3")] if p else [None] * 3
+            row += [h["n_not_followed"]]
             rows.append(row)
     paths.append(os.path.join(out_dir, "per_case.csv"))
     _csv_atomic(rows, paths[-1])
@@ -354,7 +372,7 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
 
     rows = [["case", "step", "class", "kind", "positive", "positions", "dice_before", "dice_after", "change", "harmful",
              "lesions_detected_before", "lesions_lost", "lesions_lost_elsewhere", "clicked_lesions",
-             "far_dice_before", "far_dice_after", "far_changed_voxels", "n_far_voxels"]]
+             "far_dice_before", "far_dice_after", "far_changed_voxels", "n_far_voxels", "followed"]]
     for r in records:
         for e in r.get("effects", ()):
             sign = e.get("positive")
@@ -363,11 +381,13 @@ def write_csvs(out_dir: str, records: Sequence[Mapping[str, Any]], summary: Mapp
                          e["dice_before"], e["dice_after"], e["change"], int(e["harmful"]),
                          e["lesions_detected_before"], len(e["lesions_lost"]), len(e["lesions_lost_elsewhere"]),
                          " ".join(str(j) for j in e["clicked_lesions"]), e.get("far_dice_before"),
-                         e.get("far_dice_after"), e.get("far_changed_voxels"), e.get("n_far_voxels")])
+                         e.get("far_dice_after"), e.get("far_changed_voxels"), e.get("n_far_voxels"),
+                         None if e.get("followed") is None else int(e["followed"])])
     paths.append(os.path.join(out_dir, "clicks.csv"))
     _csv_atomic(rows, paths[-1])
 
-    harm_keys = ["harmful_fraction", "largest_fall", "mean_gain", "lesions_lost_per_click", "far_dice_change_mean"]
+    harm_keys = ["harmful_fraction", "largest_fall", "mean_gain", "lesions_lost_per_click", "far_dice_change_mean",
+                 "not_followed_fraction"]
     rows = [["class", "method", "mean_dice", "global_dice", "lesion_recall", "lesion_precision", "dice_auc"]
             + [f"noc{_tkey(t)}_mean" for t in thresholds] + [f"noc{_tkey(t)}_failed" for t in thresholds]
             + ["mean_nsd", "mean_fp_mm3", "mean_fn_mm3", "clicks"] + harm_keys]
@@ -619,7 +639,8 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
            f"{HARM_TOLERANCE}; "
            "*lesions lost* = reference lesions detected before the click and missed after it (*elsewhere*: not the "
            "clicked lesion); *far Dice* = the class's Dice restricted to voxels beyond the guide's reach from every "
-           "click so far, after minus before (it should not move).", ""]
+           "click so far, after minus before (it should not move); *not followed* = after the click the output "
+           "still disagreed with it at the clicked voxel (a click that did nothing where the user clicked).", ""]
     rows = []
     for name, g in guided.items():
         h = g["harm"]
@@ -629,10 +650,12 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
                      if h["n_clicks"] else "0",
                      " / ".join(f"{s['n_harmful']} of {s['n_clicks']}" for s in _signs(h)),
                      h["largest_fall"], h["mean_gain"], f"{h['lesions_lost']} ({h['lesions_lost_elsewhere']})",
-                     h["lesions_lost_per_click"], h["far_dice_change_mean"], h["far_dice_change_largest"]])
+                     h["lesions_lost_per_click"], h["far_dice_change_mean"], h["far_dice_change_largest"],
+                     _not_followed(h)])
     out.append(_md_table(["class", "clicks", "harmful (fraction; Wilson 95% interval)", "harmful: positive / negative",
                           "largest fall", "mean Dice gain per click", "lesions lost (elsewhere)",
-                          "lesions lost per click", "far-Dice change, mean", "far-Dice change, largest"], rows))
+                          "lesions lost per click", "far-Dice change, mean", "far-Dice change, largest",
+                          "not followed: positive / negative"], rows))
     for kind in PROMPT_STARTS:
         rows = [[name, g[f"{kind}_effect"]["n_clicks"], g[f"{kind}_effect"]["mean_gain"],
                  g[f"{kind}_effect"]["lesions_lost"]] for name, g in guided.items() if g.get(f"{kind}_effect")]
