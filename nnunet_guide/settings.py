@@ -156,6 +156,12 @@ class GuideSettings:
             click changes the segmentation near it only, so a click on one lesion cannot lose
             another. Costs one extra forward pass (no backward) of the guided samples per step.
             0 (default) switches it off.
+        click_weight: weight of the click-following term: at the voxel of every point click of a
+            training sample (simulated and correction clicks), the cross-entropy between the output
+            and the click (the clicked class there for a positive click, not there for a negative
+            one). nnU-Net's loss counts a click's voxel like any other of the patch's; this term
+            asks that the output at least agree with the user where they clicked. No extra forward
+            pass. 0 (default) switches it off.
         guide_entry: where the guide channels enter the network. ``"input"`` (default): as input
             channels only, as in the original work. ``"every_stage"``: also into every encoder
             stage, as a zero-initialised 1x1 convolution of the guides max-pooled to the stage's
@@ -189,6 +195,7 @@ class GuideSettings:
     max_object_clicks: int = 3
     consistency_weight: float = 0.0
     guide_entry: str = "input"
+    click_weight: float = 0.0
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -212,9 +219,10 @@ class GuideSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")
-        if not (isinstance(self.consistency_weight, (int, float)) and math.isfinite(self.consistency_weight)
-                and self.consistency_weight >= 0):
-            raise GuideSettingsError(f"consistency_weight must be a finite number >= 0, got {self.consistency_weight!r}")
+        for name in ("consistency_weight", "click_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise GuideSettingsError(f"{name} must be a finite number >= 0, got {v!r}")
         if self.p_box + self.p_scribble > 1.0:
             raise GuideSettingsError(f"p_box + p_scribble must be at most 1 (they split the positive prompts), got "
                                      f"{self.p_box} + {self.p_scribble}")

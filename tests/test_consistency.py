@@ -82,3 +82,95 @@ def test_trainer_step_with_the_consistency_term(nnunet_paths, one_torch_thread):
         torch.testing.assert_close(automatic, tr.network(unguided)[0].float())  # the model's own automatic output
     out = tr.train_step(next(dl_tr))
     assert np.isfinite(out["loss"]) and tr.loss.reference is None  # cleared for validation steps
+
+
+# ---- the click-following term (GuideSettings.click_weight) ---------------------------------------
+
+def _clicks(*clicks, capacity=4):
+    from nnunet_guide.core.encoding import pack_click_batch
+    return pack_click_batch([list(clicks)], 2, capacity)
+
+
+def test_click_following_penalty_is_the_cross_entropy_at_the_clicked_voxels():
+    from nnunet_guide.core.clicks import Click
+    from nnunet_guide.core.consistency import click_following_penalty
+    logits = torch.zeros(1, 3, 1, 4)          # labels 0, 1, 2: p = 1/3 each
+    logits[0, 2, 0, 1] = np.log(2.0)          # voxel 1: p = (1/4, 1/4, 1/2)
+    channels = [(2,), (1, 2)]                 # guided classes: label 2, and labels 1 + 2
+    packed = _clicks(Click(0, (0.0, 1.4), True),                      # q = 1/2 (rounds to voxel 1)
+                     Click(1, (0.0, 2.0), False),                     # q = 2/3: -log(1/3)
+                     Click(0, (0.0, 2.0), True, (2.0, 2.0), "box"))   # boxes are skipped
+    assert click_following_penalty(logits, packed, channels).item() == pytest.approx((np.log(2) + np.log(3)) / 2)
+    # positions beyond the patch are clamped to its edge (voxel 3: q = 1/3)
+    far_out = _clicks(Click(0, (0.0, 7.0), True))
+    assert click_following_penalty(logits, far_out, channels).item() == pytest.approx(np.log(3))
+    # regions: each class is one sigmoid channel
+    assert click_following_penalty(torch.zeros(1, 1, 1, 4), _clicks(Click(0, (0.0, 0.0), False)), [(0,)],
+                                   regions=True).item() == pytest.approx(np.log(2))
+    # no point click: 0, and a gradient of zeros (the loss still backpropagates)
+    x = torch.zeros(1, 3, 1, 4, requires_grad=True)
+    none = click_following_penalty(x, _clicks(), channels)
+    none.backward()
+    assert none.item() == 0.0 and x.grad.abs().sum() == 0
+
+
+def test_click_following_pulls_the_clicked_voxel_towards_the_click():
+    from nnunet_guide.core.clicks import Click
+    from nnunet_guide.core.consistency import click_following_penalty
+    x = torch.zeros(1, 3, 1, 4, requires_grad=True)
+    click_following_penalty(x, _clicks(Click(0, (0.0, 1.0), True), Click(0, (0.0, 3.0), False)), [(2,)]).backward()
+    g = x.grad[0, :, 0]
+    assert g[2, 1] < 0 and g[2, 3] > 0          # descent raises label 2 at the positive click, lowers it at the negative
+    assert g[:, 0].abs().sum() == 0 and g[:, 2].abs().sum() == 0  # unclicked voxels get nothing
+
+
+def test_loss_wrapper_adds_the_weighted_click_term_only_with_clicks():
+    from nnunet_guide.core.clicks import Click
+    base = lambda out, tgt: out[0].float().mean() * 0 + 1.0  # noqa: E731
+    loss = GuideConsistencyLoss(base, 0.0, regions=False, click_weight=2.0, class_channels=[(1,)])
+    out = [torch.zeros(2, 2, 1, 3), torch.zeros(2, 2, 1, 1)]
+    assert float(loss(out, None)) == 1.0
+    loss.clicks = torch.cat((_clicks(Click(0, (0.0, 0.0), True)), _clicks()))  # sample 0 only: q = 1/2
+    assert float(loss(out, None)) == pytest.approx(1.0 + 2.0 * np.log(2))
+
+
+def test_class_channels_of_labels_and_regions():
+    from types import SimpleNamespace
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from nnunet_guide.settings import GuidedTarget
+    organ, lesion = GuidedTarget("organ", (1, 2)), GuidedTarget("lesion", (2,))
+    regions = LabelManager({"background": 0, "organ": [1, 2], "lesion": 2}, regions_class_order=[1, 2])
+    trainer = SimpleNamespace(label_manager=regions, layout=SimpleNamespace(targets=[lesion, organ]))
+    assert nnUNetTrainerGuide.class_channels(trainer) == [(1,), (0,)]
+    trainer.layout.targets = [GuidedTarget("one", (1,))]
+    with pytest.raises(GuideSettingsError, match=r"'one' \(labels \[1\]\) is none of this dataset's regions"):
+        nnUNetTrainerGuide.class_channels(trainer)
+    labels = LabelManager({"background": 0, "organ": 1, "lesion": 2}, regions_class_order=None)
+    assert nnUNetTrainerGuide.class_channels(SimpleNamespace(label_manager=labels, layout=SimpleNamespace(
+        targets=[lesion, organ]))) == [(2,), (1, 2)]
+    with pytest.raises(GuideSettingsError, match="click_weight"):
+        GuideSettings(click_weight=float("nan"))
+
+
+class FollowsClicks(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(click_weight=1.0, p_drop=0.0)
+
+
+def test_trainer_step_with_the_click_term(nnunet_paths, one_torch_thread, monkeypatch):
+    import nnunet_guide.trainers.guide as guide_module
+    tr = make_trainer(FollowsClicks, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    assert isinstance(tr.loss, GuideConsistencyLoss) and tr.loss.click_weight == 1.0
+    assert tr.loss.class_channels == [tuple(t.labels) for t in tr.layout.targets]
+    terms, real = [], guide_module.click_following_penalty
+
+    def penalty(out, clicks, channels, regions):
+        terms.append(real(out, clicks, channels, regions))
+        return terms[-1]
+
+    monkeypatch.setattr(guide_module, "click_following_penalty", penalty)
+    dl_tr, _ = tr.get_dataloaders()
+    out = tr.train_step(next(dl_tr))
+    # the step's loss had the term, over the batch's own clicks at full resolution
+    assert len(terms) == 1 and terms[0].item() > 0 and terms[0].requires_grad
+    assert np.isfinite(out["loss"]) and tr.loss.clicks is None and tr.loss.reference is None  # cleared

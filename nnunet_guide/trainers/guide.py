@@ -18,7 +18,7 @@ import os
 import shutil
 import zlib
 from os.path import isdir, isfile, join
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from ..core.clicks import validation_clicks
-from ..core.consistency import consistency_penalty, far_from_guides
+from ..core.consistency import click_following_penalty, consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.device_user import densest_error_clicks, uses_device_user
 from ..core.encoding import (append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides,
@@ -76,23 +76,35 @@ def guided_dataset_class(base_cls, layout: ChannelLayout, spacing, slice_axis: O
 
 
 class GuideConsistencyLoss(nn.Module):
-    """nnU-Net's loss plus ``weight`` x the guide consistency term
-    (:func:`nnunet_guide.core.consistency.consistency_penalty`) of the current training batch,
-    whose automatic reference the trainer sets around nnU-Net's ``train_step`` (None otherwise:
-    validation steps get nnU-Net's loss unchanged)."""
+    """nnU-Net's loss plus the guide terms of the current training batch:
 
-    def __init__(self, loss: nn.Module, weight: float, regions: bool):
+    - ``weight`` x the consistency term (:func:`nnunet_guide.core.consistency.consistency_penalty`),
+      when the trainer has set ``reference`` (the guided rows, their automatic output, the far voxels);
+    - ``click_weight`` x the click-following term
+      (:func:`nnunet_guide.core.consistency.click_following_penalty`), when it has set ``clicks``
+      (the batch's packed clicks; ``class_channels``: the output channels of each guided class).
+
+    The trainer sets both around nnU-Net's ``train_step`` only, so validation steps get nnU-Net's
+    loss unchanged."""
+
+    def __init__(self, loss: nn.Module, weight: float, regions: bool, click_weight: float = 0.0,
+                 class_channels: Sequence[Sequence[int]] = ()):
         super().__init__()
         self.loss, self.weight, self.regions = loss, float(weight), regions
+        self.click_weight, self.class_channels = float(click_weight), [tuple(c) for c in class_channels]
         self.reference: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.clicks: Optional[torch.Tensor] = None
 
     def forward(self, output, target):
         loss = self.loss(output, target)
-        if self.reference is None:
-            return loss
-        rows, automatic, far = self.reference
         out = output[0] if isinstance(output, (list, tuple)) else output
-        return loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
+        if self.reference is not None:
+            rows, automatic, far = self.reference
+            loss = loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
+        if self.clicks is not None:
+            loss = loss + self.click_weight * click_following_penalty(out, self.clicks, self.class_channels,
+                                                                      self.regions)
+        return loss
 
 
 class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
@@ -209,17 +221,38 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
             self.add_correction_clicks(batch)
         if not isinstance(self.loss, GuideConsistencyLoss):
             return super().train_step(batch)
-        self.loss.reference = self.automatic_reference(batch)
+        g = self.layout.guide
+        self.loss.reference = self.automatic_reference(batch) if g.consistency_weight > 0 else None
+        self.loss.clicks = batch["clicks"] if g.click_weight > 0 else None
         try:
             return super().train_step(batch)
         finally:
-            self.loss.reference = None
+            self.loss.reference = self.loss.clicks = None
 
     def _build_loss(self):
         loss = super()._build_loss()
-        if self.layout.guide.consistency_weight <= 0:
+        g = self.layout.guide
+        if g.consistency_weight <= 0 and g.click_weight <= 0:
             return loss
-        return GuideConsistencyLoss(loss, self.layout.guide.consistency_weight, self.label_manager.has_regions)
+        return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions, g.click_weight,
+                                    self.class_channels())
+
+    def class_channels(self) -> List[Tuple[int, ...]]:
+        """Per guided class, the network's output channels that make it up: its label values
+        (softmax output, one channel per label), or the channel of the region with exactly its
+        labels (region-based training; a guided class that is no region is refused)."""
+        lm = self.label_manager
+        if not lm.has_regions:
+            return [tuple(int(v) for v in t.labels) for t in self.layout.targets]
+        regions = [tuple(sorted(int(v) for v in np.atleast_1d(r))) for r in lm.foreground_regions]
+        out = []
+        for t in self.layout.targets:
+            want = tuple(sorted(int(v) for v in t.labels))
+            if want not in regions:
+                raise GuideSettingsError(f"click_weight > 0: guided class {t.name!r} (labels {list(want)}) is none of "
+                                         f"this dataset's regions {[list(r) for r in regions]}")
+            out.append((regions.index(want),))
+        return out
 
     @torch.no_grad()
     def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
