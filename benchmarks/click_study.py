@@ -314,7 +314,8 @@ def pooled(rows: List[dict]) -> dict:
     harmful = sum(r["n_harmful"] for r in rows)
     by_sign = {k: [sum((r["by_sign"].get(k) or {}).get(f, 0) for r in rows) for f in ("n_harmful", "n_clicks")]
                for k in ("positive", "negative")} if all(r["by_sign"] for r in rows) else None  # older reports
-    ignored = [sum((r["by_sign"].get(k) or {}).get("n_not_followed", 0) for r in rows) for k in ("positive", "negative")]
+    ignored = [sum((r["by_sign"].get(k) or {}).get("n_not_followed", 0) for r in rows)
+               for k in ("positive", "negative")]
     known = all(r.get("not_followed_fraction") is not None for r in rows)  # older reports have none
     return {"clicks": n, "n_harmful": harmful, "harmful_ci95": proportion_ci(harmful, n), "by_sign": by_sign,
             "not_followed": ignored if known and by_sign else None,
@@ -454,8 +455,8 @@ def run(a) -> int:
               "is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same cases). "
               "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt "
               "is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks after which "
-              "the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: clicks after which "
-              "the output still disagreed with the click at its own voxel.", "",
+              "the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: clicks after "
+              "which the output still disagreed with the click at its own voxel.", "",
               "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
               "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
               "not followed: positive / negative clicks | largest fall | lesions lost/click | lost elsewhere | "

@@ -120,7 +120,7 @@ def test_click_following_pulls_the_clicked_voxel_towards_the_click():
     x = torch.zeros(1, 3, 1, 4, requires_grad=True)
     click_following_penalty(x, _clicks(Click(0, (0.0, 1.0), True), Click(0, (0.0, 3.0), False)), [(2,)]).backward()
     g = x.grad[0, :, 0]
-    assert g[2, 1] < 0 and g[2, 3] > 0          # descent raises label 2 at the positive click, lowers it at the negative
+    assert g[2, 1] < 0 and g[2, 3] > 0  # descent raises label 2 at the positive click, lowers it at the negative
     assert g[:, 0].abs().sum() == 0 and g[:, 2].abs().sum() == 0  # unclicked voxels get nothing
 
 

@@ -327,7 +327,8 @@ def test_harm_is_counted_per_click_and_reported(tmp_path):
     assert h["by_sign"]["positive"] == {"n_clicks": 4, "n_harmful": 0, "harmful_fraction": 0.0, "n_not_followed": 0,
                                         "mean_gain": pytest.approx(h["mean_gain"])}
     # every click found the tumour it was placed in: all followed
-    assert [e["followed"] for e in eff] == [True, True] and (h["n_not_followed"], h["not_followed_fraction"]) == (0, 0.0)
+    assert [e["followed"] for e in eff] == [True, True]
+    assert (h["n_not_followed"], h["not_followed_fraction"]) == (0, 0.0)
     assert [r["followed"] for r in rows] == ["1"] * 4 and [r["clicks_not_followed"] for r in per_case] == ["0"] * 4
     assert h["by_sign"]["negative"]["n_clicks"] == 0 and h["by_sign"]["negative"]["harmful_fraction"] is None
     assert rows[0]["positive"] == "1"
