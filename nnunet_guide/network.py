@@ -62,6 +62,64 @@ def build_stage_guides(base: nn.Module, layout: ChannelLayout) -> Optional[Stage
     return StageGuides(len(layout.guide_channel_indices), list(widths), enc.conv_op)
 
 
+class AutomaticNormStatistics:
+    """Instance normalisation with the statistics of automatic mode (``norm_statistics =
+    "automatic"``): forward hooks on every instance norm of a network. In a ``record`` pass (the
+    samples with their guides removed, no gradient) each norm's per-sample, per-channel mean and
+    variance are kept; in the ``apply`` pass that follows (the same samples with their guides,
+    among others) the samples listed in ``rows`` are normalised with the kept statistics instead of
+    their own, the others as nnU-Net normalises. Norms that track running statistics are left alone.
+    Outside the two passes the hooks do nothing."""
+
+    def __init__(self, network: nn.Module):
+        self.norms = [m for m in network.modules()
+                      if isinstance(m, nn.modules.instancenorm._InstanceNorm) and not m.track_running_stats]
+        self.mode: Optional[str] = None
+        self.stats: List = []
+        self.index = 0
+        self.rows: Optional[torch.Tensor] = None
+        for m in self.norms:
+            m.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        if self.mode is None:
+            return None
+        x = inputs[0].float()
+        dims = tuple(range(2, x.ndim))
+        if self.mode == "record":
+            self.stats.append((x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)))
+            return None
+        if self.index >= len(self.stats):
+            raise RuntimeError("automatic norm statistics: the guided pass ran more instance norms than the "
+                               "automatic pass recorded")
+        mean, var = self.stats[self.index]
+        self.index += 1
+        mean = x.mean(dims, keepdim=True).index_copy(0, self.rows, mean)
+        var = x.var(dims, keepdim=True, unbiased=False).index_copy(0, self.rows, var)
+        y = (x - mean) / torch.sqrt(var + module.eps)
+        if module.affine:
+            shape = (1, -1) + (1,) * len(dims)
+            y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
+        return y.to(output.dtype)
+
+    def run(self, network_pass, automatic: torch.Tensor, guided: torch.Tensor, rows: torch.Tensor):
+        """``network_pass(guided)`` with the samples ``rows`` normalised as ``automatic`` (those
+        samples without their guides) is normalised."""
+        self.stats, self.index, self.rows = [], 0, rows
+        try:
+            with torch.no_grad():
+                self.mode = "record"
+                network_pass(automatic)
+            self.mode = "apply"
+            out = network_pass(guided)
+            if self.index != len(self.stats):
+                raise RuntimeError(f"automatic norm statistics: the automatic pass ran {len(self.stats)} instance "
+                                   f"norms, the guided pass {self.index}")
+            return out
+        finally:
+            self.mode, self.stats, self.rows = None, [], None
+
+
 class ExtraChannelNetwork(nn.Module):
     """Wraps an nnU-Net network built for ``layout.num_channels`` input channels: the image
     channels, the layout's guide channels (if any) and its computed channels (if any).
@@ -76,7 +134,9 @@ class ExtraChannelNetwork(nn.Module):
     *spatial) and returns what ``base`` returns. ``decoder`` and ``encoder`` are the base
     network's, so nnU-Net's deep-supervision switch keeps working. With ``guide_entry =
     "every_stage"`` the wrapper runs the base encoder's stages itself and adds ``stage_guides``
-    to each stage's output before the decoder (see :class:`StageGuides`).
+    to each stage's output before the decoder (see :class:`StageGuides`). With ``norm_statistics
+    = "automatic"`` the samples with clicks are normalised with the statistics of their automatic
+    pass (:class:`AutomaticNormStatistics`).
     """
 
     def __init__(self, base: nn.Module, layout: ChannelLayout, feature_module: Optional[nn.Module] = None):
@@ -88,6 +148,9 @@ class ExtraChannelNetwork(nn.Module):
         self.no_guide_value = layout.guide.no_guide_value if layout.guide is not None else 0.0
         self.num_channels = layout.num_channels
         self.stage_guides = build_stage_guides(base, layout)
+        automatic = (layout.guide is not None and self.num_guide_channels
+                     and getattr(layout.guide, "norm_statistics", "with_guides") == "automatic")
+        self._norm_statistics = AutomaticNormStatistics(self) if automatic else None
 
     @property
     def decoder(self):
@@ -117,7 +180,16 @@ class ExtraChannelNetwork(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor):
-        x = self.complete_input(x)
+        if self._norm_statistics is not None and x.shape[1] == self.num_fed_channels:
+            guides = x[:, self.num_image_channels:self.num_fed_channels]
+            rows = torch.nonzero((guides != self.no_guide_value).flatten(1).any(1)).flatten()
+            if rows.numel():
+                automatic = self.complete_input(x[rows][:, :self.num_image_channels])
+                return self._norm_statistics.run(self._run, automatic, self.complete_input(x), rows)
+        return self._run(self.complete_input(x))
+
+    def _run(self, x: torch.Tensor):
+        """The base network (with the stage guides, if any) on all its input channels."""
         if self.stage_guides is None:
             return self.base(x)
         guides = x[:, self.num_image_channels:self.num_fed_channels]

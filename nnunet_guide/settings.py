@@ -27,6 +27,7 @@ ENCODINGS = ("gaussian", "object_gaussian", "exp_distance", "ball")
 CLICK_POLICIES = ("center", "interior", "random")
 CORRECTION_USERS = ("densest_error", "largest_error")
 GUIDE_ENTRIES = ("input", "every_stage")
+NORM_STATISTICS = ("with_guides", "automatic")
 
 
 def _is_int(v: Any) -> bool:
@@ -168,6 +169,17 @@ class GuideSettings:
             grid, added to its output (:class:`nnunet_guide.network.StageGuides`), so a click
             reaches the deep, coarse stages directly instead of through the first convolutions
             only. Settings files without the field load as ``"input"``.
+        norm_statistics: where the network's instance normalisations take their mean and variance
+            in a sample with clicks. ``"with_guides"`` (default): from the features as they are,
+            clicks included, as nnU-Net normalises. A click then shifts every feature map's mean
+            and variance, so it moves the output everywhere in the patch, not only within its
+            reach; a model trained to follow clicks strongly learns to use this, and a click on
+            one lesion lowers the probability of lesions far from it (docs/evaluation.md).
+            ``"automatic"``: from the same sample with its guides removed (an extra forward pass
+            without gradient, of the samples with clicks only), so the statistics, and with them
+            everything beyond a click's receptive field, are those of automatic mode. Samples
+            without clicks normalise as nnU-Net does. Settings files without the field load as
+            ``"with_guides"``.
     """
 
     guided_labels: Optional[Tuple[Union[str, int], ...]] = None
@@ -196,6 +208,7 @@ class GuideSettings:
     consistency_weight: float = 0.0
     guide_entry: str = "input"
     click_weight: float = 0.0
+    norm_statistics: str = "with_guides"
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -207,6 +220,9 @@ class GuideSettings:
         if self.correction_user not in CORRECTION_USERS:
             raise GuideSettingsError(f"unknown correction user {self.correction_user!r}; expected one of "
                                      f"{', '.join(CORRECTION_USERS)}")
+        if self.norm_statistics not in NORM_STATISTICS:
+            raise GuideSettingsError(f"unknown norm_statistics {self.norm_statistics!r}; expected one of "
+                                     f"{', '.join(NORM_STATISTICS)}")
         if self.guide_entry not in GUIDE_ENTRIES:
             raise GuideSettingsError(f"unknown guide entry {self.guide_entry!r}; expected one of "
                                      f"{', '.join(GUIDE_ENTRIES)}")

@@ -174,3 +174,27 @@ def test_trainer_step_with_the_click_term(nnunet_paths, one_torch_thread, monkey
     # the step's loss had the term, over the batch's own clicks at full resolution
     assert len(terms) == 1 and terms[0].item() > 0 and terms[0].requires_grad
     assert np.isfinite(out["loss"]) and tr.loss.clicks is None and tr.loss.reference is None  # cleared
+
+
+class AutomaticNorms(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(click_weight=1.0, p_drop=0.0, norm_statistics="automatic")
+
+
+def test_trainer_step_with_automatic_norm_statistics(nnunet_paths, one_torch_thread):
+    """nnU-Net's own network, normalised with automatic statistics: every guided training step
+    records them in a pass without the guides, then trains."""
+    tr = make_trainer(AutomaticNorms, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    stats = tr.network._norm_statistics
+    assert stats is not None and len(stats.norms) > 0
+    calls, real = [], stats.run
+
+    def run(*args):
+        calls.append(len(args[-1]))
+        return real(*args)
+
+    stats.run = run
+    dl_tr, _ = tr.get_dataloaders()
+    out = tr.train_step(next(dl_tr))
+    assert calls and calls[0] > 0 and np.isfinite(out["loss"])
+    assert stats.mode is None and not stats.stats

@@ -124,3 +124,70 @@ def test_a_click_keeps_its_peak_on_coarse_grids(dim):
     expected = torch.zeros(1, 2, *(2,) * dim)
     expected[(slice(None), slice(None)) + (1,) * dim] = 0.7
     torch.testing.assert_close(out, expected)
+
+
+def stats_layout(norm_statistics: str, entry: str = "input"):
+    return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
+                        GuideSettings(guide_entry=entry, norm_statistics=norm_statistics), ["CT"])
+
+
+def stats_pair(entry: str = "input", deep_supervision: bool = False):
+    """The same 2D weights, normalised with the guides (nnU-Net's way) and with automatic statistics."""
+    torch.manual_seed(0)
+    base = unet(2, deep_supervision=deep_supervision)
+    other = unet(2, deep_supervision=deep_supervision)
+    other.load_state_dict(base.state_dict())
+    nets = (ExtraChannelNetwork(base, stats_layout("with_guides", entry)),
+            ExtraChannelNetwork(other, stats_layout("automatic", entry)))
+    if entry == "every_stage":
+        with torch.no_grad():
+            for net in nets:
+                for p in net.stage_guides.proj:
+                    p.weight.fill_(0.5)
+    return nets
+
+
+@pytest.mark.parametrize("entry", ["input", "every_stage"])
+def test_automatic_norm_statistics_keep_a_click_local(entry):
+    """A click in one corner of a 64x64 image, far beyond the 3-stage U-Net's receptive field: with
+    nnU-Net's instance norms it moves the output in the opposite corner (the click shifts every
+    feature map's mean and variance); with the automatic statistics the far corner is exactly the
+    automatic output, while the click still acts near itself. A sample without clicks in the same
+    batch is normalised as nnU-Net normalises."""
+    shared, automatic = stats_pair(entry)
+    torch.manual_seed(1)
+    x = torch.zeros(2, 5, 64, 64)
+    x[:, 0] = torch.randn(2, 64, 64)
+    x[0, 3, 1:5, 1:5] = 1.0                                   # a positive lesion click (a 4x4 blob), sample 0
+    with torch.no_grad():
+        auto_shared, auto_automatic = shared(x[:, :1]), automatic(x[:, :1])
+        torch.testing.assert_close(auto_shared, auto_automatic, rtol=0, atol=0)  # automatic mode: unchanged
+        a, b = shared(x), automatic(x)
+    far = (slice(None), slice(40, None), slice(40, None))
+    assert (a[0][far] - auto_shared[0][far]).abs().max() > 1e-4     # nnU-Net's norms: the click moves the far corner
+    torch.testing.assert_close(b[0][far], auto_automatic[0][far], rtol=1e-5, atol=1e-5)
+    assert (b[0][:, :8, :8] - auto_automatic[0][:, :8, :8]).abs().max() > 1e-3  # and still acts where it is
+    torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-5)   # sample 1 has no click
+
+
+def test_automatic_norm_statistics_train_and_keep_deep_supervision():
+    shared, automatic = stats_pair(deep_supervision=True)
+    automatic.train()
+    torch.manual_seed(2)
+    x = torch.zeros(2, 5, 32, 32)
+    x[:, 0] = torch.randn(2, 32, 32)
+    x[1, 2, 10:12, 10:12] = 1.0
+    out = automatic(x)
+    assert isinstance(out, (list, tuple)) and len(out) == 2
+    sum(o.square().mean() for o in out).backward()
+    grads = [p.grad for p in automatic.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert automatic.base.encoder.stages[0][0].convs[0].conv.weight.grad[:, 2].abs().sum() > 0  # the guide's weights train
+    assert automatic._norm_statistics.mode is None and not automatic._norm_statistics.stats
+
+
+def test_norm_statistics_setting():
+    with pytest.raises(GuideSettingsError, match="unknown norm_statistics 'batch'.*with_guides, automatic"):
+        GuideSettings(norm_statistics="batch")
+    assert GuideSettings.from_dict({}).norm_statistics == "with_guides"   # settings files written before the field
+    assert GuideSettings.from_dict(GuideSettings(norm_statistics="automatic").to_dict()).norm_statistics == "automatic"
