@@ -1,13 +1,15 @@
 """Cost of a training-step option against nnUNetTrainerGuide, on the same batches, plans and data.
 
-    python benchmarks/bench_train_step.py [--variant density|correction] [--preprocessed FOLDER]
+    python benchmarks/bench_train_step.py [--variant density|correction|automatic_norms] [--preprocessed FOLDER]
                                           [--plans nnUNetPlans] [--configuration 3d_fullres]
                                           [--batches 6] [--rounds 3]
 
 ``--variant density`` (default): nnUNetTrainerGuideDensity, whose density and texture maps are
 computed inside the network (aim: 1.15 or less). ``--variant correction``:
 nnUNetTrainerGuideCorrection, whose training step first predicts the batch and adds correction
-clicks at the model's errors (p_correction 0.5, 1-2 rounds).
+clicks at the model's errors (p_correction 0.5, 1-2 rounds). ``--variant automatic_norms``: the guide
+trainer with ``norm_statistics = "automatic"``, whose guided samples first run once without their
+guides (no gradient) for the instance norms' statistics.
 
 Both trainers take the same fed channels (image + guide channels), so the data pipeline is
 shared and only the training step differs. Batches are drawn once from the guide trainer's
@@ -49,7 +51,7 @@ def make_trainer(cls, pp, plans_name, configuration):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preprocessed", help="nnUNet_preprocessed/DatasetXXX folder (planned + preprocessed)")
-    p.add_argument("--variant", choices=("density", "correction"), default="density")
+    p.add_argument("--variant", choices=("density", "correction", "automatic_norms"), default="density")
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--plans", default="nnUNetPlans", help="source plans; density histograms are added as "
                                                            "<plans>_density")
@@ -74,7 +76,11 @@ def main(argv=None):
     plan_density(os.path.basename(os.path.normpath(pp)), [args.configuration], args.plans, density_plans,
                  preprocessed_dir=os.path.dirname(os.path.abspath(pp)), verbose=False)
     guide = make_trainer(nnUNetTrainerGuide, pp, density_plans, args.configuration)
-    variant_cls = {"density": nnUNetTrainerGuideDensity, "correction": nnUNetTrainerGuideCorrection}[args.variant]
+    class nnUNetTrainerGuideAutomaticNorms(nnUNetTrainerGuide):
+        guide_settings = nnUNetTrainerGuide.guide_settings.replace(norm_statistics="automatic")
+
+    variant_cls = {"density": nnUNetTrainerGuideDensity, "correction": nnUNetTrainerGuideCorrection,
+                   "automatic_norms": nnUNetTrainerGuideAutomaticNorms}[args.variant]
     other = make_trainer(variant_cls, pp, density_plans, args.configuration)
     # same starting weights for the shared part would not change timing; same batches do matter
     dl, _ = guide.get_dataloaders()

@@ -2,7 +2,7 @@
 describes every reference lesion a click step lost.
 
     python benchmarks/lost_lesions.py MODEL_FOLDER -f FOLD --clicks EVAL/clicks.csv --case CASE \\
-        -i IMAGES -r LABELS [-chk checkpoint_final.pth] [--device cpu]
+        -i IMAGES -r LABELS [-chk checkpoint_final.pth] [--device cpu] [--automatic-norms]
 
 ``clicks.csv`` is the one ``nnUNetv2_guide_evaluate`` wrote for this model and fold; its point
 clicks (array indices) are replayed in order with :class:`GuidedSession` (exact updates, no test-time
@@ -17,6 +17,9 @@ augmentation, as the evaluation predicts). After each step it prints, per guided
 - (same grid only) the mean change of the class's probability by distance from the step's clicks
   (``--bins`` mm), over the voxels where it was above 0.2 before: a click that acts through its
   guide's reach only leaves the far bins at 0; a click that moves the whole output does not.
+
+``--automatic-norms`` replays with the instance norms of clicked samples taking the statistics of
+their automatic pass (``norm_statistics = "automatic"``), on a model trained either way.
 
 Prints numbers; asserts nothing. Boxes and scribbles (evaluations with ``--start``) are not replayed.
 """
@@ -68,6 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bins", type=float, nargs="+", default=[0, 5, 10, 20, 40, 80],
                     help="distance bins (mm) of the probability change; the last is open")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--automatic-norms", action="store_true",
+                    help="replay with norm_statistics 'automatic', whatever the model was trained with")
     a = ap.parse_args(argv)
 
     import SimpleITK as sitk
@@ -84,6 +89,9 @@ def main(argv=None) -> None:
     spacing = np.array(ref_img.GetSpacing()[::-1], float)
     session = GuidedSession.from_model_folder(a.model, folds=(a.fold,), checkpoint_name=a.checkpoint,
                                               device=torch.device(a.device))
+    if a.automatic_norms and session.predictor.network._norm_statistics is None:
+        from nnunet_guide.network import AutomaticNormStatistics
+        session.predictor.network._norm_statistics = AutomaticNormStatistics(session.predictor.network)
     session.set_image(images)
     regions = session.predictor.label_manager.has_regions
     same_grid = tuple(session.preprocessed_shape) == ref.shape and not regions
