@@ -69,7 +69,12 @@ class AutomaticNormStatistics:
     variance are kept; in the ``apply`` pass that follows (the same samples with their guides,
     among others) the samples listed in ``rows`` are normalised with the kept statistics instead of
     their own, the others as nnU-Net normalises. Norms that track running statistics are left alone.
-    Outside the two passes the hooks do nothing."""
+    Outside the two passes the hooks do nothing.
+
+    The automatic statistics of a window do not depend on its clicks, so an interactive session
+    keeps them (``cache``, a dict it owns, with :meth:`begin_window` naming the window before it
+    is predicted): a click then costs one pass, not two. Calls within one window (folds, mirrors)
+    are told apart by their order, which nnU-Net's predictor keeps fixed."""
 
     def __init__(self, network: nn.Module):
         self.norms = [m for m in network.modules()
@@ -78,6 +83,10 @@ class AutomaticNormStatistics:
         self.stats: List = []
         self.index = 0
         self.rows: Optional[torch.Tensor] = None
+        self.cache: Optional[dict] = None
+        self.window = None
+        self.calls = 0
+        self.recorded = 0  # automatic passes run (not taken from the cache)
         for m in self.norms:
             m.register_forward_hook(self._hook)
 
@@ -102,14 +111,23 @@ class AutomaticNormStatistics:
             y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
         return y.to(output.dtype)
 
-    def run(self, network_pass, automatic: torch.Tensor, guided: torch.Tensor, rows: torch.Tensor):
-        """``network_pass(guided)`` with the samples ``rows`` normalised as ``automatic`` (those
-        samples without their guides) is normalised."""
+    def run(self, network_pass, automatic, guided: torch.Tensor, rows: torch.Tensor):
+        """``network_pass(guided)`` with the samples ``rows`` normalised as ``automatic()`` (the
+        input of those samples without their guides; called only when not kept) is normalised."""
+        key = None
+        if self.cache is not None and self.window is not None:
+            key, self.calls = (self.window, self.calls, tuple(rows.tolist())), self.calls + 1
         self.stats, self.index, self.rows = [], 0, rows
         try:
-            with torch.no_grad():
-                self.mode = "record"
-                network_pass(automatic)
+            if key is not None and key in self.cache:
+                self.stats = self.cache[key]
+            else:
+                with torch.no_grad():
+                    self.mode = "record"
+                    network_pass(automatic())
+                self.recorded += 1
+                if key is not None:
+                    self.cache[key] = self.stats
             self.mode = "apply"
             out = network_pass(guided)
             if self.index != len(self.stats):
@@ -118,6 +136,16 @@ class AutomaticNormStatistics:
             return out
         finally:
             self.mode, self.stats, self.rows = None, [], None
+
+    def begin_window(self, window) -> None:
+        """Name the window the next network calls predict (a hashable key; None: no caching)."""
+        self.window, self.calls = window, 0
+
+
+def automatic_norm_statistics(network: nn.Module) -> Optional[AutomaticNormStatistics]:
+    """The :class:`AutomaticNormStatistics` of a (possibly compiled) wrapped network, or None."""
+    return getattr(network, "_norm_statistics", None) or getattr(getattr(network, "_orig_mod", None),
+                                                                 "_norm_statistics", None)
 
 
 class ExtraChannelNetwork(nn.Module):
@@ -184,7 +212,9 @@ class ExtraChannelNetwork(nn.Module):
             guides = x[:, self.num_image_channels:self.num_fed_channels]
             rows = torch.nonzero((guides != self.no_guide_value).flatten(1).any(1)).flatten()
             if rows.numel():
-                automatic = self.complete_input(x[rows][:, :self.num_image_channels])
+                def automatic():
+                    with torch.no_grad():
+                        return self.complete_input(x[rows][:, :self.num_image_channels])
                 return self._norm_statistics.run(self._run, automatic, self.complete_input(x), rows)
         return self._run(self.complete_input(x))
 

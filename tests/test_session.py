@@ -210,3 +210,40 @@ def test_add_clicks_is_one_action_one_local_patch(model, image):
     with pytest.raises(ClickFileError, match="outside"):
         s.add_clicks([Click(1, (99.0, 0.0, 0.0))], "bad")
     assert not s.history
+
+
+@pytest.fixture(scope="module")
+def model_automatic_norms(tmp_path_factory):
+    ensure_trainers_discoverable()
+    layout = tiny_layout(sigma_mm=1.0)
+    layout = type(layout)(**{**vars(layout), "guide": layout.guide.replace(norm_statistics="automatic")})
+    return make_model_folder(str(tmp_path_factory.mktemp("model_norms")), folds=(0, 1), layout=layout)
+
+
+def test_automatic_norm_statistics_in_a_session(model_automatic_norms, image):
+    """A model normalising clicked samples with their automatic statistics: the session's updates
+    equal a from-scratch guided prediction (two folds, mirroring), and the automatic statistics of
+    a window are computed once per image: a second click in the same windows adds none."""
+    path, img = image
+    p = predictor(model_automatic_norms, folds=(0, 1), mirroring=True)
+    s = GuidedSession(p)
+    s.set_image(path)
+    folds = [v.network._norm_statistics for v in p.fold_predictors()]
+    assert len(folds) == 2 and all(n.norms and n.cache == {} for n in folds)  # no click yet: nothing kept
+    norms = folds[1]
+    data, props = p.preprocess(path)
+    phys = img.TransformContinuousIndexToPhysicalPoint((20.0, 18.0, 8.0))
+    info = s.add_click(phys, "lesion")
+    n_cached, n_recorded = len(norms.cache), norms.recorded
+    assert n_cached > 0 and n_cached % 8 == 0 and len(folds[0].cache) == n_cached  # per window: 8 mirrorings
+    clicks = p.clicks_to_preprocessed([ClickSpec(phys, "lesion")], "big", props, data.shape[1:])
+    fresh = predictor(model_automatic_norms, folds=(0, 1), mirroring=True)  # no cache: two passes per call
+    guided = fresh.predict_logits_from_preprocessed_data(fresh.add_guides(data, clicks, props)).float()
+    assert_close_to_nnunet(s, guided)
+    s.add_click(phys, "lesion", positive=False)     # the same windows again: the kept statistics
+    assert s.last_update.tiles_predicted == info.tiles_predicted
+    assert len(norms.cache) == n_cached and norms.recorded == n_recorded == n_cached  # no automatic pass again
+    torch.testing.assert_close(s.logits, s.full_logits())
+    s.reset()
+    auto = fresh.predict_logits_from_preprocessed_data(data).float()
+    assert_close_to_nnunet(s, auto)

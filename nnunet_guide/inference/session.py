@@ -50,6 +50,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
 from ..core.clicks import Click
 from ..core.coords import PreprocessedGeometry
+from ..network import automatic_norm_statistics
 from .click_io import ClickFileError, ClickSpec, click_targets, object_sigma, resolve_clicks
 from .predictor import GuidedPredictor
 
@@ -112,10 +113,24 @@ class GuidedSession:
         """Fold-averaged (mirrored, if enabled) network output of one window
         (:meth:`GuidedPredictor.predict_window`): (K, *window); a 2D window gets a singleton slice
         axis."""
-        out = self.predictor.predict_window(self._x[slicer])
+        window = tuple((s.start, s.stop) for s in slicer if isinstance(s, slice))
+        norms = self._automatic_norms()
+        for n in norms:  # the window's automatic statistics are kept: a click costs one pass
+            n.begin_window(window)
+        try:
+            out = self.predictor.predict_window(self._x[slicer])
+        finally:
+            for n in norms:
+                n.begin_window(None)
         if self._is_2d:
             out = out[:, None]
         return out
+
+    def _automatic_norms(self) -> list:
+        """Per fold network, its :class:`~nnunet_guide.network.AutomaticNormStatistics` (none for
+        models normalising as nnU-Net does)."""
+        norms = (automatic_norm_statistics(v.network) for v in self.predictor.fold_predictors())
+        return [n for n in norms if n is not None]
 
     def _predict_tile(self, t: int) -> torch.Tensor:
         return self._predict_slicer(self._slicers[t]).to("cpu", self.cache_dtype)
@@ -142,6 +157,8 @@ class GuidedSession:
         self._x = torch.zeros((n_img + n_guide, *padded.shape[1:]), dtype=torch.float32)
         self._x[:n_img] = padded
         self._x[n_img:] = self._guide_block([])  # the guides live in _x only (no second copy)
+        for n in self._automatic_norms():
+            n.cache = {}  # automatic statistics per window of this image
         self._slicers = p._internal_get_sliding_window_slicers(tuple(padded.shape[1:]))
         self._bounds = [self._tile_bounds(s) for s in self._slicers]
         patch = tuple(int(v) for v in p.configuration_manager.patch_size)
