@@ -93,23 +93,26 @@ class AutomaticNormStatistics:
     def _hook(self, module, inputs, output):
         if self.mode is None:
             return None
-        x = inputs[0].float()
-        dims = tuple(range(2, x.ndim))
+        x = inputs[0]
         if self.mode == "record":
-            self.stats.append((x.mean(dims, keepdim=True), x.var(dims, keepdim=True, unbiased=False)))
+            xf = x.float()
+            dims = tuple(range(2, x.ndim))
+            self.stats.append((xf.mean(dims), xf.var(dims, unbiased=False)))
             return None
+        x = x.float()
         if self.index >= len(self.stats):
             raise RuntimeError("automatic norm statistics: the guided pass ran more instance norms than the "
                                "automatic pass recorded")
         mean, var = self.stats[self.index]
         self.index += 1
-        mean = x.mean(dims, keepdim=True).index_copy(0, self.rows, mean)
-        var = x.var(dims, keepdim=True, unbiased=False).index_copy(0, self.rows, var)
-        y = (x - mean) / torch.sqrt(var + module.eps)
-        if module.affine:
-            shape = (1, -1) + (1,) * len(dims)
-            y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
-        return y.to(output.dtype)
+        # the clicked rows, normalised with the kept statistics by one fused batch norm over (row, channel)
+        xr = x[self.rows]
+        r, c = xr.shape[:2]
+        weight = module.weight.float().repeat(r) if module.affine else None
+        bias = module.bias.float().repeat(r) if module.affine else None
+        y = F.batch_norm(xr.reshape(1, r * c, *xr.shape[2:]), mean.reshape(-1), var.reshape(-1), weight, bias,
+                         training=False, eps=module.eps).reshape(xr.shape)
+        return output.index_put((self.rows,), y.to(output.dtype))
 
     def run(self, network_pass, automatic, guided: torch.Tensor, rows: torch.Tensor):
         """``network_pass(guided)`` with the samples ``rows`` normalised as ``automatic()`` (the
