@@ -114,7 +114,6 @@ def main(argv=None) -> None:
             desc = ", ".join(f"{'+' if s else '-'}{[round(v) for v in p]}" for p, s in here)
             print(f"step {step} {name} {desc}: predicted voxels {int(seg0.sum())} -> {int(seg1.sum())}, "
                   f"lesions detected {len(found0)} -> {len(found1)} of {n}")
-            dist_map = None
             if same_grid:
                 grid = np.indices(ref.shape).reshape(ref.ndim, -1).T
                 dist_map = np.min([np.sqrt((((grid - np.array(p)) * spacing) ** 2).sum(1)) for p, _ in here], 0)

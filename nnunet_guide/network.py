@@ -99,14 +99,13 @@ class AutomaticNormStatistics:
             dims = tuple(range(2, x.ndim))
             self.stats.append((xf.mean(dims), xf.var(dims, unbiased=False)))
             return None
-        x = x.float()
         if self.index >= len(self.stats):
             raise RuntimeError("automatic norm statistics: the guided pass ran more instance norms than the "
                                "automatic pass recorded")
         mean, var = self.stats[self.index]
         self.index += 1
         # the clicked rows, normalised with the kept statistics by one fused batch norm over (row, channel)
-        xr = x[self.rows]
+        xr = x[self.rows].float()
         r, c = xr.shape[:2]
         weight = module.weight.float().repeat(r) if module.affine else None
         bias = module.bias.float().repeat(r) if module.affine else None
@@ -115,8 +114,9 @@ class AutomaticNormStatistics:
         return output.index_put((self.rows,), y.to(output.dtype))
 
     def run(self, network_pass, automatic, guided: torch.Tensor, rows: torch.Tensor):
-        """``network_pass(guided)`` with the samples ``rows`` normalised as ``automatic()`` (the
-        input of those samples without their guides; called only when not kept) is normalised."""
+        """Run ``network_pass(guided)``, normalising the samples ``rows`` with the statistics of
+        ``network_pass(automatic())`` (their input without guides; built only when the statistics of
+        this call are not kept already)."""
         key = None
         if self.cache is not None and self.window is not None:
             key, self.calls = (self.window, self.calls, tuple(rows.tolist())), self.calls + 1
