@@ -13,9 +13,9 @@ CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-def layout(entry: str):
+def layout(entry: str, norm_statistics: str = "with_guides"):
     return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
-                        GuideSettings(guide_entry=entry), ["CT"])
+                        GuideSettings(guide_entry=entry, norm_statistics=norm_statistics), ["CT"])
 
 
 def unet(dim: int, residual: bool = False, deep_supervision: bool = False) -> nn.Module:
@@ -126,19 +126,13 @@ def test_a_click_keeps_its_peak_on_coarse_grids(dim):
     torch.testing.assert_close(out, expected)
 
 
-def stats_layout(norm_statistics: str, entry: str = "input"):
-    return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
-                        GuideSettings(guide_entry=entry, norm_statistics=norm_statistics), ["CT"])
-
-
 def stats_pair(entry: str = "input", deep_supervision: bool = False):
     """The same 2D weights, normalised with the guides (nnU-Net's way) and with automatic statistics."""
     torch.manual_seed(0)
     base = unet(2, deep_supervision=deep_supervision)
     other = unet(2, deep_supervision=deep_supervision)
     other.load_state_dict(base.state_dict())
-    nets = (ExtraChannelNetwork(base, stats_layout("with_guides", entry)),
-            ExtraChannelNetwork(other, stats_layout("automatic", entry)))
+    nets = (ExtraChannelNetwork(base, layout(entry)), ExtraChannelNetwork(other, layout(entry, "automatic")))
     if entry == "every_stage":
         with torch.no_grad():
             for net in nets:
@@ -182,7 +176,8 @@ def test_automatic_norm_statistics_train_and_keep_deep_supervision():
     sum(o.square().mean() for o in out).backward()
     grads = [p.grad for p in automatic.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert automatic.base.encoder.stages[0][0].convs[0].conv.weight.grad[:, 2].abs().sum() > 0  # the guide's weights train
+    first_conv = automatic.base.encoder.stages[0][0].convs[0].conv
+    assert first_conv.weight.grad[:, 2].abs().sum() > 0  # the guide's weights train
     assert automatic._norm_statistics.mode is None and not automatic._norm_statistics.stats
 
 

@@ -38,10 +38,10 @@ def tiny_plans(transpose=(0, 1, 2), spacing3d=(1.5, 1.2, 1.2), patch3d=(8, 16, 1
         "Dataset990_Tiny", transpose)
 
 
-def tiny_layout(negatives=True, encoding="gaussian", sigma_mm=3.0, guide_entry="input"):
+def tiny_layout(negatives=True, encoding="gaussian", sigma_mm=3.0, guide_entry="input", norm_statistics="with_guides"):
     return build_layout(1, [GuidedTarget("organ", (1,)), GuidedTarget("lesion", (2,))],
                         GuideSettings(negatives=negatives, encoding=encoding, sigma_mm=sigma_mm,
-                                      guide_entry=guide_entry), ["CT"])
+                                      guide_entry=guide_entry, norm_statistics=norm_statistics), ["CT"])
 
 
 def make_model_folder(root, configuration="3d_fullres", folds=(0,), layout=None, plans=None, seed=0,

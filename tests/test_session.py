@@ -215,9 +215,8 @@ def test_add_clicks_is_one_action_one_local_patch(model, image):
 @pytest.fixture(scope="module")
 def model_automatic_norms(tmp_path_factory):
     ensure_trainers_discoverable()
-    layout = tiny_layout(sigma_mm=1.0)
-    layout = type(layout)(**{**vars(layout), "guide": layout.guide.replace(norm_statistics="automatic")})
-    return make_model_folder(str(tmp_path_factory.mktemp("model_norms")), folds=(0, 1), layout=layout)
+    return make_model_folder(str(tmp_path_factory.mktemp("model_norms")), folds=(0, 1),
+                             layout=tiny_layout(sigma_mm=1.0, norm_statistics="automatic"))
 
 
 def test_automatic_norm_statistics_in_a_session(model_automatic_norms, image):
