@@ -423,10 +423,56 @@ def test_scribble_start_with_fake_model(tmp_path):
     assert g["scribble_effect"]["n_clicks"] == 2 and g["harm"]["n_clicks"] == 0 and "box_effect" not in g
     assert g["mean_auc_from_scribble"] == 1.0
     md = open(tmp_path / "report.md").read()
-    assert "Dice AUC, scribble + clicks" in md and "The scribble step:" in md
+    assert "Dice AUC, scribble + clicks" in md and "The scribble step (" in md
     with pytest.raises(ValueError, match="prompt_step_mm"):
         simulate_session("a", FakeGuideModel(refs, autos), ref, (2.0, 1.0, 1.0), [(2,)], {"tumor": (2,)}, 1,
                          start="scribble")
+
+
+def test_points_start_clicks_every_object_once(tmp_path):
+    """start="points": step 1 is one positive click at the interior-most voxel of every reference
+    tumour (also the ones the model already finds); its effect (harm, lesions lost, followed) is
+    summarised apart from the click steps, as the step where a reader marks each lesion."""
+    res, refs, autos = prompt_start_eval("points")
+    rec = res.records[0]
+    assert rec["start"] == "points" and rec["step_kinds"] == ["points", "click", "click"]
+    # the 5x5x5 tumour's interior-most voxel at 2 x 1 x 1 mm is its centre; the 3x3x3 one's too
+    assert rec["clicks"] == [{"step": 1, "target": "tumor", "position": [5.0, 6.0, 6.0], "positive": True},
+                             {"step": 1, "target": "tumor", "position": [7.0, 13.0, 13.0], "positive": True}]
+    (e,) = [e for e in rec["effects"] if e["step"] == 1]
+    assert e["kind"] == "points" and e["positive"] is True and e["followed"] is True and not e["harmful"]
+    s = write_report(str(tmp_path), res.records)
+    assert s["step_labels"] == ["0 clicks", "points", "points + 1 click step", "points + 2 click steps"]
+    g = s["guided"]["tumor"]
+    assert g["points_effect"]["n_clicks"] == 2 and g["points_effect"]["n_not_followed"] == 0
+    assert g["harm"]["n_clicks"] == 0 and g["mean_auc_from_points"] == 1.0
+
+    class Blob(FakeGuideModel):
+        """Follows every click, and paints a 7-voxel cube of tumour around it (a blob larger than a small
+        lesion): the click on the small tumour, already found, over-segments it."""
+
+        def __call__(self, case_id, clicks):
+            pred = super().__call__(case_id, clicks)
+            for c in clicks:
+                z, y, x = (int(round(v)) for v in c.position)
+                pred[z - 3:z + 4, y - 3:y + 4, x - 3:x + 4] = 2
+            return pred
+
+    refs, autos, cases = two_cases()
+    autos["a"][3:8, 4:9, 4:9] = 2  # case a: both tumours found before any click
+    res = evaluate(cases, Blob(refs, autos), GUIDED, CLASSES, EvaluationOptions(n_clicks=0, n_overlays=0,
+                                                                                start="points"), log=lambda m: None)
+    (e,) = res.records[0]["effects"]
+    assert e["dice_before"] == 1.0 and e["harmful"] and e["followed"] is True
+    h = write_report(str(tmp_path / "blob"), res.records)["guided"]["tumor"]["points_effect"]
+    # case b's points step still gains: its big tumour was missed, and the blob covers it
+    (eb,) = res.records[1]["effects"]
+    assert not eb["harmful"] and eb["dice_after"] > eb["dice_before"]
+    assert (h["n_clicks"], h["n_harmful"]) == (2, 1) and h["largest_fall"] == pytest.approx(1 - e["dice_after"])
+    md = open(tmp_path / "blob" / "report.md").read()
+    assert "Step 1 is one positive click at the interior-most point of every reference object" in md
+    (row,) = [line for line in md.splitlines() if line.startswith("| tumor | 2 | 1 of 2 |")]
+    assert row.endswith("| 0 of 2 |")  # every click followed
 
 
 def test_box_reaches_the_network_as_a_box(tmp_path):

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", choices=START_MODES, default="clicks",
                    help="clicks (default): click steps only; box: first one 3D box around each reference object of "
                         "every guided class, then the N click steps (the CVPR 2025 interactive protocol); scribble: "
-                        "first one scribble per reference object (medial voxels of its largest axial section)")
+                        "first one scribble per reference object (medial voxels of its largest axial section); "
+                        "points: first one positive click at the interior-most point of every reference object "
+                        "(a reader who marks each lesion once), then the clicks")
     p.add_argument("--nsd-tolerance", type=float, default=2.0,
                    help="tolerance (mm) of the normalised surface Dice (default 2)")
     p.add_argument("--overlays", type=int, default=3, help="number of cases drawn as overlay PNGs")

@@ -15,7 +15,10 @@ The user looks at the current prediction of each guided class and clicks once pe
 
 With ``start="box"`` (the CVPR 2025 interactive protocol: one box, then N clicks) the first step
 instead gives one 3D box per reference object of every guided class, the object's tight box; with
-``start="scribble"`` one scribble per reference object, on its largest axial cross-section.
+``start="scribble"`` one scribble per reference object, on its largest axial cross-section; with
+``start="points"`` one positive click at the interior-most voxel of every reference object, as a
+reader who marks each lesion once (and as guided validation clicks), so clicks on objects the model
+already finds, and on tiny ones, are measured too.
 
 Every step records what it did to each clicked class (:class:`StepEffect`): Dice before and after,
 lesions lost, the Dice beyond the guide's reach of every prompt so far, and for point clicks whether
@@ -170,8 +173,9 @@ def correction_clicks(prediction: np.ndarray, reference: np.ndarray, targets: Se
 PredictFn = Callable[[str, List[Click]], np.ndarray]
 ReachFn = Callable[[Click], Sequence[float]]
 
-START_MODES = ("clicks", "box", "scribble")
-PROMPT_STARTS = ("box", "scribble")  # a start whose step 1 is a prompt of that kind per reference object
+START_MODES = ("clicks", "box", "scribble", "points")
+PROMPT_STARTS = ("box", "scribble", "points")  # a start whose step 1 is a prompt of that kind per reference object
+POINT_KINDS = ("point", "points")  # effect kinds made of point clicks: whether each was followed is recorded
 
 
 def reference_objects(reference: np.ndarray, labels: Sequence[int], connectivity: int = 2,
@@ -218,6 +222,21 @@ def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, 
     return out
 
 
+def object_points(reference: np.ndarray, labels: Sequence[int], target: int, spacing: Sequence[float],
+                  connectivity: int = 2, ignore_label: Optional[int] = None, min_sigma: float = 2.0) -> List[Click]:
+    """The points start for one guided class: one positive click per reference object (connected
+    component), at its interior-most voxel in mm (:func:`nnunet_guide.core.clicks.interior_point`,
+    as the simulated user clicks an error region), with the object's robust sigma (for the
+    ``object_gaussian`` encoding), in the reference's array order."""
+    out: List[Click] = []
+    for sl, obj in reference_objects(reference, labels, connectivity, ignore_label):
+        pos, _ = interior_point(obj, tuple(float(s) for s in spacing))
+        _, sigma = robust_center_mask(obj, min_sigma)
+        out.append(Click(int(target), tuple(float(p + s.start) for p, s in zip(pos, sl)), True,
+                         tuple(float(v) for v in sigma)))
+    return out
+
+
 @dataclass
 class ClassTrace:
     """Metrics of one evaluated class after 0..N steps (index = number of prompt steps).
@@ -236,7 +255,8 @@ class ClassTrace:
 @dataclass(frozen=True)
 class StepEffect:
     """What one prompt step did to one guided class: ``step`` (1-based), ``target`` (index into
-    the guided classes), ``kind`` ("point", "box" or "scribble"), the step's prompt positions on that class,
+    the guided classes), ``kind`` ("point": a click step; "box", "scribble" or "points": the start's
+    prompts), the step's prompt positions on that class,
     the :class:`~nnunet_guide.core.metrics.ClickEffect`, and ``positive``: whether the step's prompts on the
     class were positive (True), negative (False) or both (None)."""
     step: int
@@ -263,7 +283,7 @@ class SessionResult:
         traces: evaluated class name -> :class:`ClassTrace`.
         first_prediction, last_prediction: label maps after 0 and after all steps.
         effects: per step and clicked guided class, what the step did (:class:`StepEffect`).
-        step_kinds: per step 1..n_steps, ``"box"`` or ``"click"``.
+        step_kinds: per step 1..n_steps, the start's kind (``"box"``, ``"scribble"``, ``"points"``) or ``"click"``.
     """
     case_id: str
     n_steps: int
@@ -302,7 +322,9 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         start: ``"clicks"`` (default) or ``"box"``: step 1 gives one box per reference object of
             every guided class (:func:`object_boxes`, the CVPR 2025 interactive protocol), then
             the N click steps follow; ``"scribble"``: step 1 gives one scribble per reference
-            object (:func:`object_scribbles`, clicks every ``prompt_step_mm``), then the clicks.
+            object (:func:`object_scribbles`, clicks every ``prompt_step_mm``), then the clicks;
+            ``"points"``: step 1 gives one positive click per reference object
+            (:func:`object_points`), then the clicks.
         nsd_tolerance_mm: tolerance of the normalised surface Dice measured per step (None: skip).
         reach: per-axis reach (voxels of the reference array) of a prompt's guide map
             (e.g. :func:`nnunet_guide.core.metrics.click_reach_voxels`); with it, each step's
@@ -369,7 +391,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             det = (traces[name].detection[-2], traces[name].detection[-1]) if name else (None, None)
             eff = click_effect(r, p0, p1, [c.position for c in mine], far, connectivity, detection_min_dice,
                                harm_tolerance, case_id, *det,
-                               click_signs=[bool(c.positive) for c in mine] if kind == "point" else ())
+                               click_signs=[bool(c.positive) for c in mine] if kind in POINT_KINDS else ())
             signs = {bool(c.positive) for c in mine}
             effects.append(StepEffect(step, t, kind, tuple(tuple(c.position) for c in mine), eff,
                                       signs.pop() if len(signs) == 1 else None))
@@ -387,6 +409,9 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
             if start == "box":
                 new = [b for t, labels in enumerate(guided)
                        for b in object_boxes(reference, labels, t, connectivity, ignore_label)]
+            elif start == "points":
+                new = [c for t, labels in enumerate(guided)
+                       for c in object_points(reference, labels, t, spacing, connectivity, ignore_label, min_sigma)]
             else:
                 new = [c for t, labels in enumerate(guided)
                        for c in object_scribbles(reference, labels, t, spacing, prompt_step_mm, connectivity,

@@ -561,7 +561,9 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
     box = {"box": "Step 1 is a box: one 3D box around each reference object of every guided class (the CVPR 2025 "
                   "interactive protocol: a box, then clicks). Then the",
            "scribble": "Step 1 is a scribble: one per reference object of every guided class, along the medial "
-                       "voxels of its largest axial cross-section. Then the"}.get(start, "The")
+                       "voxels of its largest axial cross-section. Then the",
+           "points": "Step 1 is one positive click at the interior-most point of every reference object of every "
+                     "guided class (a reader who marks each lesion once). Then the"}.get(start, "The")
     out += ["", "## Summary", "",
             f"{summary['n_cases']} case(s). {box} simulated user adds one click per guided class per step at the "
             f"interior-most point of the largest error region (positive on a missed region, negative on a false "
@@ -599,8 +601,8 @@ def markdown_report(summary: Mapping[str, Any], records: Sequence[Mapping[str, A
         brows = [[name, g.get(f"mean_auc_from_{start}"), g.get(f"mean_nsd_auc_from_{start}"), g["mean_dice"][1],
                   g["mean_dice"][n], (g.get("mean_nsd") or [None] * (n + 1))[n]]
                  for name, g in summary["guided"].items() if g["guided"]]
-        out += ["", f"{start.capitalize()} start (as the CVPR 2025 protocol; AUC over the {start} and the clicks that "
-                "follow, without the automatic step):", "",
+        out += ["", f"{start.capitalize()} start (AUC over the {start} and the clicks that follow, without the "
+                "automatic step, as the CVPR 2025 protocol scores its box start):", "",
                 _md_table(["class", f"Dice AUC, {start} + clicks", f"NSD AUC, {start} + clicks",
                            f"Dice after the {start}", f"Dice after {labels[n]}", "final NSD"], brows)]
     out += harm_section(summary)
@@ -656,12 +658,16 @@ def harm_section(summary: Mapping[str, Any]) -> List[str]:
                           "largest fall", "mean Dice gain per click", "lesions lost (elsewhere)",
                           "lesions lost per click", "far-Dice change, mean", "far-Dice change, largest",
                           "not followed: positive / negative"], rows))
-    for kind in PROMPT_STARTS:
-        rows = [[name, g[f"{kind}_effect"]["n_clicks"], g[f"{kind}_effect"]["mean_gain"],
-                 g[f"{kind}_effect"]["lesions_lost"]] for name, g in guided.items() if g.get(f"{kind}_effect")]
+    for kind in PROMPT_STARTS:  # the start's step, one per case: all its prompts at once
+        rows = [[name, h["n_clicks"], f"{h['n_harmful']} of {h['n_clicks']}", h["largest_fall"], h["mean_gain"],
+                 f"{h['lesions_lost']} ({h['lesions_lost_elsewhere']})", h["far_dice_change_mean"],
+                 "-" if h.get("not_followed_fraction") is None else f"{h['n_not_followed']} of {h['n_clicks']}"]
+                for name, h in ((name, g.get(f"{kind}_effect")) for name, g in guided.items()) if h]
         if rows:
-            out += ["", f"The {kind} step:", "", _md_table(["class", f"{kind} steps", "mean Dice gain", "lesions lost"],
-                                                          rows)]
+            out += ["", f"The {kind} step (all of a case's {kind} prompts at once; not followed: some click of the "
+                    "step still disagreed with the output at its own voxel):", "",
+                    _md_table(["class", f"{kind} steps", "harmful", "largest fall", "mean Dice gain",
+                               "lesions lost (elsewhere)", "far-Dice change, mean", "not followed"], rows)]
     tol = summary.get("nsd_tolerance_mm")
     out += ["", f"Per step: per-case mean normalised surface Dice (NSD, {format_float(tol, 1)} mm), false-positive "
             "and false-negative volume (mm^3, per-case mean), lesions lost and harmful clicks in that step "
