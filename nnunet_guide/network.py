@@ -65,7 +65,8 @@ def build_stage_guides(base: nn.Module, layout: ChannelLayout) -> Optional[Stage
 class AutomaticNormStatistics:
     """Instance normalisation with the statistics of automatic mode (``norm_statistics =
     "automatic"``): forward hooks on every instance norm of a network. In a ``record`` pass (the
-    samples with their guides removed, no gradient) each norm's per-sample, per-channel mean and
+    samples with their guides removed; with gradient in training, so the statistics stay in the
+    graph as an instance norm's do) each norm's per-sample, per-channel mean and
     variance are kept; in the ``apply`` pass that follows (the same samples with their guides,
     among others) the samples listed in ``rows`` are normalised with the kept statistics instead of
     their own, the others as nnU-Net normalises. Norms that track running statistics are left alone.
@@ -104,13 +105,18 @@ class AutomaticNormStatistics:
                                "automatic pass recorded")
         mean, var = self.stats[self.index]
         self.index += 1
-        # the clicked rows, normalised with the kept statistics by one fused batch norm over (row, channel)
         xr = x[self.rows].float()
         r, c = xr.shape[:2]
-        weight = module.weight.float().repeat(r) if module.affine else None
-        bias = module.bias.float().repeat(r) if module.affine else None
-        y = F.batch_norm(xr.reshape(1, r * c, *xr.shape[2:]), mean.reshape(-1), var.reshape(-1), weight, bias,
-                         training=False, eps=module.eps).reshape(xr.shape)
+        if mean.requires_grad:  # training: the statistics are part of the graph, as an instance norm's are
+            shape = (r, c) + (1,) * (xr.ndim - 2)
+            y = (xr - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+            if module.affine:
+                y = y * module.weight.float().view(1, c, *shape[2:]) + module.bias.float().view(1, c, *shape[2:])
+        else:  # the clicked rows, normalised with the kept statistics by one fused batch norm over (row, channel)
+            weight = module.weight.float().repeat(r) if module.affine else None
+            bias = module.bias.float().repeat(r) if module.affine else None
+            y = F.batch_norm(xr.reshape(1, r * c, *xr.shape[2:]), mean.reshape(-1), var.reshape(-1), weight, bias,
+                             training=False, eps=module.eps).reshape(xr.shape)
         return output.index_put((self.rows,), y.to(output.dtype))
 
     def run(self, network_pass, automatic, guided: torch.Tensor, rows: torch.Tensor):
@@ -125,9 +131,12 @@ class AutomaticNormStatistics:
             if key is not None and key in self.cache:
                 self.stats = self.cache[key]
             else:
-                with torch.no_grad():
-                    self.mode = "record"
-                    network_pass(automatic())
+                # with gradient where the guided pass has one (training): the statistics then scale with
+                # the weights as an instance norm's do, so the loss stays invariant to a layer's scale.
+                # Kept apart from the graph, they let the weights before each norm grow unchecked, and in
+                # a LiTS training without the click term the tumour class never came alive.
+                self.mode = "record"
+                network_pass(automatic())
                 self.recorded += 1
                 if key is not None:
                     self.cache[key] = self.stats
