@@ -176,8 +176,9 @@ class GuideSettings:
             reach; a model trained to follow clicks strongly learns to use this, and a click on
             one lesion lowers the probability of lesions far from it (docs/evaluation.md).
             ``"automatic"``: from the same sample with its guides removed (an extra pass of the
-            samples with clicks only; in training the statistics keep their gradient), so the statistics, and with them
-            everything beyond a click's receptive field, are those of automatic mode. Samples
+            samples with clicks only; in training the statistics keep their gradient), so the
+            statistics, and with them everything beyond a click's receptive field, are those of
+            automatic mode. Samples
             without clicks normalise as nnU-Net does. But nothing then damps a click: on the LiTS
             slabs each clicked lesion, the smallest included, came out about as large as the
             guide's reach. Settings files without the field load as ``"with_guides"``.

@@ -448,7 +448,7 @@ def test_points_start_clicks_every_object_once(tmp_path):
     assert g["harm"]["n_clicks"] == 0 and g["mean_auc_from_points"] == 1.0
 
     class Blob(FakeGuideModel):
-        """Follows every click, and paints a 7-voxel cube of tumour around it (a blob larger than a small
+        """Follows every click, and paints a 7x7x7-voxel cube of tumour around it (a blob larger than a small
         lesion): the click on the small tumour, already found, over-segments it."""
 
         def __call__(self, case_id, clicks):
