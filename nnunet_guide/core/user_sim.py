@@ -43,7 +43,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .clicks import Click, box_click, cropped_objects, interior_point, label_objects, mask_bbox, robust_center_mask
+from .clicks import (Click, box_click, cropped_objects, interior_point, label_objects, mask_bbox, object_clicks,
+                     robust_center_mask)
 from .prompts import scribble_clicks, simulate_stroke
 from .metrics import (HARM_TOLERANCE, ClickEffect, DiceResult, LesionDetection, MetricsInputError,
                       SurfaceDiceResult, check_pair, class_mask, click_effect, dice_masks, far_from_clicks,
@@ -178,15 +179,21 @@ PROMPT_STARTS = ("box", "scribble", "points")  # a start whose step 1 is a promp
 POINT_KINDS = ("point", "points")  # effect kinds made of point clicks: whether each was followed is recorded
 
 
-def reference_objects(reference: np.ndarray, labels: Sequence[int], connectivity: int = 2,
-                      ignore_label: Optional[int] = None) -> Iterator[Tuple[Tuple[slice, ...], np.ndarray]]:
-    """The reference objects (connected components) of one class, ignore label excluded, in label
-    order: each as its bounding box (slices of the reference array) and its mask within that box."""
+def _reference_labels(reference: np.ndarray, labels: Sequence[int], connectivity: int,
+                      ignore_label: Optional[int]) -> Tuple[np.ndarray, int]:
+    """The connected components of one class in the reference (ignore label excluded): labels, count."""
     reference = np.asarray(reference)
     mask = class_mask(reference, labels)
     if ignore_label is not None:
         mask &= reference != ignore_label
-    lab, n = label_objects(mask, connectivity)
+    return label_objects(mask, connectivity)
+
+
+def reference_objects(reference: np.ndarray, labels: Sequence[int], connectivity: int = 2,
+                      ignore_label: Optional[int] = None) -> Iterator[Tuple[Tuple[slice, ...], np.ndarray]]:
+    """The reference objects (connected components) of one class, ignore label excluded, in label
+    order: each as its bounding box (slices of the reference array) and its mask within that box."""
+    lab, n = _reference_labels(reference, labels, connectivity, ignore_label)
     for i, sl in enumerate(ndimage.find_objects(lab, max_label=n), start=1):
         if sl is not None:
             yield sl, lab[sl] == i
@@ -225,16 +232,12 @@ def object_scribbles(reference: np.ndarray, labels: Sequence[int], target: int, 
 def object_points(reference: np.ndarray, labels: Sequence[int], target: int, spacing: Sequence[float],
                   connectivity: int = 2, ignore_label: Optional[int] = None, min_sigma: float = 2.0) -> List[Click]:
     """The points start for one guided class: one positive click per reference object (connected
-    component), at its interior-most voxel in mm (:func:`nnunet_guide.core.clicks.interior_point`,
-    as the simulated user clicks an error region), with the object's robust sigma (for the
+    component, in label order), at its interior-most voxel in mm (``object_clicks``' ``interior``
+    policy, as the simulated user clicks an error region), with the object's robust sigma (for the
     ``object_gaussian`` encoding), in the reference's array order."""
-    out: List[Click] = []
-    for sl, obj in reference_objects(reference, labels, connectivity, ignore_label):
-        pos, _ = interior_point(obj, tuple(float(s) for s in spacing))
-        _, sigma = robust_center_mask(obj, min_sigma)
-        out.append(Click(int(target), tuple(float(p + s.start) for p, s in zip(pos, sl)), True,
-                         tuple(float(v) for v in sigma)))
-    return out
+    lab, n = _reference_labels(reference, labels, connectivity, ignore_label)
+    return object_clicks(lab, range(1, n + 1), int(target), tuple(float(s) for s in spacing), "interior",
+                         min_sigma=min_sigma)
 
 
 @dataclass
