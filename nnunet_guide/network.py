@@ -75,7 +75,10 @@ class AutomaticNormStatistics:
     The automatic statistics of a window do not depend on its clicks, so an interactive session
     keeps them (``cache``, a dict it owns, with :meth:`begin_window` naming the window before it
     is predicted): a click then costs one pass, not two. Calls within one window (folds, mirrors)
-    are told apart by their order, which nnU-Net's predictor keeps fixed."""
+    are told apart by their order, which nnU-Net's predictor keeps fixed.
+
+    The automatic pass of a training step is also the automatic output of its clicked samples:
+    :meth:`automatic_output` hands it on (to the consistency term), so it is not computed twice."""
 
     def __init__(self, network: nn.Module):
         self.norms = [m for m in network.modules()
@@ -88,6 +91,7 @@ class AutomaticNormStatistics:
         self.window = None
         self.calls = 0
         self.recorded = 0  # automatic passes run (not taken from the cache)
+        self._automatic = None  # (rows, full-resolution output) of the last automatic pass run with gradient
         for m in self.norms:
             m.register_forward_hook(self._hook)
 
@@ -126,7 +130,7 @@ class AutomaticNormStatistics:
         key = None
         if self.cache is not None and self.window is not None:
             key, self.calls = (self.window, self.calls, tuple(rows.tolist())), self.calls + 1
-        self.stats, self.index, self.rows = [], 0, rows
+        self.stats, self.index, self.rows, self._automatic = [], 0, rows, None
         try:
             if key is not None and key in self.cache:
                 self.stats = self.cache[key]
@@ -136,8 +140,11 @@ class AutomaticNormStatistics:
                 # Kept apart from the graph, they let the weights before each norm grow unchecked, and in
                 # a LiTS training without the click term the tumour class never came alive.
                 self.mode = "record"
-                network_pass(automatic())
+                out = network_pass(automatic())
                 self.recorded += 1
+                if torch.is_grad_enabled():
+                    out = out[0] if isinstance(out, (list, tuple)) else out
+                    self._automatic = (rows, out.detach())
                 if key is not None:
                     self.cache[key] = self.stats
             self.mode = "apply"
@@ -149,15 +156,31 @@ class AutomaticNormStatistics:
         finally:
             self.mode, self.stats, self.rows = None, [], None
 
+    def automatic_output(self, rows: torch.Tensor) -> torch.Tensor:
+        """The full-resolution output (no gradient) of the last automatic pass run with gradient
+        (a training step's), which must have been of the samples ``rows``."""
+        if self._automatic is None:
+            raise RuntimeError("automatic norm statistics: no automatic pass with gradient has run (the automatic "
+                               "output is kept from a training step's forward pass only)")
+        kept, out = self._automatic
+        if not torch.equal(kept.cpu(), rows.cpu()):
+            raise RuntimeError(f"automatic norm statistics: the automatic pass ran samples {kept.tolist()}, "
+                               f"asked for {rows.tolist()}")
+        return out
+
     def begin_window(self, window) -> None:
         """Name the window the next network calls predict (a hashable key; None: no caching)."""
         self.window, self.calls = window, 0
 
 
 def automatic_norm_statistics(network: nn.Module) -> Optional[AutomaticNormStatistics]:
-    """The :class:`AutomaticNormStatistics` of a (possibly compiled) wrapped network, or None."""
-    return getattr(network, "_norm_statistics", None) or getattr(getattr(network, "_orig_mod", None),
-                                                                 "_norm_statistics", None)
+    """The :class:`AutomaticNormStatistics` of a wrapped network, possibly compiled
+    (``_orig_mod``) or in DDP (``module``); None if it has none."""
+    for _ in range(3):
+        if network is None or getattr(network, "_norm_statistics", None) is not None:
+            break
+        network = getattr(network, "_orig_mod", None) or getattr(network, "module", None)
+    return getattr(network, "_norm_statistics", None)
 
 
 class ExtraChannelNetwork(nn.Module):

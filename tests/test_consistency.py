@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nnunet_guide.core.consistency import consistency_penalty, far_from_guides
+from nnunet_guide.core.encoding import click_counts
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers.guide import GuideConsistencyLoss, nnUNetTrainerGuide
 
@@ -198,3 +199,48 @@ def test_trainer_step_with_automatic_norm_statistics(nnunet_paths, one_torch_thr
     out = tr.train_step(next(dl_tr))
     assert calls and calls[0] > 0 and np.isfinite(out["loss"])
     assert stats.mode is None and not stats.stats
+
+
+class ConsistentAutomaticNorms(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(consistency_weight=1.0, p_drop=0.0, encoding="ball", ball_radius_mm=2.0,
+                                   norm_statistics="automatic")
+
+
+def test_consistency_reference_is_the_automatic_statistics_pass(nnunet_paths, one_torch_thread, monkeypatch):
+    """With automatic norm statistics, the consistency term's reference is the output of the pass
+    that records the statistics: a training step runs the network twice (automatic, guided), not
+    three times, and the reference is still the model's automatic output of the clicked samples."""
+    import copy
+
+    from nnunet_guide.trainers import guide as guide_module
+    tr = make_trainer(ConsistentAutomaticNorms, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    raw = next(dl_tr)
+    guided = tr.guided_batch(copy.deepcopy(raw))
+    rows = torch.nonzero(click_counts(guided["clicks"]) > 0).flatten()
+    gi = tr.layout.guide_channel_indices
+    unguided = guided["data"][rows].clone()
+    unguided[:, gi[0]:gi[-1] + 1] = 0
+    with torch.no_grad():
+        expected = tr.network(unguided)[0].float()  # before the step changes the weights
+    seen, real = [], guide_module.consistency_penalty
+
+    def penalty(logits, reference, far, regions=False):
+        seen.append((logits.shape[0], reference.clone(), far.clone()))
+        return real(logits, reference, far, regions)
+
+    monkeypatch.setattr(guide_module, "consistency_penalty", penalty)
+    passes = []
+    hook = tr.network.base.register_forward_hook(lambda m, i, o: passes.append(i[0].shape[0]))
+    out = tr.train_step(raw)
+    hook.remove()
+    assert len(rows) > 0 and passes == [len(rows), raw["data"].shape[0]]  # automatic (clicked rows), guided
+    assert len(seen) == 1 and seen[0][0] == len(rows)
+    torch.testing.assert_close(seen[0][1], expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(seen[0][2], (guided["data"][rows][:, gi[0]:gi[-1] + 1] == 0).all(1))
+    assert np.isfinite(out["loss"]) and tr.loss.reference is None
+    # asked for other samples than the pass ran, it refuses rather than hand on a wrong reference
+    stats = tr.network._norm_statistics
+    with pytest.raises(RuntimeError, match="automatic pass ran samples"):
+        stats.automatic_output(rows[:0])

@@ -34,6 +34,7 @@ from ..core.device_user import densest_error_clicks, uses_device_user
 from ..core.encoding import (append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides,
                              unpack_clicks)
 from ..core.user_sim import correction_clicks
+from ..network import automatic_norm_statistics
 from ..settings import ChannelLayout, GuidedTarget, GuideSettings, GuideSettingsError, resolve_targets, write_text_atomic
 from ..transforms import AttachClicksTransform, SimulateClicksTransform
 from .base import nnUNetTrainerExtraChannels
@@ -79,7 +80,8 @@ class GuideConsistencyLoss(nn.Module):
     """nnU-Net's loss plus the guide terms of the current training batch:
 
     - ``weight`` x the consistency term (:func:`nnunet_guide.core.consistency.consistency_penalty`),
-      when the trainer has set ``reference`` (the guided rows, their automatic output, the far voxels);
+      when the trainer has set ``reference`` (the guided rows, their automatic output or a callable
+      that returns it once the network has run, the far voxels);
     - ``click_weight`` x the click-following term
       (:func:`nnunet_guide.core.consistency.click_following_penalty`), when it has set ``clicks``
       (the batch's packed clicks; ``class_channels``: the output channels of each guided class).
@@ -100,6 +102,7 @@ class GuideConsistencyLoss(nn.Module):
         out = output[0] if isinstance(output, (list, tuple)) else output
         if self.reference is not None:
             rows, automatic, far = self.reference
+            automatic = automatic() if callable(automatic) else automatic  # kept by this step's forward pass
             loss = loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
         if self.clicks is not None:
             loss = loss + self.click_weight * click_following_penalty(out, self.clicks, self.class_channels,
@@ -258,7 +261,9 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """For the consistency term: the guided samples of a :meth:`guided_batch` (indices), the
         network's automatic output of them (guides removed, full resolution, no gradient) and the
-        voxels no guide reaches; None when no sample has a guide."""
+        voxels no guide reaches; None when no sample has a guide. With automatic norm statistics
+        the training step's forward pass computes that output anyway (it records their statistics),
+        so the output is a callable that takes it from there after the pass, not a second pass."""
         rows = torch.nonzero(click_counts(batch["clicks"]) > 0).flatten()
         if rows.numel() == 0:
             return None
@@ -267,6 +272,9 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         data = batch["data"][rows]
         no_guide = self.layout.guide.no_guide_value
         far = far_from_guides(data[:, gi[0]:gi[-1] + 1], no_guide)
+        stats = automatic_norm_statistics(self.network)
+        if stats is not None:
+            return rows, lambda: stats.automatic_output(rows).float(), far
         data[:, gi[0]:gi[-1] + 1] = no_guide
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out = self.network(data)
