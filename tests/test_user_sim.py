@@ -107,6 +107,13 @@ def test_spacing_length_checked():
     ref = np.zeros((4, 4, 4), np.uint8)
     with pytest.raises(MetricsInputError, match="spacing"):
         next_click(ref, ref, (1,), 0, (1, 1), case="c7")
+    # a session checks it before its first prediction, whatever its start and step count
+    ref[1:3, 1:3, 1:3] = 1
+    calls = []
+    for start in ("clicks", "points", "box"):
+        with pytest.raises(MetricsInputError, match=r"case 'c7': spacing \(1.0, 1.0\) has 2 values.*3D"):
+            simulate_session("c7", lambda *a: calls.append(a), ref, (1, 1), [(1,)], {"x": (1,)}, 0, start=start)
+    assert calls == []
 
 
 class FakeModel:

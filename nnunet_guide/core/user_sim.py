@@ -60,6 +60,16 @@ class ErrorRegion:
     false_negative: bool
 
 
+def checked_spacing(spacing: Sequence[float], reference: np.ndarray, case: Optional[str] = None) -> Tuple[float, ...]:
+    """``spacing`` as floats, one per axis of ``reference``; else a :class:`MetricsInputError` naming the case."""
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != np.ndim(reference):
+        raise MetricsInputError(
+            f"{'case ' + repr(case) + ': ' if case else ''}spacing {spacing} has {len(spacing)} values; "
+            f"the label maps are {np.ndim(reference)}D with shape {np.shape(reference)}")
+    return spacing
+
+
 def largest_error(prediction: np.ndarray, reference: np.ndarray, labels: Sequence[int], target: int,
                   spacing: Sequence[float], connectivity: int = 2, allow_negative: bool = True,
                   ignore_label: Optional[int] = None, min_error_voxels: int = 1, min_sigma: float = 2.0,
@@ -83,11 +93,7 @@ def largest_error(prediction: np.ndarray, reference: np.ndarray, labels: Sequenc
         error component, or None when no component is left to click.
     """
     check_pair(reference, prediction, case)
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != np.ndim(reference):
-        raise MetricsInputError(
-            f"{'case ' + repr(case) + ': ' if case else ''}spacing {spacing} has {len(spacing)} values; "
-            f"the label maps are {np.ndim(reference)}D with shape {np.shape(reference)}")
+    spacing = checked_spacing(spacing, reference, case)
     ref = class_mask(reference, labels)
     pred = class_mask(prediction, labels)
     valid = None if ignore_label is None else np.asarray(reference) != ignore_label
@@ -343,6 +349,7 @@ def simulate_session(case_id: str, predict: PredictFn, reference: np.ndarray, sp
         raise ValueError(f"start must be one of {START_MODES}, got {start!r}")
     if start == "scribble" and not (prompt_step_mm and prompt_step_mm > 0):
         raise ValueError(f"start='scribble' needs a positive prompt_step_mm, got {prompt_step_mm!r}")
+    spacing = checked_spacing(spacing, reference, case_id)  # every start, even with no click step after it
     reference = np.asarray(reference)
     traces = {name: ClassTrace() for name in classes}
     keep = None if ignore_label is None else reference != ignore_label
