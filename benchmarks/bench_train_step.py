@@ -1,6 +1,7 @@
 """Cost of a training-step option against nnUNetTrainerGuide, on the same batches, plans and data.
 
-    python benchmarks/bench_train_step.py [--variant density|correction|automatic_norms] [--preprocessed FOLDER]
+    python benchmarks/bench_train_step.py [--variant density|correction|automatic_norms|consistency|
+                                           consistency_automatic_norms] [--preprocessed FOLDER]
                                           [--plans nnUNetPlans] [--configuration 3d_fullres]
                                           [--batches 6] [--rounds 3]
 
@@ -9,7 +10,9 @@ computed inside the network (aim: 1.15 or less). ``--variant correction``:
 nnUNetTrainerGuideCorrection, whose training step first predicts the batch and adds correction
 clicks at the model's errors (p_correction 0.5, 1-2 rounds). ``--variant automatic_norms``: the guide
 trainer with ``norm_statistics = "automatic"``, whose guided samples first run once without their
-guides (no gradient) for the instance norms' statistics.
+guides (forward and backward) for the instance norms' statistics. ``--variant consistency``: the
+consistency term (``consistency_weight`` 1), whose guided samples first run once without their guides
+(no gradient) for the reference; ``consistency_automatic_norms``: both, sharing that one pass.
 
 Both trainers take the same fed channels (image + guide channels), so the data pipeline is
 shared and only the training step differs. Batches are drawn once from the guide trainer's
@@ -35,6 +38,14 @@ os.environ["nnUNet_n_proc_DA"] = "0"
 os.environ.setdefault("nnUNet_compile", "false")
 
 
+#: variants that are the guide trainer with other guide settings
+SETTINGS_VARIANTS = {
+    "automatic_norms": {"norm_statistics": "automatic"},
+    "consistency": {"consistency_weight": 1.0},
+    "consistency_automatic_norms": {"consistency_weight": 1.0, "norm_statistics": "automatic"},
+}
+
+
 def build_dataset(root):
     """The LiTS slabs (or the phantom without the real data), as the pipeline benchmark builds them."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +62,7 @@ def make_trainer(cls, pp, plans_name, configuration):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preprocessed", help="nnUNet_preprocessed/DatasetXXX folder (planned + preprocessed)")
-    p.add_argument("--variant", choices=("density", "correction", "automatic_norms"), default="density")
+    p.add_argument("--variant", choices=("density", "correction") + tuple(SETTINGS_VARIANTS), default="density")
     p.add_argument("--configuration", default="3d_fullres")
     p.add_argument("--plans", default="nnUNetPlans", help="source plans; density histograms are added as "
                                                            "<plans>_density")
@@ -76,11 +87,11 @@ def main(argv=None):
     plan_density(os.path.basename(os.path.normpath(pp)), [args.configuration], args.plans, density_plans,
                  preprocessed_dir=os.path.dirname(os.path.abspath(pp)), verbose=False)
     guide = make_trainer(nnUNetTrainerGuide, pp, density_plans, args.configuration)
-    class nnUNetTrainerGuideAutomaticNorms(nnUNetTrainerGuide):
-        guide_settings = nnUNetTrainerGuide.guide_settings.replace(norm_statistics="automatic")
-
-    variant_cls = {"density": nnUNetTrainerGuideDensity, "correction": nnUNetTrainerGuideCorrection,
-                   "automatic_norms": nnUNetTrainerGuideAutomaticNorms}[args.variant]
+    if args.variant in SETTINGS_VARIANTS:
+        variant_cls = type(f"nnUNetTrainerGuide_{args.variant}", (nnUNetTrainerGuide,), {
+            "guide_settings": nnUNetTrainerGuide.guide_settings.replace(**SETTINGS_VARIANTS[args.variant])})
+    else:
+        variant_cls = {"density": nnUNetTrainerGuideDensity, "correction": nnUNetTrainerGuideCorrection}[args.variant]
     other = make_trainer(variant_cls, pp, density_plans, args.configuration)
     # same starting weights for the shared part would not change timing; same batches do matter
     dl, _ = guide.get_dataloaders()
@@ -91,7 +102,7 @@ def main(argv=None):
     load = (time.perf_counter() - t0) / args.batches
     b = batches[0]
     print(f"dataset {pp}\nplans {density_plans}, configuration {args.configuration}, batch data "
-          f"{tuple(b['data'].shape)} (image + guide channels)")
+          f"{tuple(b['data'].shape)} (image channels; the step renders the guides)")
     print(f"variant {args.variant} ({type(other).__name__}); network input channels: guide "
           f"{guide.layout.num_channels}, variant {other.layout.num_channels}")
     for tr in (guide, other):  # warm-up (allocators, first-call overheads)
