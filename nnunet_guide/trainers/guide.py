@@ -18,7 +18,7 @@ import os
 import shutil
 import zlib
 from os.path import isdir, isfile, join
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,6 +45,10 @@ try:  # these transforms mark the end of the label-map part of nnU-Net's pipelin
     _LABEL_CONSUMERS: Tuple[type, ...] = (ConvertSegmentationToRegionsTransform, DownsampleSegForDSTransform)
 except ImportError:  # pragma: no cover - older batchgeneratorsv2
     _LABEL_CONSUMERS = ()
+
+
+#: the consistency term's automatic output: the tensor, or a callable returning it after the step's forward pass
+Reference = Union[torch.Tensor, Callable[[], torch.Tensor]]
 
 
 def _case_seed(base_seed: int, case_id: str) -> int:
@@ -94,7 +98,7 @@ class GuideConsistencyLoss(nn.Module):
         super().__init__()
         self.loss, self.weight, self.regions = loss, float(weight), regions
         self.click_weight, self.class_channels = float(click_weight), [tuple(c) for c in class_channels]
-        self.reference: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self.reference: Optional[Tuple[torch.Tensor, Reference, torch.Tensor]] = None
         self.clicks: Optional[torch.Tensor] = None
 
     def forward(self, output, target):
@@ -258,7 +262,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         return out
 
     @torch.no_grad()
-    def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, Reference, torch.Tensor]]:
         """For the consistency term: the guided samples of a :meth:`guided_batch` (indices), the
         network's automatic output of them (guides removed, full resolution, no gradient) and the
         voxels no guide reaches; None when no sample has a guide. With automatic norm statistics
