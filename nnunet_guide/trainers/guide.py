@@ -272,14 +272,14 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         if rows.numel() == 0:
             return None
         rows = rows.to(self.device)
-        gi = self.layout.guide_channel_indices
-        data = batch["data"][rows]
+        guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
         no_guide = self.layout.guide.no_guide_value
-        far = far_from_guides(data[:, gi[0]:gi[-1] + 1], no_guide)
+        far = far_from_guides(batch["data"][rows, guides], no_guide)
         stats = automatic_norm_statistics(self.network)
-        if stats is not None:
+        if stats is not None:  # no copy of the samples, no pass here
             return rows, lambda: stats.automatic_output(rows).float(), far
-        data[:, gi[0]:gi[-1] + 1] = no_guide
+        data = batch["data"][rows]
+        data[:, guides] = no_guide
         with torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out = self.network(data)
         out = out[0] if isinstance(out, (list, tuple)) else out
