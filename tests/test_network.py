@@ -4,7 +4,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from nnunet_guide.network import ExtraChannelNetwork, StageGuides
+from nnunet_guide.network import ExtraChannelNetwork, StageGuides, automatic_norm_statistics
 from nnunet_guide.settings import GuidedTarget, GuideSettings, GuideSettingsError, build_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -208,3 +208,19 @@ def test_norm_statistics_setting():
         GuideSettings(norm_statistics="batch")
     assert GuideSettings.from_dict({}).norm_statistics == "with_guides"   # settings files written before the field
     assert GuideSettings.from_dict(GuideSettings(norm_statistics="automatic").to_dict()).norm_statistics == "automatic"
+
+
+def test_automatic_norm_statistics_found_through_wrappers():
+    """The trainer finds the statistics of its network compiled (``_orig_mod``) or in DDP (``module``)."""
+    shared, automatic = stats_pair()
+    stats = automatic._norm_statistics
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner, attr):
+            super().__init__()
+            setattr(self, attr, inner)
+
+    assert automatic_norm_statistics(automatic) is stats
+    assert automatic_norm_statistics(Wrapper(automatic, "module")) is stats
+    assert automatic_norm_statistics(Wrapper(Wrapper(automatic, "_orig_mod"), "module")) is stats
+    assert automatic_norm_statistics(shared) is None and automatic_norm_statistics(Wrapper(shared, "module")) is None
