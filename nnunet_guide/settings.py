@@ -163,6 +163,12 @@ class GuideSettings:
             one). nnU-Net's loss counts a click's voxel like any other of the patch's; this term
             asks that the output at least agree with the user where they clicked. No extra forward
             pass. 0 (default) switches it off.
+        object_weight: weight of the clicked-object term: per training sample and guided class with
+            a positive click, ``1 -`` the class's soft Dice inside the box of +-3 sigma around each of
+            its positive clicks (sigma: the clicked object's robust sigma the click carries, at least
+            ``min_object_sigma``), so a click on part of a lesion is answered with the whole lesion.
+            nnU-Net's loss weighs a clicked lesion by its share of the patch; this term weighs every
+            clicked object alike. No extra forward pass. 0 (default) switches it off.
         guide_entry: where the guide channels enter the network. ``"input"`` (default): as input
             channels only, as in the original work. ``"every_stage"``: also into every encoder
             stage, as a zero-initialised 1x1 convolution of the guides max-pooled to the stage's
@@ -210,6 +216,7 @@ class GuideSettings:
     consistency_weight: float = 0.0
     guide_entry: str = "input"
     click_weight: float = 0.0
+    object_weight: float = 0.0
     norm_statistics: str = "with_guides"
 
     def __post_init__(self):
@@ -237,7 +244,7 @@ class GuideSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")
-        for name in ("consistency_weight", "click_weight"):
+        for name in ("consistency_weight", "click_weight", "object_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise GuideSettingsError(f"{name} must be a finite number >= 0, got {v!r}")

@@ -244,3 +244,90 @@ def test_consistency_reference_is_the_automatic_statistics_pass(nnunet_paths, on
     stats = tr.network._norm_statistics
     with pytest.raises(RuntimeError, match="automatic pass ran samples"):
         stats.automatic_output(rows[:0])
+
+
+# ---- the clicked-object term (GuideSettings.object_weight) ---------------------------------------
+
+def test_clicked_object_boxes_span_three_sigma_around_positive_clicks():
+    from nnunet_guide.core.clicks import Click
+    from nnunet_guide.core.consistency import clicked_object_boxes
+    packed = _clicks(Click(0, (3.0, 3.0), True, (1.0, 0.5)),      # rows 3 -+ 3, columns 3 -+ 1.5
+                     Click(1, (7.0, 7.0), True),                    # no sigma: min_sigma, clipped at the edge
+                     Click(0, (0.0, 7.0), False, (5.0, 5.0)))       # negative: no box
+    boxes = clicked_object_boxes(packed, (8, 8), 2, min_sigma=0.5)
+    want = np.zeros((1, 2, 8, 8), bool)
+    want[0, 0, 0:7, 1:6] = True     # floor(3 - 3) .. ceil(3 + 3); floor(3 - 1.5) .. ceil(3 + 1.5)
+    want[0, 1, 5:8, 5:8] = True     # floor(7 - 1.5) .. the patch's edge
+    np.testing.assert_array_equal(boxes.numpy(), want)
+    # a sigma below min_sigma is raised to it: columns 3 -+ 3 with min_sigma 1
+    assert clicked_object_boxes(packed, (8, 8), 2, min_sigma=1.0)[0, 0, 0].tolist() == [True] * 7 + [False]
+    assert not clicked_object_boxes(_clicks(), (8, 8), 2).any()
+
+
+def test_clicked_object_penalty_is_one_minus_the_soft_dice_in_the_box():
+    from nnunet_guide.core.clicks import Click
+    from nnunet_guide.core.consistency import clicked_object_penalty
+    logits = torch.zeros(1, 2, 1, 8)                   # p(label 1) = 1/2 everywhere
+    labels = torch.zeros(1, 1, 1, 8)
+    labels[0, 0, 0, 2:4] = 1                           # the object: voxels 2, 3
+    labels[0, 0, 0, 6] = 1                             # another object, outside the box
+    packed = _clicks(Click(0, (0.0, 2.0), True, (1.0, 1.0)))   # box: columns 0 .. 5 (6 voxels)
+    # soft Dice in the box: 2 * (2 * 1/2) / (6 * 1/2 + 2)
+    want = 1 - 2 * 1.0 / (3.0 + 2.0)
+    assert clicked_object_penalty(logits, labels, packed, [(1,)], min_sigma=1.0).item() == pytest.approx(want, abs=1e-5)
+    # the ignore label's voxels count nowhere: voxels 0 and 1 ignored leaves 4 voxels in the box
+    ignored = labels.clone()
+    ignored[0, 0, 0, 0:2] = 9
+    assert clicked_object_penalty(logits, ignored, packed, [(1,)], ignore_label=9, min_sigma=1.0).item() == \
+        pytest.approx(1 - 2 * 1.0 / (2.0 + 2.0), abs=1e-5)
+    # regions: the class is one sigmoid channel of region maps
+    regions = (labels > 0).float()
+    assert clicked_object_penalty(torch.zeros(1, 1, 1, 8), regions, packed, [(0,)], regions=True,
+                                  min_sigma=1.0).item() == pytest.approx(want, abs=1e-5)
+    # gradient: only inside the box, raising the object and lowering the rest of the box
+    x = torch.zeros(1, 2, 1, 8, requires_grad=True)
+    clicked_object_penalty(x, labels, packed, [(1,)], min_sigma=1.0).backward()
+    g = x.grad[0, 1, 0]
+    assert (g[2:4] < 0).all() and (g[[0, 1, 4, 5]] > 0).all() and (g[6:] == 0).all()
+    # no positive click: 0, with a gradient of zeros
+    y = torch.zeros(1, 2, 1, 8, requires_grad=True)
+    none = clicked_object_penalty(y, labels, _clicks(Click(0, (0.0, 2.0), False)), [(1,)])
+    none.backward()
+    assert none.item() == 0.0 and y.grad.abs().sum() == 0
+
+
+def test_loss_wrapper_adds_the_weighted_object_term_on_the_full_resolution_target():
+    from nnunet_guide.core.clicks import Click
+    base = lambda out, tgt: out[0].float().mean() * 0 + 1.0  # noqa: E731
+    loss = GuideConsistencyLoss(base, 0.0, regions=False, class_channels=[(1,)], object_weight=0.5, min_sigma=1.0)
+    out = [torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 4)]
+    target = [torch.zeros(2, 1, 1, 8), torch.zeros(2, 1, 1, 4)]
+    target[0][0, 0, 0, 2:4] = 1
+    loss.clicks = torch.cat((_clicks(Click(0, (0.0, 2.0), True, (1.0, 1.0))), _clicks()))
+    assert float(loss(out, target)) == pytest.approx(1.0 + 0.5 * (1 - 2 * 1.0 / 5.0), abs=1e-5)
+    loss.clicks = None
+    assert float(loss(out, target)) == 1.0
+
+
+class FollowsObjects(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(object_weight=1.0, p_drop=0.0)
+
+
+def test_trainer_step_with_the_object_term(nnunet_paths, one_torch_thread, monkeypatch):
+    import nnunet_guide.trainers.guide as guide_module
+    tr = make_trainer(FollowsObjects, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    assert isinstance(tr.loss, GuideConsistencyLoss) and tr.loss.object_weight == 1.0 and tr.loss.click_weight == 0
+    terms, real = [], guide_module.clicked_object_penalty
+
+    def penalty(out, reference, clicks, *args):
+        terms.append((real(out, reference, clicks, *args), tuple(out.shape), tuple(reference.shape)))
+        return terms[-1][0]
+
+    monkeypatch.setattr(guide_module, "clicked_object_penalty", penalty)
+    dl_tr, _ = tr.get_dataloaders()
+    out = tr.train_step(next(dl_tr))
+    # the term ran once, on the full-resolution output and target, with gradient
+    assert len(terms) == 1 and terms[0][0].item() > 0 and terms[0][0].requires_grad
+    assert terms[0][1][2:] == terms[0][2][2:] == tuple(tr.configuration_manager.patch_size)
+    assert np.isfinite(out["loss"]) and tr.loss.clicks is None

@@ -6,6 +6,9 @@
   same sample with its guides removed.
 - The click-following term: at the voxel of every point click, the output must agree with the click
   (the clicked class there for a positive click, not there for a negative one).
+- The clicked-object term: around every positive click, over the box its object spans, the clicked
+  class's soft Dice with the reference, so a click is answered with the object's extent, not only at
+  its voxel.
 """
 from __future__ import annotations
 
@@ -72,3 +75,78 @@ def click_following_penalty(logits: torch.Tensor, packed: torch.Tensor, class_ch
     q = (prob * member[rows[:, _TARGET].long()]).sum(-1).clamp(eps, 1.0 - eps)
     positive = rows[:, _POSITIVE] > 0.5
     return -torch.where(positive, q.log(), (1.0 - q).log()).mean()
+
+
+#: half side of a clicked object's box, in the click's sigma (1.4826 x MAD of the object's
+#: coordinates per axis): an object spans about +-1.35 sigma around its centre, so 3 sigma around
+#: any of its voxels (extra clicks land anywhere on the object) holds all of it
+OBJECT_BOX_SIGMAS = 3.0
+
+
+def clicked_object_boxes(packed: torch.Tensor, spatial: Sequence[int], num_classes: int,
+                         min_sigma: float = 2.0, box_sigmas: float = OBJECT_BOX_SIGMAS) -> torch.Tensor:
+    """(B, T, *spatial) bool: per sample and guided class, the union of the boxes of +-``box_sigmas``
+    x sigma (voxels, per axis) around its positive clicks (points and boxes; a click without sigma,
+    as the device user's correction clicks, or with a smaller one gets ``min_sigma``), clipped to
+    the patch."""
+    rows = packed.detach().to("cpu", torch.float64)
+    ndim = len(spatial)
+    boxes = torch.zeros((packed.shape[0], num_classes, *spatial), dtype=torch.bool)
+    b_idx, k_idx = torch.nonzero((rows[..., _TARGET] >= 0) & (rows[..., _POSITIVE] > 0.5), as_tuple=True)
+    if b_idx.numel() == 0:
+        return boxes
+    r = rows[b_idx, k_idx]
+    pos, sigma = r[:, _POS:_POS + ndim], r[:, _POS + ndim:_POS + 2 * ndim]
+    half = box_sigmas * torch.nan_to_num(sigma, nan=min_sigma).clamp_min(min_sigma)
+    size = torch.tensor(spatial, dtype=torch.float64)
+    lo = torch.floor(pos - half).clamp(0, None).long()
+    hi = (torch.ceil(pos + half) + 1).minimum(size).long()
+    for b, t, l, h in zip(b_idx.tolist(), r[:, _TARGET].long().tolist(), lo.tolist(), hi.tolist()):
+        boxes[(b, t, *(slice(a, z) for a, z in zip(l, h)))] = True
+    return boxes
+
+
+def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed: torch.Tensor,
+                           class_channels: Sequence[Sequence[int]], regions: bool = False, ignore_label=None,
+                           min_sigma: float = 2.0, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over (sample, guided class) pairs with a positive click of ``1 - soft Dice`` of the
+    class inside :func:`clicked_object_boxes`: its probability (the sum over ``class_channels``, or
+    the region's sigmoid) against the reference.
+
+    Args:
+        logits: (B, C, *spatial) network output at full resolution (with gradient).
+        reference: nnU-Net's full-resolution target: (B, 1, *spatial) label map, or (B, R, *spatial)
+            region maps (``regions``).
+        packed: (B, K, F) clicks of the batch (:func:`nnunet_guide.core.encoding.pack_click_batch`).
+        class_channels: per guided class, its output channels, as for :func:`click_following_penalty`
+            (for a label map these are its label values).
+        ignore_label: voxels of the label map with this value count nowhere.
+    Returns 0 (with gradient) when no sample has a positive click.
+    """
+    spatial = tuple(logits.shape[2:])
+    boxes = clicked_object_boxes(packed, spatial, len(class_channels), min_sigma)
+    pairs = boxes.flatten(2).any(-1)
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    b_idx, t_idx = torch.nonzero(pairs, as_tuple=True)
+    boxes = boxes.to(logits.device)
+    p = torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
+    reference = reference.to(logits.device)
+    terms = []
+    for b, t in zip(b_idx.tolist(), t_idx.tolist()):
+        inside = boxes[b, t]
+        if regions:
+            q = p[b, class_channels[t][0]]
+            g = reference[b, class_channels[t][0]] > 0.5
+        else:
+            q = p[b, list(class_channels[t])].sum(0)
+            labels = reference[b, 0].round().long()
+            g = torch.zeros_like(inside)
+            for v in class_channels[t]:
+                g |= labels == int(v)
+            if ignore_label is not None:
+                inside = inside & (labels != int(ignore_label))
+        w = inside.to(q.dtype)
+        gw = (g & inside).to(q.dtype)
+        terms.append(1.0 - (2.0 * (q * gw).sum() + eps) / ((q * w).sum() + gw.sum() + eps))
+    return torch.stack(terms).mean()

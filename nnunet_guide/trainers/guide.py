@@ -28,7 +28,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from ..core.clicks import validation_clicks
-from ..core.consistency import click_following_penalty, consistency_penalty, far_from_guides
+from ..core.consistency import click_following_penalty, clicked_object_penalty, consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.device_user import densest_error_clicks, uses_device_user
 from ..core.encoding import (append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides,
@@ -88,16 +88,21 @@ class GuideConsistencyLoss(nn.Module):
       that returns it once the network has run, the far voxels);
     - ``click_weight`` x the click-following term
       (:func:`nnunet_guide.core.consistency.click_following_penalty`), when it has set ``clicks``
-      (the batch's packed clicks; ``class_channels``: the output channels of each guided class).
+      (the batch's packed clicks; ``class_channels``: the output channels of each guided class);
+    - ``object_weight`` x the clicked-object term
+      (:func:`nnunet_guide.core.consistency.clicked_object_penalty`) on the full-resolution target,
+      when it has set ``clicks``.
 
     The trainer sets both around nnU-Net's ``train_step`` only, so validation steps get nnU-Net's
     loss unchanged."""
 
     def __init__(self, loss: nn.Module, weight: float, regions: bool, click_weight: float = 0.0,
-                 class_channels: Sequence[Sequence[int]] = ()):
+                 class_channels: Sequence[Sequence[int]] = (), object_weight: float = 0.0,
+                 ignore_label: Optional[int] = None, min_sigma: float = 2.0):
         super().__init__()
         self.loss, self.weight, self.regions = loss, float(weight), regions
         self.click_weight, self.class_channels = float(click_weight), [tuple(c) for c in class_channels]
+        self.object_weight, self.ignore_label, self.min_sigma = float(object_weight), ignore_label, float(min_sigma)
         self.reference: Optional[Tuple[torch.Tensor, Reference, torch.Tensor]] = None
         self.clicks: Optional[torch.Tensor] = None
 
@@ -108,9 +113,13 @@ class GuideConsistencyLoss(nn.Module):
             rows, automatic, far = self.reference
             automatic = automatic() if callable(automatic) else automatic  # kept by this step's forward pass
             loss = loss + self.weight * consistency_penalty(out[rows], automatic, far, self.regions)
-        if self.clicks is not None:
+        if self.clicks is not None and self.click_weight > 0:
             loss = loss + self.click_weight * click_following_penalty(out, self.clicks, self.class_channels,
                                                                       self.regions)
+        if self.clicks is not None and self.object_weight > 0:
+            reference = target[0] if isinstance(target, (list, tuple)) else target
+            loss = loss + self.object_weight * clicked_object_penalty(
+                out, reference, self.clicks, self.class_channels, self.regions, self.ignore_label, self.min_sigma)
         return loss
 
 
@@ -230,7 +239,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
             return super().train_step(batch)
         g = self.layout.guide
         self.loss.reference = self.automatic_reference(batch) if g.consistency_weight > 0 else None
-        self.loss.clicks = batch["clicks"] if g.click_weight > 0 else None
+        self.loss.clicks = batch["clicks"] if g.click_weight > 0 or g.object_weight > 0 else None
         try:
             return super().train_step(batch)
         finally:
@@ -239,10 +248,11 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     def _build_loss(self):
         loss = super()._build_loss()
         g = self.layout.guide
-        if g.consistency_weight <= 0 and g.click_weight <= 0:
+        if g.consistency_weight <= 0 and g.click_weight <= 0 and g.object_weight <= 0:
             return loss
         return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions, g.click_weight,
-                                    self.class_channels())
+                                    self.class_channels(), g.object_weight, self.label_manager.ignore_label,
+                                    g.min_object_sigma)
 
     def class_channels(self) -> List[Tuple[int, ...]]:
         """Per guided class, the network's output channels that make it up: its label values
@@ -256,7 +266,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         for t in self.layout.targets:
             want = tuple(sorted(int(v) for v in t.labels))
             if want not in regions:
-                raise GuideSettingsError(f"click_weight > 0: guided class {t.name!r} (labels {list(want)}) is none of "
+                raise GuideSettingsError(f"click_weight or object_weight > 0: guided class {t.name!r} (labels {list(want)}) is none of "
                                          f"this dataset's regions {[list(r) for r in regions]}")
             out.append((regions.index(want),))
         return out
