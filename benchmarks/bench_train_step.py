@@ -1,7 +1,7 @@
 """Cost of a training-step option against nnUNetTrainerGuide, on the same batches, plans and data.
 
     python benchmarks/bench_train_step.py [--variant density|correction|automatic_norms|consistency|
-                                           consistency_automatic_norms] [--preprocessed FOLDER]
+                                           consistency_automatic_norms|object] [--preprocessed FOLDER]
                                           [--plans nnUNetPlans] [--configuration 3d_fullres]
                                           [--batches 6] [--rounds 3]
 
@@ -13,6 +13,8 @@ trainer with ``norm_statistics = "automatic"``, whose guided samples first run o
 guides (forward and backward) for the instance norms' statistics. ``--variant consistency``: the
 consistency term (``consistency_weight`` 1), whose guided samples first run once without their guides
 (no gradient) for the reference; ``consistency_automatic_norms``: both, sharing that one pass.
+``--variant object``: the clicked-object term (``object_weight`` 1), a soft Dice in the boxes around
+the positive clicks (no extra pass).
 
 Both trainers take the same fed channels (image + guide channels), so the data pipeline is
 shared and only the training step differs. Batches are drawn once from the guide trainer's
@@ -43,6 +45,7 @@ SETTINGS_VARIANTS = {
     "automatic_norms": {"norm_statistics": "automatic"},
     "consistency": {"consistency_weight": 1.0},
     "consistency_automatic_norms": {"consistency_weight": 1.0, "norm_statistics": "automatic"},
+    "object": {"object_weight": 1.0},
 }
 
 

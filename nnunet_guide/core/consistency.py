@@ -84,14 +84,15 @@ OBJECT_BOX_SIGMAS = 3.0
 
 
 def clicked_object_boxes(packed: torch.Tensor, spatial: Sequence[int], num_classes: int,
-                         min_sigma: float = 2.0, box_sigmas: float = OBJECT_BOX_SIGMAS) -> torch.Tensor:
-    """(B, T, *spatial) bool: per sample and guided class, the union of the boxes of +-``box_sigmas``
-    x sigma (voxels, per axis) around its positive clicks (points and boxes; a click without sigma,
-    as the device user's correction clicks, or with a smaller one gets ``min_sigma``), clipped to
-    the patch."""
+                         min_sigma: float = 2.0, box_sigmas: float = OBJECT_BOX_SIGMAS,
+                         device=None) -> torch.Tensor:
+    """(B, T, *spatial) bool on ``device``: per sample and guided class, the union of the boxes of
+    +-``box_sigmas`` x sigma (voxels, per axis) around its positive clicks (points and boxes; a click
+    without sigma, as the device user's correction clicks, or with a smaller one gets ``min_sigma``),
+    clipped to the patch. The boxes are planned on the host; the device gets one fill per click."""
     rows = packed.detach().to("cpu", torch.float64)
     ndim = len(spatial)
-    boxes = torch.zeros((packed.shape[0], num_classes, *spatial), dtype=torch.bool)
+    boxes = torch.zeros((packed.shape[0], num_classes, *spatial), dtype=torch.bool, device=device)
     b_idx, k_idx = torch.nonzero((rows[..., _TARGET] >= 0) & (rows[..., _POSITIVE] > 0.5), as_tuple=True)
     if b_idx.numel() == 0:
         return boxes
@@ -124,12 +125,11 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
     Returns 0 (with gradient) when no sample has a positive click.
     """
     spatial = tuple(logits.shape[2:])
-    boxes = clicked_object_boxes(packed, spatial, len(class_channels), min_sigma)
+    boxes = clicked_object_boxes(packed, spatial, len(class_channels), min_sigma, device=logits.device)
     pairs = boxes.flatten(2).any(-1)
     if not bool(pairs.any()):
         return logits.sum() * 0.0
     b_idx, t_idx = torch.nonzero(pairs, as_tuple=True)
-    boxes = boxes.to(logits.device)
     p = torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
     reference = reference.to(logits.device)
     terms = []
