@@ -169,6 +169,10 @@ class GuideSettings:
             ``min_object_sigma``), so a click on part of a lesion is answered with the whole lesion.
             nnU-Net's loss weighs a clicked lesion by its share of the patch; this term weighs every
             clicked object alike. No extra forward pass. 0 (default) switches it off.
+        object_negatives: the clicked-object term also takes the box around every negative click
+            (+-3 sigma; a negative click's sigma is ``min_object_sigma`` unless the correction user
+            gave it the error's), where the box holds voxels of the class: a negative click on a
+            false-positive rim must remove the rim and keep the structure beside it. Default False.
         guide_entry: where the guide channels enter the network. ``"input"`` (default): as input
             channels only, as in the original work. ``"every_stage"``: also into every encoder
             stage, as a zero-initialised 1x1 convolution of the guides max-pooled to the stage's
@@ -217,6 +221,7 @@ class GuideSettings:
     guide_entry: str = "input"
     click_weight: float = 0.0
     object_weight: float = 0.0
+    object_negatives: bool = False
     norm_statistics: str = "with_guides"
 
     def __post_init__(self):

@@ -296,6 +296,27 @@ def test_clicked_object_penalty_is_one_minus_the_soft_dice_in_the_box():
     assert none.item() == 0.0 and y.grad.abs().sum() == 0
 
 
+def test_clicked_object_negatives_count_where_their_box_holds_the_class():
+    from nnunet_guide.core.clicks import Click
+    from nnunet_guide.core.consistency import clicked_object_penalty
+    from nnunet_guide.core.encoding import pack_click_batch
+    logits = torch.zeros(2, 2, 1, 8)                   # p(label 1) = 1/2 everywhere
+    labels = torch.zeros(2, 1, 1, 8)
+    labels[:, 0, 0, 2:4] = 1                           # the structure: voxels 2, 3
+    packed = pack_click_batch([[Click(0, (0.0, 7.0), False, (0.5, 0.5))],    # box: columns 5 .. 7, no class
+                               [Click(0, (0.0, 5.0), False, (1.0, 1.0))]],   # a rim click: columns 2 .. 7
+                              2, 2)
+    assert clicked_object_penalty(logits, labels, packed, [(1,)], min_sigma=0.5).item() == 0.0  # positives only
+    # with negatives: sample 1 only, 2 * (2 * 1/2) / (6 * 1/2 + 2); sample 0's box holds no class voxel
+    assert clicked_object_penalty(logits, labels, packed, [(1,)], min_sigma=0.5, negatives=True).item() == \
+        pytest.approx(1 - 2 * 1.0 / 5.0, abs=1e-5)
+    x = torch.zeros(2, 2, 1, 8, requires_grad=True)
+    clicked_object_penalty(x, labels, packed, [(1,)], min_sigma=0.5, negatives=True).backward()
+    assert x.grad[0].abs().sum() == 0                  # the pair that does not count gets no gradient
+    g = x.grad[1, 1, 0]
+    assert (g[2:4] < 0).all() and (g[4:] > 0).all() and (g[:2] == 0).all()  # keep the structure, clear the rim
+
+
 def test_loss_wrapper_adds_the_weighted_object_term_on_the_full_resolution_target():
     from nnunet_guide.core.clicks import Click
     base = lambda out, tgt: out[0].float().mean() * 0 + 1.0  # noqa: E731

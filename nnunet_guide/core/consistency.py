@@ -85,15 +85,19 @@ OBJECT_BOX_SIGMAS = 3.0
 
 def clicked_object_boxes(packed: torch.Tensor, spatial: Sequence[int], num_classes: int,
                          min_sigma: float = 2.0, box_sigmas: float = OBJECT_BOX_SIGMAS,
-                         device=None) -> torch.Tensor:
+                         device=None, negatives: bool = False) -> torch.Tensor:
     """(B, T, *spatial) bool on ``device``: per sample and guided class, the union of the boxes of
     +-``box_sigmas`` x sigma (voxels, per axis) around its positive clicks (points and boxes; a click
     without sigma, as the device user's correction clicks, or with a smaller one gets ``min_sigma``),
-    clipped to the patch. The boxes are planned on the host; the device gets one fill per click."""
+    and around its negative clicks too with ``negatives``, clipped to the patch. The boxes are
+    planned on the host; the device gets one fill per click."""
     rows = packed.detach().to("cpu", torch.float64)
     ndim = len(spatial)
     boxes = torch.zeros((packed.shape[0], num_classes, *spatial), dtype=torch.bool, device=device)
-    b_idx, k_idx = torch.nonzero((rows[..., _TARGET] >= 0) & (rows[..., _POSITIVE] > 0.5), as_tuple=True)
+    chosen = rows[..., _TARGET] >= 0
+    if not negatives:
+        chosen &= rows[..., _POSITIVE] > 0.5
+    b_idx, k_idx = torch.nonzero(chosen, as_tuple=True)
     if b_idx.numel() == 0:
         return boxes
     r = rows[b_idx, k_idx]
@@ -109,10 +113,13 @@ def clicked_object_boxes(packed: torch.Tensor, spatial: Sequence[int], num_class
 
 def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed: torch.Tensor,
                            class_channels: Sequence[Sequence[int]], regions: bool = False, ignore_label=None,
-                           min_sigma: float = 2.0, eps: float = 1e-5) -> torch.Tensor:
-    """Mean over (sample, guided class) pairs with a positive click of ``1 - soft Dice`` of the
-    class inside :func:`clicked_object_boxes`: its probability (the sum over ``class_channels``, or
-    the region's sigmoid) against the reference.
+                           min_sigma: float = 2.0, negatives: bool = False, eps: float = 1e-5) -> torch.Tensor:
+    """Mean over (sample, guided class) pairs with a positive click (or any click, ``negatives``) of
+    ``1 - soft Dice`` of the class inside :func:`clicked_object_boxes`: its probability (the sum over
+    ``class_channels``, or the region's sigmoid) against the reference. Pairs whose boxes hold no
+    voxel of the class have no overlap to measure and count nowhere (a positive click's box always
+    holds its object; a negative click's box holds the class where the click is near it, as on a
+    false-positive rim).
 
     Args:
         logits: (B, C, *spatial) network output at full resolution (with gradient).
@@ -122,17 +129,18 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
         class_channels: per guided class, its output channels, as for :func:`click_following_penalty`
             (for a label map these are its label values).
         ignore_label: voxels of the label map with this value count nowhere.
-    Returns 0 (with gradient) when no sample has a positive click.
+    Returns 0 (with gradient) when no pair counts.
     """
     spatial = tuple(logits.shape[2:])
-    boxes = clicked_object_boxes(packed, spatial, len(class_channels), min_sigma, device=logits.device)
+    boxes = clicked_object_boxes(packed, spatial, len(class_channels), min_sigma, device=logits.device,
+                                 negatives=negatives)
     pairs = boxes.flatten(2).any(-1)
     if not bool(pairs.any()):
         return logits.sum() * 0.0
     b_idx, t_idx = torch.nonzero(pairs, as_tuple=True)
     p = torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
     reference = reference.to(logits.device)
-    terms = []
+    terms, counts = [], []
     for b, t in zip(b_idx.tolist(), t_idx.tolist()):
         inside = boxes[b, t]
         if regions:
@@ -149,4 +157,7 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
         w = inside.to(q.dtype)
         gw = (g & inside).to(q.dtype)
         terms.append(1.0 - (2.0 * (q * gw).sum() + eps) / ((q * w).sum() + gw.sum() + eps))
-    return torch.stack(terms).mean()
+        counts.append(gw.sum() > 0)
+    terms = torch.stack(terms)
+    counts = torch.stack(counts).to(terms.dtype)
+    return (terms * counts).sum() / counts.sum().clamp_min(1.0)

@@ -98,11 +98,12 @@ class GuideConsistencyLoss(nn.Module):
 
     def __init__(self, loss: nn.Module, weight: float, regions: bool, click_weight: float = 0.0,
                  class_channels: Sequence[Sequence[int]] = (), object_weight: float = 0.0,
-                 ignore_label: Optional[int] = None, min_sigma: float = 2.0):
+                 ignore_label: Optional[int] = None, min_sigma: float = 2.0, object_negatives: bool = False):
         super().__init__()
         self.loss, self.weight, self.regions = loss, float(weight), regions
         self.click_weight, self.class_channels = float(click_weight), [tuple(c) for c in class_channels]
         self.object_weight, self.ignore_label, self.min_sigma = float(object_weight), ignore_label, float(min_sigma)
+        self.object_negatives = bool(object_negatives)
         self.reference: Optional[Tuple[torch.Tensor, Reference, torch.Tensor]] = None
         self.clicks: Optional[torch.Tensor] = None
 
@@ -119,7 +120,8 @@ class GuideConsistencyLoss(nn.Module):
         if self.clicks is not None and self.object_weight > 0:
             reference = target[0] if isinstance(target, (list, tuple)) else target
             loss = loss + self.object_weight * clicked_object_penalty(
-                out, reference, self.clicks, self.class_channels, self.regions, self.ignore_label, self.min_sigma)
+                out, reference, self.clicks, self.class_channels, self.regions, self.ignore_label, self.min_sigma,
+                self.object_negatives)
         return loss
 
 
@@ -252,7 +254,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
             return loss
         return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions, g.click_weight,
                                     self.class_channels(), g.object_weight, self.label_manager.ignore_label,
-                                    g.min_object_sigma)
+                                    g.min_object_sigma, g.object_negatives)
 
     def class_channels(self) -> List[Tuple[int, ...]]:
         """Per guided class, the network's output channels that make it up: its label values
