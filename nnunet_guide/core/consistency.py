@@ -6,9 +6,9 @@
   same sample with its guides removed.
 - The click-following term: at the voxel of every point click, the output must agree with the click
   (the clicked class there for a positive click, not there for a negative one).
-- The clicked-object term: around every positive click, over the box its object spans, the clicked
-  class's soft Dice with the reference, so a click is answered with the object's extent, not only at
-  its voxel.
+- The clicked-object term: around every positive click (and, optionally, every negative one), over
+  the box its object spans, the clicked class's soft Dice with the reference, so a click is answered
+  with the object's extent, not only at its voxel.
 """
 from __future__ import annotations
 

@@ -268,8 +268,8 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         for t in self.layout.targets:
             want = tuple(sorted(int(v) for v in t.labels))
             if want not in regions:
-                raise GuideSettingsError(f"click_weight or object_weight > 0: guided class {t.name!r} (labels {list(want)}) is none of "
-                                         f"this dataset's regions {[list(r) for r in regions]}")
+                raise GuideSettingsError(f"click_weight or object_weight > 0: guided class {t.name!r} (labels "
+                                         f"{list(want)}) is none of this dataset's regions {[list(r) for r in regions]}")
             out.append((regions.index(want),))
         return out
 
