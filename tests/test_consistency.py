@@ -246,6 +246,24 @@ def test_consistency_reference_is_the_automatic_statistics_pass(nnunet_paths, on
         stats.automatic_output(rows[:0])
 
 
+def test_consistency_rows_are_the_samples_whose_guides_hold_a_guide(nnunet_paths, one_torch_thread):
+    """The trainer picks the consistency term's samples by the network's rule for automatic
+    statistics (a guide voxel anywhere), not by their click count, so a sample whose clicks render
+    nothing cannot make the reference and the statistics' pass disagree."""
+    tr = make_trainer(ConsistentAutomaticNorms, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    dl_tr, _ = tr.get_dataloaders()
+    guided = tr.guided_batch(next(dl_tr))
+    clicked = torch.nonzero(click_counts(guided["clicks"]) > 0).flatten().tolist()
+    assert len(clicked) == guided["data"].shape[0]  # p_drop 0: every sample has clicks
+    gi = tr.layout.guide_channel_indices
+    guided["data"][clicked[0], gi[0]:gi[-1] + 1] = tr.layout.guide.no_guide_value  # its clicks render nothing
+    rows, automatic, far = tr.automatic_reference(guided)
+    assert rows.tolist() == clicked[1:] and far.shape[0] == len(clicked) - 1
+    tr.network(guided["data"])  # a training pass: the statistics' automatic pass runs the same samples
+    assert automatic().shape[0] == len(clicked) - 1
+
+
 # ---- the clicked-object term (GuideSettings.object_weight) ---------------------------------------
 
 def test_clicked_object_boxes_span_three_sigma_around_positive_clicks():

@@ -31,7 +31,7 @@ from ..core.clicks import validation_clicks
 from ..core.consistency import click_following_penalty, clicked_object_penalty, consistency_penalty, far_from_guides
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.device_user import densest_error_clicks, uses_device_user
-from ..core.encoding import (append_clicks, click_counts, num_guide_channels, render_guide_batch, render_guides,
+from ..core.encoding import (append_clicks, num_guide_channels, render_guide_batch, render_guides,
                              unpack_clicks)
 from ..core.user_sim import correction_clicks
 from ..network import automatic_norm_statistics
@@ -275,18 +275,20 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
 
     @torch.no_grad()
     def automatic_reference(self, batch: dict) -> Optional[Tuple[torch.Tensor, Reference, torch.Tensor]]:
-        """For the consistency term: the guided samples of a :meth:`guided_batch` (indices), the
-        network's automatic output of them (guides removed, full resolution, no gradient) and the
-        voxels no guide reaches; None when no sample has a guide. With automatic norm statistics
-        the training step's forward pass computes that output anyway (it records their statistics),
-        so the output is a callable that takes it from there after the pass, not a second pass."""
-        rows = torch.nonzero(click_counts(batch["clicks"]) > 0).flatten()
-        if rows.numel() == 0:
-            return None
-        rows = rows.to(self.device)
+        """For the consistency term: the guided samples of a :meth:`guided_batch` (indices: those
+        whose guide channels hold a guide anywhere, the rule the network's automatic statistics use,
+        so both pick the same samples), the network's automatic output of them (guides removed, full
+        resolution, no gradient) and the voxels no guide reaches; None when no sample has a guide.
+        With automatic norm statistics the training step's forward pass computes that output anyway
+        (it records their statistics), so the output is a callable that takes it from there after
+        the pass, not a second pass."""
         guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
         no_guide = self.layout.guide.no_guide_value
-        far = far_from_guides(batch["data"][rows, guides], no_guide)
+        fed = batch["data"][:, guides]
+        rows = torch.nonzero((fed != no_guide).flatten(1).any(1)).flatten()
+        if rows.numel() == 0:
+            return None
+        far = far_from_guides(fed[rows], no_guide)
         stats = automatic_norm_statistics(self.network)
         if stats is not None:  # no copy of the samples, no pass here
             return rows, lambda: stats.automatic_output(rows).float(), far
