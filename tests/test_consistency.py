@@ -302,6 +302,11 @@ def test_clicked_object_penalty_is_one_minus_the_soft_dice_in_the_box():
     regions = (labels > 0).float()
     assert clicked_object_penalty(torch.zeros(1, 1, 1, 8), regions, packed, [(0,)], regions=True,
                                   min_sigma=1.0).item() == pytest.approx(want, abs=1e-5)
+    # regions with an ignore label: nnU-Net's last target channel marks the ignored voxels (0 and 1 here)
+    masked = torch.cat((regions, torch.zeros_like(regions)), 1)
+    masked[0, 1, 0, 0:2] = 1
+    assert clicked_object_penalty(torch.zeros(1, 1, 1, 8), masked, packed, [(0,)], regions=True, ignore_label=9,
+                                  min_sigma=1.0).item() == pytest.approx(1 - 2 * 1.0 / (2.0 + 2.0), abs=1e-5)
     # gradient: only inside the box, raising the object and lowering the rest of the box
     x = torch.zeros(1, 2, 1, 8, requires_grad=True)
     clicked_object_penalty(x, labels, packed, [(1,)], min_sigma=1.0).backward()

@@ -124,7 +124,8 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
     Args:
         logits: (B, C, *spatial) network output at full resolution (with gradient).
         reference: nnU-Net's full-resolution target: (B, 1, *spatial) label map, or (B, R, *spatial)
-            region maps (``regions``).
+            region maps (``regions``; with an ignore label, nnU-Net appends the ignore mask as a last
+            channel).
         packed: (B, K, F) clicks of the batch (:func:`nnunet_guide.core.encoding.pack_click_batch`).
         class_channels: per guided class, its output channels, as for :func:`click_following_penalty`
             (for a label map these are its label values).
@@ -146,6 +147,8 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
         if regions:
             q = p[b, class_channels[t][0]]
             g = reference[b, class_channels[t][0]] > 0.5
+            if ignore_label is not None:  # nnU-Net's region targets then end with the ignore mask
+                inside = inside & (reference[b, -1] < 0.5)
         else:
             q = p[b, list(class_channels[t])].sum(0)
             labels = reference[b, 0].round().long()
