@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .core.consistency import samples_with_guides
 from .settings import ChannelLayout, GuideSettingsError
 
 
@@ -245,7 +246,7 @@ class ExtraChannelNetwork(nn.Module):
     def forward(self, x: torch.Tensor):
         if self._norm_statistics is not None and x.shape[1] == self.num_fed_channels:
             guides = x[:, self.num_image_channels:self.num_fed_channels]
-            rows = torch.nonzero((guides != self.no_guide_value).flatten(1).any(1)).flatten()
+            rows = samples_with_guides(guides, self.no_guide_value)
             if rows.numel():
                 def automatic():
                     with torch.no_grad():

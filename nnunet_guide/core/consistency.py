@@ -24,6 +24,12 @@ def far_from_guides(guides: torch.Tensor, no_guide_value: float) -> torch.Tensor
     return (guides == no_guide_value).all(1)
 
 
+def samples_with_guides(guides: torch.Tensor, no_guide_value: float) -> torch.Tensor:
+    """(B, G, *spatial) guide channels -> indices of the samples with a guide voxel anywhere (the
+    samples automatic norm statistics and the consistency term treat as clicked)."""
+    return torch.nonzero((guides != no_guide_value).flatten(1).any(1)).flatten()
+
+
 def output_probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
     """Class probabilities as nnU-Net reads them: softmax over channels, or per-region sigmoid."""
     logits = logits.float()
@@ -139,7 +145,7 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
     if not bool(pairs.any()):
         return logits.sum() * 0.0
     b_idx, t_idx = torch.nonzero(pairs, as_tuple=True)
-    p = torch.sigmoid(logits.float()) if regions else torch.softmax(logits.float(), 1)
+    p = output_probabilities(logits, regions)
     reference = reference.to(logits.device)
     terms, counts = [], []
     for b, t in zip(b_idx.tolist(), t_idx.tolist()):

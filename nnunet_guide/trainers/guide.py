@@ -28,7 +28,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from ..core.clicks import validation_clicks
-from ..core.consistency import click_following_penalty, clicked_object_penalty, consistency_penalty, far_from_guides
+from ..core.consistency import (click_following_penalty, clicked_object_penalty, consistency_penalty,
+                                far_from_guides, samples_with_guides)
 from ..core.device_clicks import DEVICE_POLICIES, select_training_clicks
 from ..core.device_user import densest_error_clicks, uses_device_user
 from ..core.encoding import (append_clicks, num_guide_channels, render_guide_batch, render_guides,
@@ -285,7 +286,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
         no_guide = self.layout.guide.no_guide_value
         fed = batch["data"][:, guides]
-        rows = torch.nonzero((fed != no_guide).flatten(1).any(1)).flatten()
+        rows = samples_with_guides(fed, no_guide)
         if rows.numel() == 0:
             return None
         far = far_from_guides(fed[rows], no_guide)
