@@ -5,7 +5,7 @@ plain nnU-Net's quality, and teaches clicks early. Trains the variants of a stud
     python benchmarks/click_study.py prepare ROOT                 # hippocampus (24 cases) + LiTS slabs raw/preprocessed
     python benchmarks/click_study.py run benchmarks/studies/hippocampus.json --root ROOT/hippocampus --out OUT \\
         [--epochs 20 --iters 25 --save-every 5] [--parallel 4 --da-workers 3] [--device cuda] [-n 3] [--deadline S] \\
-        [--test-set]
+        [--test-set] [--repeats K]
 
 A study file names the dataset, plans, configuration, base ``GuideSettings`` and jobs; each job is
 plain nnU-Net (``"plain": true``, trainer ``nnUNetTrainerStudy``) or a guide variant (trainer
@@ -29,7 +29,16 @@ in the histograms. All jobs share the schedule (``--epochs`` x
   (``imagesTs``/``labelsTs`` of its raw folder; ``prepare`` puts there the 236 hippocampus cases
   outside the 24 trained on), next to plain nnU-Net's predictions of the same fold. A fold holds out
   5 hippocampus cases, 15 clicks per structure: far too few to tell a 5% harmful rate from 20%
-  (0 of 15 still allows 20%); the test set gives about 700 clicks per structure and model.
+  (0 of 15 still allows 20%); the test set gives about 700 clicks per structure and model;
+- with ``--repeats K``, K trainings of every job on every fold (nnU-Net's training is not seeded,
+  so they differ as reruns do). The r-th repeat trains into ``OUT/results/JOB__repeatR`` and is
+  evaluated into ``OUT/eval/JOB__repeatR``; the first keeps the folders of a run without repeats,
+  so a study run once is extended by running it again with ``--repeats 2``. The tables pool every
+  training, give the sd between trainings of one fold next to the mean, and list every training
+  of a job trained more than once per fold (automatic Dice, one-click gain, the simulated user's
+  Dice, harmful clicks, clicks not followed, lesions lost elsewhere). On the LiTS slabs two
+  trainings of one recipe on one fold differed by 0.11 automatic tumour Dice: a difference
+  between recipes smaller than that needs repeats before it decides anything.
 
 Prints the tables and writes ``OUT/study.json`` and ``OUT/study.md``; asserts nothing. Finished
 trainings and evaluations are reused when run again (resumable); ``--deadline`` stops starting new
@@ -162,18 +171,24 @@ class Study:
                              self.env({"name": "density plans", "plain": True}), log):
                 raise SystemExit(f"nnUNetv2_guide_plan failed for {self.name} ({plans}): see {log}")
 
-    def model_folder(self, job: dict, fold: int) -> str:
-        return os.path.join(self.out, "results", slug(job["name"]), self.name,
+    @staticmethod
+    def run_name(job: dict, rep: int = 0) -> str:
+        """Folder name of one training of a job: the job's slug for the first training of each fold,
+        ``<slug>__repeat<r>`` for the r-th repeat (``--repeats``)."""
+        return slug(job["name"]) + (f"__repeat{rep}" if rep else "")
+
+    def model_folder(self, job: dict, fold: int, rep: int = 0) -> str:
+        return os.path.join(self.out, "results", self.run_name(job, rep), self.name,
                             f"{self.trainer(job)}__{self.job_plans(job, fold)}__{self.config}")
 
-    def env(self, job: dict) -> Dict[str, str]:
+    def env(self, job: dict, rep: int = 0) -> Dict[str, str]:
         from nnunet_guide.paths import trainer_search_path
         options = {k: job[k] for k in ("oversample",) if k in job}
         if not job.get("plain"):
             options["settings"] = {**self.spec.get("base", {}), **job.get("settings", {})}
         return {**os.environ, "nnUNet_raw": os.path.join(self.root, "nnUNet_raw"),
                 "nnUNet_preprocessed": os.path.join(self.root, "nnUNet_preprocessed"),
-                "nnUNet_results": os.path.join(self.out, "results", slug(job["name"])),
+                "nnUNet_results": os.path.join(self.out, "results", self.run_name(job, rep)),
                 "nnUNet_extTrainer": trainer_search_path(os.environ.get("nnUNet_extTrainer", "")),
                 "nnUNet_compile": "false", "nnUNet_n_proc_DA": str(self.a.da_workers),
                 "nnUNet_def_n_proc": str(max(1, self.a.da_workers)), "PYTHONUNBUFFERED": "1",
@@ -192,19 +207,27 @@ class Study:
             print(f"  FAILED ({rc}): {' '.join(cmd[-8:])}; log {log}:\n    " + "    ".join(tail), flush=True)
         return rc == 0
 
-    def train(self, job: dict, fold: int) -> Optional[str]:
-        fold_dir = os.path.join(self.model_folder(job, fold), f"fold_{fold}")
+    def train(self, job: dict, fold: int, rep: int = 0) -> Optional[str]:
+        fold_dir = os.path.join(self.model_folder(job, fold, rep), f"fold_{fold}")
         if os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
             return fold_dir
         if self.late():
             return None
         t = time.time()
         ok = self._run([sys.executable, "-c", TRAIN, self.dataset, self.config, str(fold), "-tr", self.trainer(job),
-                        "-p", self.job_plans(job, fold), "-device", self.a.device], self.env(job),
-                       os.path.join(self.out, "logs", f"train_{slug(job['name'])}_f{fold}.log"))
-        print(f"  trained {job['name']} fold {fold} in {time.time() - t:.0f} s ({'ok' if ok else 'failed'}) "
+                        "-p", self.job_plans(job, fold), "-device", self.a.device], self.env(job, rep),
+                       os.path.join(self.out, "logs", f"train_{self.run_name(job, rep)}_f{fold}.log"))
+        print(f"  trained {job['name']} fold {fold}{f' (repeat {rep})' if rep else ''} in {time.time() - t:.0f} s "
+              f"({'ok' if ok else 'failed'}) "
               f"[{time.time() - self.t0:.0f} s]", flush=True)
         return fold_dir if ok else None
+
+    def summary_keys(self) -> Dict[str, str]:
+        """Class name (dataset.json) -> its key in nnU-Net's validation summary: the label value, or
+        the region's tuple of values."""
+        with open(os.path.join(self.raw, "dataset.json")) as f:
+            labels = json.load(f)["labels"]
+        return {name: str(v) if isinstance(v, int) else str(tuple(v)) for name, v in labels.items()}
 
     def checkpoints(self, fold_dir: str) -> List[str]:
         names = [n for n in os.listdir(fold_dir) if n.startswith("checkpoint_epoch") and n.endswith(".pth")]
@@ -242,23 +265,25 @@ class Study:
               flush=True)
         return out if ok else None
 
-    def eval_folder(self, job: dict, fold: int, chk: str, start: str, where: str) -> str:
+    def eval_folder(self, job: dict, fold: int, chk: str, start: str, where: str, rep: int = 0) -> str:
         tag = f"{chk[:-4]}_{start}" + ("_test" if where == "test" else "")
-        return os.path.join(self.out, "eval", slug(job["name"]), f"fold_{fold}", tag)
+        return os.path.join(self.out, "eval", self.run_name(job, rep), f"fold_{fold}", tag)
 
-    def per_case(self, job: dict, fold: int, chk: str, start: str, where: str) -> List[dict]:
-        """The evaluation's ``per_case.csv`` rows, with the fold added ([] when it did not run)."""
-        path = os.path.join(self.eval_folder(job, fold, chk, start, where), "per_case.csv")
+    def per_case(self, job: dict, fold: int, chk: str, start: str, where: str, rep: int = 0) -> List[dict]:
+        """The evaluation's ``per_case.csv`` rows, with the fold (and the repeat, when not the first
+        training) added ([] when it did not run)."""
+        path = os.path.join(self.eval_folder(job, fold, chk, start, where, rep), "per_case.csv")
         if not os.path.isfile(path):
             return []
         with open(path, newline="") as f:
-            return [{**r, "fold": fold} for r in csv.DictReader(f)]
+            return [{**r, "fold": fold if not rep else f"{fold}/{rep}"} for r in csv.DictReader(f)]
 
     def evaluate(self, job: dict, fold: int, chk: str, start: str, where: str = "held-out",
-                 plain: Optional[str] = None) -> Optional[dict]:
-        """``nnUNetv2_guide_evaluate`` of one checkpoint on the fold's held-out cases, or on the test
-        set (``where="test"``, compared with the plain predictions in ``plain``)."""
-        out = self.eval_folder(job, fold, chk, start, where)
+                 plain: Optional[str] = None, rep: int = 0) -> Optional[dict]:
+        """``nnUNetv2_guide_evaluate`` of one checkpoint of the fold's ``rep``-th training on the
+        fold's held-out cases, or on the test set (``where="test"``, compared with the plain
+        predictions in ``plain``)."""
+        out = self.eval_folder(job, fold, chk, start, where, rep)
         tag = os.path.basename(out)
         res = os.path.join(out, "results.json")
         if not os.path.isfile(res):
@@ -268,7 +293,7 @@ class Study:
                 folders, cases = ("imagesTs", "labelsTs"), self.test_cases()
             else:
                 folders, cases = ("imagesTr", "labelsTr"), sorted(self.splits[fold]["val"])
-            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job, fold),
+            cmd = [sys.executable, "-m", "nnunet_guide.cli.evaluate", "-m", self.model_folder(job, fold, rep),
                    "-f", str(fold), "-chk", chk, "-i", os.path.join(self.raw, folders[0]),
                    "-r", os.path.join(self.raw, folders[1]), "-o", out, "-n", str(self.a.clicks), "--start", start,
                    "--cases", *cases, "--overlays", "0", "--device", self.a.device]
@@ -276,8 +301,8 @@ class Study:
                 cmd += ["--plain", plain]
             for c in self.spec.get("classes", []):
                 cmd += ["--class", c]
-            if not self._run(cmd, self.env(job), os.path.join(self.out, "logs", f"eval_{slug(job['name'])}_f{fold}_"
-                                                                                   f"{tag}.log")):
+            log = os.path.join(self.out, "logs", f"eval_{self.run_name(job, rep)}_f{fold}_{tag}.log")
+            if not self._run(cmd, self.env(job, rep), log):
                 return None
         with open(res) as f:
             return json.load(f)["summary"]
@@ -360,6 +385,27 @@ def prompts_against_clicks(per_start: Dict[str, List[dict]]) -> List[dict]:
     return out
 
 
+def by_training(values: Dict[tuple, float]) -> dict:
+    """One figure over the trainings of a job: ``values`` maps (fold, repeat) to the figure of that
+    training. Returns the values, their mean and sd over all trainings, each fold's mean, and the sd
+    between trainings of one fold pooled over the folds that have two or more (the square root of
+    the summed squared deviations from each fold's mean over the summed degrees of freedom; None
+    without such a fold)."""
+    folds: Dict[int, List[float]] = {}
+    for (fold, _), v in sorted(values.items()):
+        folds.setdefault(fold, []).append(v)
+    means = {f: sum(v) / len(v) for f, v in folds.items()}
+    dof = sum(len(v) - 1 for v in folds.values())
+    ss = sum((x - means[f]) ** 2 for f, v in folds.items() for x in v)
+    return {"values": dict(sorted(values.items())), "mean_sd": mean_sd(list(values.values())), "per_fold": means,
+            "within_fold_sd": math.sqrt(ss / dof) if dof else None}
+
+
+def keyed(values: Dict[tuple, float]) -> Dict[str, float]:
+    """(fold, repeat) keys as ``"fold/repeat"`` for study.json."""
+    return {f"{f}/{r}": v for (f, r), v in values.items()}
+
+
 def mean_ci(values: List[float]):
     """Mean and its 95% interval by the normal approximation (no interval for fewer than 2 values)."""
     m, sd = mean_sd(values)
@@ -382,42 +428,48 @@ def run(a) -> int:
         spec = json.load(f)
     study = Study(spec, a.root, a.out, a)
     jobs = [j for j in spec["jobs"] if not a.only or j["name"] in a.only or slug(j["name"]) in a.only]
+    if a.repeats < 1:
+        raise SystemExit(f"--repeats: at least 1 training per job and fold, got {a.repeats}")
+    reps = range(a.repeats)
     for j in jobs:
         j["folds"] = list(a.folds) if a.folds is not None else j.get("folds", [0])
-    n_train = sum(len(j["folds"]) for j in jobs)
+    n_train = sum(len(j["folds"]) for j in jobs) * a.repeats
     print(f"study {a.study}: {study.name}, {study.plans} {study.config}, {len(jobs)} jobs / {n_train} trainings of "
           f"{a.epochs} x {a.iters} iterations on {a.device}, {a.parallel} at once", flush=True)
 
-    # 1. trainings (plain first: every guide job is compared with it)
+    # 1. trainings (plain first: every guide job is compared with it), first trainings of every
+    # job and fold before the repeats
     study.plan_density(jobs)
     with cf.ThreadPoolExecutor(a.parallel) as pool:
-        trained = {(j["name"], f): pool.submit(study.train, j, f) for j in jobs for f in j["folds"]}
+        trained = {(j["name"], f, r): pool.submit(study.train, j, f, r) for r in reps for j in jobs for f in j["folds"]}
         trained = {k: v.result() for k, v in trained.items()}
 
     # 2. evaluations: final checkpoints first (held-out cases, then the test set), then the earlier
     # ones (click gain against length)
     plain = next((j for j in jobs if j.get("plain")), None)
     plain_test = {}
-    if a.test_set and plain:
-        plain_test = {f: study.predict_plain_test(plain, f) for f in plain["folds"] if trained[(plain["name"], f)]}
+    if a.test_set and plain:  # the test set's plain predictions come from plain's first training of each fold
+        plain_test = {f: study.predict_plain_test(plain, f) for f in plain["folds"] if trained[(plain["name"], f, 0)]}
     work = []
     for j in jobs:
         if j.get("plain"):
             continue
         for f in j["folds"]:
-            if trained[(j["name"], f)] is None:
-                continue
-            chks = study.checkpoints(trained[(j["name"], f)])
-            for start in j.get("starts", ["clicks"]):
-                work.append((0, j, f, chks[-1], start, "held-out"))
-                if a.test_set:
-                    work.append((1, j, f, chks[-1], start, "test"))
-            if j.get("curve"):
-                work += [(2, j, f, c, "clicks", "held-out") for c in chks[:-1]]
+            for r in reps:
+                if trained[(j["name"], f, r)] is None:
+                    continue
+                chks = study.checkpoints(trained[(j["name"], f, r)])
+                for start in j.get("starts", ["clicks"]):
+                    work.append((0, j, f, r, chks[-1], start, "held-out"))
+                    if a.test_set:
+                        work.append((1, j, f, r, chks[-1], start, "test"))
+                if j.get("curve"):
+                    work += [(2, j, f, r, c, "clicks", "held-out") for c in chks[:-1]]
     work.sort(key=lambda w: w[0])
     with cf.ThreadPoolExecutor(a.parallel) as pool:
-        evals = {(j["name"], f, c, s, w): pool.submit(study.evaluate, j, f, c, s, w, plain_test.get(f) if w == "test"
-                                                      else None) for _, j, f, c, s, w in work}
+        evals = {(j["name"], f, r, c, s, w): pool.submit(study.evaluate, j, f, c, s, w,
+                                                         plain_test.get(f) if w == "test" else None, r)
+                 for _, j, f, r, c, s, w in work}
         evals = {k: v.result() for k, v in evals.items()}
 
     # 3. tables
@@ -426,37 +478,48 @@ def run(a) -> int:
     lines = [f"# {spec.get('title', study.name)}", "",
              f"{study.name}, plans {study.plans} {study.config}, {a.epochs} x {a.iters} iterations per training, "
              f"device {a.device}; {time.time() - study.t0:.0f} s", ""]
-    plain_val = {f: validation_dice(trained[(plain["name"], f)], "validation")
-                 for f in plain["folds"] if trained.get((plain["name"], f))} if plain else {}
+    def dice(job, sub):  # (fold, repeat) -> per-class Dice of every finished training of a job
+        return {(f, r): validation_dice(trained[(job["name"], f, r)], sub) for f in job["folds"] for r in reps
+                if trained[(job["name"], f, r)]}
+    plain_val = dice(plain, "validation") if plain else {}
     lines += ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
               "Per class (label value or region as nnU-Net's summary names it) and the foreground mean; mean +- sd "
-              "over folds; auto - plain is paired by fold.", "",
-              "| job | class | folds | auto Dice | auto - plain | guided Dice | gain of one click per object |",
-              "|---|---|---|---|---|---|---|"]
+              "over trainings (folds, and with `--repeats` several trainings per fold); auto - plain is paired by fold "
+              "(each fold's mean over its trainings). Between trainings: the sd of trainings of one fold, pooled over "
+              "folds (`--repeats` 2 or more).", "",
+              "| job | class | trainings | auto Dice | between trainings | auto - plain | guided Dice | "
+              "gain of one click per object | between trainings |",
+              "|---|---|---|---|---|---|---|---|---|"]
     ms = lambda t, s=False: "-" if t[0] is None else f"{f3(t[0], s)} +- {t[1]:.3f}"  # noqa: E731
+    spread = []
     for j in jobs:
-        per_fold = {f: trained[(j["name"], f)] for f in j["folds"] if trained[(j["name"], f)]}
-        auto = {f: validation_dice(d, "validation") for f, d in per_fold.items()}
-        guided = {f: validation_dice(d, "validation_guided") for f, d in per_fold.items()}
+        auto, guided = dice(j, "validation"), dice(j, "validation_guided")
         for key in sorted({k for v in auto.values() for k in v}, key=lambda k: (k == "mean", k)):
-            a_ = {f: v[key] for f, v in auto.items() if key in v}
-            g_ = {f: v[key] for f, v in guided.items() if key in v}
-            row = {"auto": mean_sd(list(a_.values())),
-                   "auto_minus_plain": mean_sd([a_[f] - plain_val[f][key] for f in a_
-                                                if key in plain_val.get(f, {})]),
-                   "guided": mean_sd(list(g_.values())), "gain": mean_sd([g_[f] - a_[f] for f in g_ if f in a_]),
-                   "per_fold_auto": a_, "per_fold_guided": g_}
+            a_ = by_training({t: v[key] for t, v in auto.items() if key in v})
+            g_ = by_training({t: v[key] for t, v in guided.items() if key in v})
+            gain = by_training({t: guided[t][key] - v[key] for t, v in auto.items()
+                                if key in v and key in guided.get(t, {})})
+            p_ = by_training({t: v[key] for t, v in plain_val.items() if key in v})["per_fold"]
+            row = {"auto": a_["mean_sd"], "auto_between_trainings_sd": a_["within_fold_sd"],
+                   "auto_minus_plain": mean_sd([m - p_[f] for f, m in a_["per_fold"].items() if f in p_]),
+                   "guided": g_["mean_sd"], "gain": gain["mean_sd"],
+                   "gain_between_trainings_sd": gain["within_fold_sd"],
+                   "per_fold_auto": a_["per_fold"], "per_fold_guided": g_["per_fold"],
+                   "per_training_auto": keyed(a_["values"]), "per_training_gain": keyed(gain["values"])}
             result["validation"].setdefault(j["name"], {})[key] = row
-            lines.append(f"| {j['name']} | {key} | {len(a_)} | {ms(row['auto'])} | "
-                         f"{ms(row['auto_minus_plain'], True)} | {ms(row['guided'])} | {ms(row['gain'], True)} |")
+            lines.append(f"| {j['name']} | {key} | {len(a_['values'])} | {ms(row['auto'])} | "
+                         f"{f3(a_['within_fold_sd'])} | {ms(row['auto_minus_plain'], True)} | {ms(row['guided'])} | "
+                         f"{ms(row['gain'], True)} | {f3(gain['within_fold_sd'])} |")
+            if a_["within_fold_sd"] is not None and key != "mean":
+                spread += [(j, key, f, r, v, gain["values"].get((f, r))) for (f, r), v in a_["values"].items()]
 
-    lines += ["", f"## Simulated user, {a.clicks} click steps (pooled over folds)", "",
-              "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - plain "
-              "is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same cases). "
-              "Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the prompt "
-              "is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks after which "
-              "the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: clicks after "
-              "which the output still disagreed with the click at its own voxel.", "",
+    lines += ["", f"## Simulated user, {a.clicks} click steps (pooled over folds and trainings)", "",
+              "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - "
+              "plain is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same "
+              "cases). Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the "
+              "prompt is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks "
+              "after which the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: "
+              "clicks after which the output still disagreed with the click at its own voxel.", "",
               "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
               "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
               "not followed: positive / negative clicks | largest fall | lesions lost/click | lost elsewhere | "
@@ -465,11 +528,11 @@ def run(a) -> int:
     for j in jobs:
         if j.get("plain"):
             continue
-        keys = sorted({(c, s, w) for (n, f, c, s, w) in evals if n == j["name"]},
+        keys = sorted({(c, s, w) for (n, f, r, c, s, w) in evals if n == j["name"]},
                       key=lambda k: (k[2], k[1], int(k[0][16:-4]) if k[0].startswith("checkpoint_epoch") else 10 ** 9))
         for chk, start, where in keys:
-            summaries = [evals[(j["name"], f, chk, start, where)] for f in j["folds"]
-                         if evals.get((j["name"], f, chk, start, where))]
+            summaries = [evals[(j["name"], f, r, chk, start, where)] for f in j["folds"] for r in reps
+                         if evals.get((j["name"], f, r, chk, start, where))]
             rows = [r for s in summaries for r in report_lines(s, chk)]
             for cname in sorted({r["class"] for r in rows}):
                 p = pooled([r for r in rows if r["class"] == cname])
@@ -494,6 +557,7 @@ def run(a) -> int:
                              f"{f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")
+    lines += training_table(spread, evals, study.summary_keys() if spread else {}, result)
     lines += prompt_table(study, jobs, trained, evals, result)
     text = "\n".join(lines) + "\n"
     print("\n" + text, flush=True)
@@ -502,6 +566,38 @@ def run(a) -> int:
     with open(os.path.join(study.out, "study.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     return 0
+
+
+def training_table(spread: List[tuple], evals: dict, keys: Dict[str, str], result: dict) -> List[str]:
+    """Report lines with one row per training of the jobs trained more than once on a fold
+    (``--repeats``): automatic Dice and one-click gain of the validation (``spread``: job, class,
+    fold, repeat, auto, gain), and the simulated user's final-checkpoint evaluation of the fold's
+    held-out cases (Dice before and after the clicks, harmful clicks, clicks not followed, lesions
+    lost to a click elsewhere) of the class whose validation key ``keys`` gives its name."""
+    if not spread:
+        return []
+    lines = ["", "## Every training (jobs trained more than once per fold)", "",
+             "Validation: nnU-Net's automatic Dice and the guided validation's one-click gain. Simulated user: the "
+             "final checkpoint on the fold's held-out cases, first start, Dice after 0 and after the last step.", "",
+             "| job | class | fold | training | auto Dice | one-click gain | simulated user: Dice 0 -> last | "
+             "harmful | not followed | lost elsewhere |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for job, key, f, r, auto, gain in spread:
+        start = job.get("starts", ["clicks"])[0]
+        s = evals.get((job["name"], f, r, "checkpoint_final.pth", start, "held-out"))
+        # nnU-Net's summary names a class by its label value or region, the evaluation by its name
+        row = next((x for x in (report_lines(s, "checkpoint_final.pth") if s else []) if keys.get(x["class"]) == key),
+                   None)
+        user = harm = ignored = lost = "-"
+        if row:
+            user = f"{row['auto']:.3f} -> {row['dice_n']:.3f}"
+            harm = f"{row['n_harmful']} of {row['clicks']}"
+            ignored = "-" if row["n_not_followed"] is None else f"{row['n_not_followed']} of {row['clicks']}"
+            lost = str(row["lesions_lost_elsewhere"])
+        result.setdefault("trainings", []).append({"job": job["name"], "class": key, "fold": f, "repeat": r,
+                                                   "auto": auto, "gain": gain, "user": row})
+        lines.append(f"| {job['name']} | {key} | {f} | {r + 1} | {auto:.3f} | {f3(gain, True)} | {user} | {harm} | "
+                     f"{ignored} | {lost} |")
+    return lines
 
 
 def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, result: dict) -> List[str]:
@@ -514,10 +610,11 @@ def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, res
         for where in ("held-out", "test"):
             per_start = {}
             for start in j["starts"]:
-                for f in j["folds"]:
-                    if trained.get((j["name"], f)) and evals.get((j["name"], f, "checkpoint_final.pth", start, where)):
+                for f, r in ((f, r) for f in j["folds"] for r in range(study.a.repeats)):
+                    if trained.get((j["name"], f, r)) and evals.get((j["name"], f, r, "checkpoint_final.pth", start,
+                                                                     where)):
                         per_start.setdefault(start, []).extend(
-                            study.per_case(j, f, "checkpoint_final.pth", start, where))
+                            study.per_case(j, f, "checkpoint_final.pth", start, where, r))
             rows = prompts_against_clicks(per_start)
             if not rows:
                 continue
@@ -562,6 +659,9 @@ def main(argv=None) -> int:
     pr.add_argument("--device", default="cpu")
     pr.add_argument("-n", "--clicks", type=int, default=3, help="click steps of the simulated user (default 3)")
     pr.add_argument("--only", nargs="+", help="only these jobs (names, or names with _ for spaces)")
+    pr.add_argument("--repeats", type=int, default=1,
+                    help="trainings of every chosen job per fold (default 1); the r-th repeat trains into "
+                         "OUT/results/JOB__repeatR, and the tables give the spread between trainings of a fold")
     pr.add_argument("--folds", nargs="+", type=int,
                     help="train and measure every chosen job on these folds (default: the job's own folds, or 0)")
     pr.add_argument("--deadline", type=float, help="start no new training/evaluation after this many seconds")

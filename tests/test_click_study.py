@@ -63,3 +63,48 @@ def test_a_density_job_trains_the_density_study_trainer_on_the_density_plans():
         click_study.Study.job_plans(study, {"name": "x", "density": "yes"}, 0)
     from nnunet_guide import trainers
     assert click_study.DENSITY_TRAINER in trainers.__all__
+
+
+def test_the_spread_between_trainings_is_pooled_over_folds_with_repeats():
+    # fold 0 trained twice, fold 1 once: only fold 0 tells trainings apart
+    s = click_study.by_training({(1, 0): 0.6, (0, 1): 0.8, (0, 0): 0.7})
+    assert list(s["values"]) == [(0, 0), (0, 1), (1, 0)]
+    assert s["per_fold"] == {0: pytest.approx(0.75), 1: pytest.approx(0.6)}
+    assert s["mean_sd"] == (pytest.approx(0.7), pytest.approx(0.1))  # sqrt((0 + 0.01 + 0.01) / 2)
+    assert s["within_fold_sd"] == pytest.approx(math.sqrt(2 * 0.05 ** 2 / 1))
+    # two folds with two trainings each: squared deviations and degrees of freedom add up
+    s = click_study.by_training({(0, 0): 0.7, (0, 1): 0.8, (2, 0): 0.5, (2, 1): 0.9})
+    assert s["within_fold_sd"] == pytest.approx(math.sqrt((2 * 0.05 ** 2 + 2 * 0.2 ** 2) / 2))
+    assert click_study.by_training({(0, 0): 0.7, (1, 0): 0.8})["within_fold_sd"] is None
+    assert click_study.keyed(s["values"]) == {"0/0": 0.7, "0/1": 0.8, "2/0": 0.5, "2/1": 0.9}
+
+
+def test_a_repeat_trains_and_evaluates_in_its_own_folders():
+    job = {"name": "tumor + consistency 1"}
+    assert click_study.Study.run_name(job) == "tumor___consistency_1"
+    assert click_study.Study.run_name(job, 2) == "tumor___consistency_1__repeat2"
+
+
+def evaluation(dice_0, dice_n, harmful, lost):
+    harm = {"n_clicks": 10, "n_harmful": harmful, "n_not_followed": 3, "mean_gain": 0.01, "harmful_fraction":
+            harmful / 10, "largest_fall": 0.02, "lesions_lost_per_click": lost / 10, "lesions_lost_elsewhere": lost,
+            "far_dice_change_mean": 0.0, "far_dice_change_largest": 0.0}
+    return {"n_clicks": 2, "guided": {"tumor": {"guided": True, "harm": harm, "mean_dice": [dice_0, 0.0, dice_n]},
+                                      "liver": {"guided": False}}}
+
+
+def test_every_training_gets_its_own_row_with_its_own_evaluation():
+    job = {"name": "j"}
+    # nnU-Net's validation names liver and tumour "1" and "2"; only the tumour is evaluated with clicks
+    spread = [(job, "1", 0, 0, 0.95, 0.001), (job, "2", 0, 0, 0.71, 0.04), (job, "2", 0, 1, 0.82, None)]
+    evals = {("j", 0, 0, "checkpoint_final.pth", "clicks", "held-out"): evaluation(0.70, 0.75, 1, 0),
+             ("j", 0, 1, "checkpoint_final.pth", "clicks", "held-out"): evaluation(0.81, 0.82, 0, 2)}
+    result = {}
+    lines = click_study.training_table(spread, evals, {"background": "0", "liver": "1", "tumor": "2"}, result)
+    rows = [ln for ln in lines if ln.startswith("| j |")]
+    assert rows == ["| j | 1 | 0 | 1 | 0.950 | +0.001 | - | - | - | - |",
+                    "| j | 2 | 0 | 1 | 0.710 | +0.040 | 0.700 -> 0.750 | 1 of 10 | 3 of 10 | 0 |",
+                    "| j | 2 | 0 | 2 | 0.820 | - | 0.810 -> 0.820 | 0 of 10 | 3 of 10 | 2 |"]
+    assert [(t["class"], t["repeat"], t["user"] and t["user"]["lesions_lost_elsewhere"]) for t in result["trainings"]] \
+        == [("1", 0, None), ("2", 0, 0), ("2", 1, 2)]
+    assert click_study.training_table([], evals, {}, result) == []
