@@ -135,7 +135,8 @@ def clicked_object_penalty(logits: torch.Tensor, reference: torch.Tensor, packed
         packed: (B, K, F) clicks of the batch (:func:`nnunet_guide.core.encoding.pack_click_batch`).
         class_channels: per guided class, its output channels, as for :func:`click_following_penalty`
             (for a label map these are its label values).
-        ignore_label: voxels of the label map with this value count nowhere.
+        ignore_label: voxels of the label map with this value count nowhere; with ``regions``, any
+            value other than None means the last reference channel is the ignore mask.
     Returns 0 (with gradient) when no pair counts.
     """
     spatial = tuple(logits.shape[2:])
