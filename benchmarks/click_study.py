@@ -54,7 +54,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -430,22 +430,49 @@ def run(a) -> int:
     jobs = [j for j in spec["jobs"] if not a.only or j["name"] in a.only or slug(j["name"]) in a.only]
     if a.repeats < 1:
         raise SystemExit(f"--repeats: at least 1 training per job and fold, got {a.repeats}")
-    reps = range(a.repeats)
     for j in jobs:
         j["folds"] = list(a.folds) if a.folds is not None else j.get("folds", [0])
     n_train = sum(len(j["folds"]) for j in jobs) * a.repeats
     print(f"study {a.study}: {study.name}, {study.plans} {study.config}, {len(jobs)} jobs / {n_train} trainings of "
           f"{a.epochs} x {a.iters} iterations on {a.device}, {a.parallel} at once", flush=True)
+    trained = train_all(study, jobs)
+    evals = evaluate_all(study, jobs, trained)
 
-    # 1. trainings (plain first: every guide job is compared with it), first trainings of every
-    # job and fold before the repeats
+    result = {"study": spec, "schedule": {"epochs": a.epochs, "iters": a.iters, "device": a.device,
+                                          "clicks": a.clicks}, "validation": {}, "harm": {}, "curve": {}}
+    lines = [f"# {spec.get('title', study.name)}", "",
+             f"{study.name}, plans {study.plans} {study.config}, {a.epochs} x {a.iters} iterations per training, "
+             f"device {a.device}; {time.time() - study.t0:.0f} s", ""]
+    table, spread = validation_table(study, jobs, trained, result)
+    lines += table
+    lines += user_table(study, jobs, evals, result)
+    lines += training_table(spread, evals, study.summary_keys() if spread else {}, result)
+    lines += prompt_table(study, jobs, trained, evals, result)
+    text = "\n".join(lines) + "\n"
+    print("\n" + text, flush=True)
+    with open(os.path.join(study.out, "study.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(study.out, "study.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return 0
+
+
+def train_all(study: Study, jobs: List[dict]) -> Dict[tuple, Optional[str]]:
+    """(job name, fold, repeat) -> fold folder of every training (None: failed or not started).
+    Plain first (every guide job is compared with it); first trainings of every job and fold before
+    the repeats."""
     study.plan_density(jobs)
-    with cf.ThreadPoolExecutor(a.parallel) as pool:
-        trained = {(j["name"], f, r): pool.submit(study.train, j, f, r) for r in reps for j in jobs for f in j["folds"]}
-        trained = {k: v.result() for k, v in trained.items()}
+    with cf.ThreadPoolExecutor(study.a.parallel) as pool:
+        trained = {(j["name"], f, r): pool.submit(study.train, j, f, r)
+                   for r in range(study.a.repeats) for j in jobs for f in j["folds"]}
+        return {k: v.result() for k, v in trained.items()}
 
-    # 2. evaluations: final checkpoints first (held-out cases, then the test set), then the earlier
-    # ones (click gain against length)
+
+def evaluate_all(study: Study, jobs: List[dict], trained: dict) -> Dict[tuple, Optional[dict]]:
+    """(job name, fold, repeat, checkpoint, start, cases) -> the evaluation's summary. Final
+    checkpoints first (held-out cases, then the test set), then the earlier ones (click gain
+    against length)."""
+    a, reps = study.a, range(study.a.repeats)
     plain = next((j for j in jobs if j.get("plain")), None)
     plain_test = {}
     if a.test_set and plain:  # the test set's plain predictions come from plain's first training of each fold
@@ -470,26 +497,28 @@ def run(a) -> int:
         evals = {(j["name"], f, r, c, s, w): pool.submit(study.evaluate, j, f, c, s, w,
                                                          plain_test.get(f) if w == "test" else None, r)
                  for _, j, f, r, c, s, w in work}
-        evals = {k: v.result() for k, v in evals.items()}
+        return {k: v.result() for k, v in evals.items()}
 
-    # 3. tables
-    result = {"study": spec, "schedule": {"epochs": a.epochs, "iters": a.iters, "device": a.device,
-                                          "clicks": a.clicks}, "validation": {}, "harm": {}, "curve": {}}
-    lines = [f"# {spec.get('title', study.name)}", "",
-             f"{study.name}, plans {study.plans} {study.config}, {a.epochs} x {a.iters} iterations per training, "
-             f"device {a.device}; {time.time() - study.t0:.0f} s", ""]
+
+def validation_table(study: Study, jobs: List[dict], trained: dict, result: dict) -> Tuple[List[str], List[tuple]]:
+    """Report lines of nnU-Net's validation (automatic Dice against plain, paired by fold) and the
+    guided validation (one click per object) per job and class, and the (job, class, fold, repeat,
+    auto, gain) of every training of the jobs trained more than once on a fold."""
+    reps = range(study.a.repeats)
+    plain = next((j for j in jobs if j.get("plain")), None)
+
     def dice(job, sub):  # (fold, repeat) -> per-class Dice of every finished training of a job
         return {(f, r): validation_dice(trained[(job["name"], f, r)], sub) for f in job["folds"] for r in reps
                 if trained[(job["name"], f, r)]}
     plain_val = dice(plain, "validation") if plain else {}
-    lines += ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
-              "Per class (label value or region as nnU-Net's summary names it) and the foreground mean; mean +- sd "
-              "over trainings (folds, and with `--repeats` several trainings per fold); auto - plain is paired by fold "
-              "(each fold's mean over its trainings). Between trainings: the sd of trainings of one fold, pooled over "
-              "folds (`--repeats` 2 or more).", "",
-              "| job | class | trainings | auto Dice | between trainings | auto - plain | guided Dice | "
-              "gain of one click per object | between trainings |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
+             "Per class (label value or region as nnU-Net's summary names it) and the foreground mean; mean +- sd "
+             "over trainings (folds, and with `--repeats` several trainings per fold); auto - plain is paired by fold "
+             "(each fold's mean over its trainings). Between trainings: the sd of trainings of one fold, pooled over "
+             "folds (`--repeats` 2 or more).", "",
+             "| job | class | trainings | auto Dice | between trainings | auto - plain | guided Dice | "
+             "gain of one click per object | between trainings |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ms = lambda t, s=False: "-" if t[0] is None else f"{f3(t[0], s)} +- {t[1]:.3f}"  # noqa: E731
     spread = []
     for j in jobs:
@@ -513,18 +542,25 @@ def run(a) -> int:
             if a_["within_fold_sd"] is not None and key != "mean":
                 spread += [(j, key, f, r, v, gain["values"].get((f, r))) for (f, r), v in a_["values"].items()]
 
-    lines += ["", f"## Simulated user, {a.clicks} click steps (pooled over folds and trainings)", "",
-              "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - "
-              "plain is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same "
-              "cases). Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the "
-              "prompt is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks "
-              "after which the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: "
-              "clicks after which the output still disagreed with the click at its own voxel.", "",
-              "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
-              "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
-              "not followed: positive / negative clicks | largest fall | lesions lost/click | lost elsewhere | "
-              "far-Dice change |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    return lines, spread
+
+
+def user_table(study: Study, jobs: List[dict], evals: dict, result: dict) -> List[str]:
+    """Report lines of the simulated user's evaluations, pooled over folds and trainings, per job,
+    checkpoint, start, cases and class."""
+    a, reps = study.a, range(study.a.repeats)
+    lines = ["", f"## Simulated user, {a.clicks} click steps (pooled over folds and trainings)", "",
+             "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - "
+             "plain is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same "
+             "cases). Dice per step is the per-case mean after 0, 1, ... steps (with `--start box` or `scribble` the "
+             "prompt is step 1); AUC is the evaluation's area under that curve. Harmful: the fraction of clicks "
+             "after which the class's Dice fell by more than 0.005, with its Wilson 95% interval. Not followed: "
+             "clicks after which the output still disagreed with the click at its own voxel.", "",
+             "| job | cases | start | checkpoint | class | clicks | Dice per step | AUC | auto - plain | "
+             "gain 1st click step | gain/click | harmful (95% interval) | harmful: positive / negative clicks | "
+             "not followed: positive / negative clicks | largest fall | lesions lost/click | lost elsewhere | "
+             "far-Dice change |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for j in jobs:
         if j.get("plain"):
             continue
@@ -557,15 +593,7 @@ def run(a) -> int:
                              f"{f3(p['largest_fall'])} | "
                              f"{f3(p['lesions_lost_per_click'])} | {p['lesions_lost_elsewhere']} | "
                              f"{f4(p['far_dice_change_mean'])} |")
-    lines += training_table(spread, evals, study.summary_keys() if spread else {}, result)
-    lines += prompt_table(study, jobs, trained, evals, result)
-    text = "\n".join(lines) + "\n"
-    print("\n" + text, flush=True)
-    with open(os.path.join(study.out, "study.md"), "w") as f:
-        f.write(text)
-    with open(os.path.join(study.out, "study.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    return 0
+    return lines
 
 
 def training_table(spread: List[tuple], evals: dict, keys: Dict[str, str], result: dict) -> List[str]:

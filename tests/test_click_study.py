@@ -1,5 +1,6 @@
 """The training study's paired comparison of a first box or scribble with a first click
 (``benchmarks/click_study.py``), against hand-computed values."""
+import json
 import math
 import os
 import sys
@@ -108,3 +109,39 @@ def test_every_training_gets_its_own_row_with_its_own_evaluation():
     assert [(t["class"], t["repeat"], t["user"] and t["user"]["lesions_lost_elsewhere"]) for t in result["trainings"]] \
         == [("1", 0, None), ("2", 0, 0), ("2", 1, 2)]
     assert click_study.training_table([], evals, {}, result) == []
+
+
+def summary(folder, dice):
+    os.makedirs(folder)
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump({"mean": {"1": {"Dice": dice}}, "foreground_mean": {"Dice": dice}}, f)
+
+
+def test_automatic_dice_against_plain_is_paired_by_fold_over_repeats(tmp_path):
+    from types import SimpleNamespace
+    plain, guide = {"name": "plain", "plain": True, "folds": [0, 1]}, {"name": "g", "folds": [0, 1]}
+    dice = {("plain", 0, 0): (0.80, None), ("plain", 1, 0): (0.60, None), ("plain", 0, 1): (0.84, None),
+            ("g", 0, 0): (0.70, 0.75), ("g", 0, 1): (0.90, 0.91), ("g", 1, 0): (0.62, 0.70)}
+    trained = {}
+    for (name, fold, rep), (auto, guided) in dice.items():
+        d = str(tmp_path / f"{name}_{fold}_{rep}")
+        summary(os.path.join(d, "validation"), auto)
+        if guided is not None:
+            summary(os.path.join(d, "validation_guided"), guided)
+        trained[(name, fold, rep)] = d
+    trained[("plain", 1, 1)] = trained[("g", 1, 1)] = None  # failed trainings count nowhere
+    study = SimpleNamespace(a=SimpleNamespace(repeats=2))
+    result = {"validation": {}}
+    lines, spread = click_study.validation_table(study, [plain, guide], trained, result)
+    row = result["validation"]["g"]["1"]
+    # fold 0: guide 0.80 (mean of 0.70, 0.90) - plain 0.82; fold 1: 0.62 - 0.60
+    assert row["auto_minus_plain"] == (pytest.approx(-0.0), pytest.approx(math.sqrt(2 * 0.02 ** 2)))
+    assert row["auto"][0] == pytest.approx(0.74)
+    assert row["auto_between_trainings_sd"] == pytest.approx(math.sqrt(2 * 0.1 ** 2))  # fold 0 only
+    assert row["gain"][0] == pytest.approx((0.05 + 0.01 + 0.08) / 3)
+    assert row["per_training_auto"] == {"0/0": 0.70, "0/1": 0.90, "1/0": 0.62}
+    # plain too was trained twice on fold 0, so both jobs list every training; "mean" rows are not listed
+    assert [(j["name"], k, f, r) for j, k, f, r, *_ in spread] == [
+        ("plain", "1", 0, 0), ("plain", "1", 0, 1), ("plain", "1", 1, 0),
+        ("g", "1", 0, 0), ("g", "1", 0, 1), ("g", "1", 1, 0)]
+    assert any(ln.startswith("| g | 1 | 3 | 0.740 +- ") for ln in lines)
