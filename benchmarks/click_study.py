@@ -457,6 +457,16 @@ def run(a) -> int:
     return 0
 
 
+def trainings(job: dict, repeats: int) -> List[Tuple[int, int]]:
+    """(fold, repeat) of every training of a job, fold by fold."""
+    return [(f, r) for f in job["folds"] for r in range(repeats)]
+
+
+def plain_job(jobs: List[dict]) -> Optional[dict]:
+    """The study's plain nnU-Net job among ``jobs`` (None without one)."""
+    return next((j for j in jobs if j.get("plain")), None)
+
+
 def train_all(study: Study, jobs: List[dict]) -> Dict[tuple, Optional[str]]:
     """(job name, fold, repeat) -> fold folder of every training (None: failed or not started).
     Plain first (every guide job is compared with it); first trainings of every job and fold before
@@ -472,8 +482,8 @@ def evaluate_all(study: Study, jobs: List[dict], trained: dict) -> Dict[tuple, O
     """(job name, fold, repeat, checkpoint, start, cases) -> the evaluation's summary. Final
     checkpoints first (held-out cases, then the test set), then the earlier ones (click gain
     against length)."""
-    a, reps = study.a, range(study.a.repeats)
-    plain = next((j for j in jobs if j.get("plain")), None)
+    a = study.a
+    plain = plain_job(jobs)
     plain_test = {}
     if a.test_set and plain:  # the test set's plain predictions come from plain's first training of each fold
         plain_test = {f: study.predict_plain_test(plain, f) for f in plain["folds"] if trained[(plain["name"], f, 0)]}
@@ -481,17 +491,16 @@ def evaluate_all(study: Study, jobs: List[dict], trained: dict) -> Dict[tuple, O
     for j in jobs:
         if j.get("plain"):
             continue
-        for f in j["folds"]:
-            for r in reps:
-                if trained[(j["name"], f, r)] is None:
-                    continue
-                chks = study.checkpoints(trained[(j["name"], f, r)])
-                for start in j.get("starts", ["clicks"]):
-                    work.append((0, j, f, r, chks[-1], start, "held-out"))
-                    if a.test_set:
-                        work.append((1, j, f, r, chks[-1], start, "test"))
-                if j.get("curve"):
-                    work += [(2, j, f, r, c, "clicks", "held-out") for c in chks[:-1]]
+        for f, r in trainings(j, a.repeats):
+            if trained[(j["name"], f, r)] is None:
+                continue
+            chks = study.checkpoints(trained[(j["name"], f, r)])
+            for start in j.get("starts", ["clicks"]):
+                work.append((0, j, f, r, chks[-1], start, "held-out"))
+                if a.test_set:
+                    work.append((1, j, f, r, chks[-1], start, "test"))
+            if j.get("curve"):
+                work += [(2, j, f, r, c, "clicks", "held-out") for c in chks[:-1]]
     work.sort(key=lambda w: w[0])
     with cf.ThreadPoolExecutor(a.parallel) as pool:
         evals = {(j["name"], f, r, c, s, w): pool.submit(study.evaluate, j, f, c, s, w,
@@ -504,12 +513,11 @@ def validation_table(study: Study, jobs: List[dict], trained: dict, result: dict
     """Report lines of nnU-Net's validation (automatic Dice against plain, paired by fold) and the
     guided validation (one click per object) per job and class, and the (job, class, fold, repeat,
     auto, gain) of every training of the jobs trained more than once on a fold."""
-    reps = range(study.a.repeats)
-    plain = next((j for j in jobs if j.get("plain")), None)
+    plain = plain_job(jobs)
 
     def dice(job, sub):  # (fold, repeat) -> per-class Dice of every finished training of a job
-        return {(f, r): validation_dice(trained[(job["name"], f, r)], sub) for f in job["folds"] for r in reps
-                if trained[(job["name"], f, r)]}
+        return {(f, r): validation_dice(trained[(job["name"], f, r)], sub)
+                for f, r in trainings(job, study.a.repeats) if trained[(job["name"], f, r)]}
     plain_val = dice(plain, "validation") if plain else {}
     lines = ["## Automatic Dice (nnU-Net's validation, 0 clicks) and one click per object (guided validation)", "",
              "Per class (label value or region as nnU-Net's summary names it) and the foreground mean; mean +- sd "
@@ -548,7 +556,7 @@ def validation_table(study: Study, jobs: List[dict], trained: dict, result: dict
 def user_table(study: Study, jobs: List[dict], evals: dict, result: dict) -> List[str]:
     """Report lines of the simulated user's evaluations, pooled over folds and trainings, per job,
     checkpoint, start, cases and class."""
-    a, reps = study.a, range(study.a.repeats)
+    a = study.a
     lines = ["", f"## Simulated user, {a.clicks} click steps (pooled over folds and trainings)", "",
              "Cases: each fold's held-out cases, or the test set (`--test-set`: cases no fold trained on; auto - "
              "plain is then the guide model's automatic Dice minus plain nnU-Net's of the same fold on the same "
@@ -567,7 +575,7 @@ def user_table(study: Study, jobs: List[dict], evals: dict, result: dict) -> Lis
         keys = sorted({(c, s, w) for (n, f, r, c, s, w) in evals if n == j["name"]},
                       key=lambda k: (k[2], k[1], int(k[0][16:-4]) if k[0].startswith("checkpoint_epoch") else 10 ** 9))
         for chk, start, where in keys:
-            summaries = [evals[(j["name"], f, r, chk, start, where)] for f in j["folds"] for r in reps
+            summaries = [evals[(j["name"], f, r, chk, start, where)] for f, r in trainings(j, a.repeats)
                          if evals.get((j["name"], f, r, chk, start, where))]
             rows = [r for s in summaries for r in report_lines(s, chk)]
             for cname in sorted({r["class"] for r in rows}):
@@ -638,7 +646,7 @@ def prompt_table(study: Study, jobs: List[dict], trained: dict, evals: dict, res
         for where in ("held-out", "test"):
             per_start = {}
             for start in j["starts"]:
-                for f, r in ((f, r) for f in j["folds"] for r in range(study.a.repeats)):
+                for f, r in trainings(j, study.a.repeats):
                     if trained.get((j["name"], f, r)) and evals.get((j["name"], f, r, "checkpoint_final.pth", start,
                                                                      where)):
                         per_start.setdefault(start, []).extend(
