@@ -12,7 +12,9 @@ when the real data is absent. ``--preprocessed FOLDER`` measures an existing dat
 Printed per dataset, every ratio from timings taken in this process, in alternating rounds so
 machine noise hits both sides:
 1. **loader**: ms per batch of nnU-Net's data loader, single-threaded (nnUNet_n_proc_DA=0, so
-   the cost is the pipeline's, not the worker pool's), nnUNetTrainerGuide vs nnUNetTrainer, for
+   the cost is the pipeline's, not the worker pool's), paired: every loader draws batch i of a
+   round from the same seeds, so it loads the same cases, crops and augments them alike (a
+   batch's cost varies with its draws far more than with guides), nnUNetTrainerGuide vs nnUNetTrainer, for
    both places of click selection (``click_selection``): ``loader`` (clicks chosen in the
    loader, shipped as coordinates; the share spent choosing them is printed) and ``device``
    (the loader is plain nnU-Net's). Guides are never rendered in the loader.
@@ -85,6 +87,16 @@ class _Timed:
         return out
 
 
+def seed_everything(seed):
+    """nnU-Net's loader and batchgeneratorsv2's transforms draw from numpy's and torch's global
+    generators (and Python's): seeding all three before a batch fixes its cases, crops and
+    augmentations."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -145,9 +157,14 @@ def measure(pp, args, device):
     simulate.seconds = labelling.seconds = 0.0
     per = max(1, args.batches // args.rounds)
 
+    round_of = {name: 0 for name in loaders}
+
     def draw(name):
-        def job():
-            for _ in range(per):
+        def job():  # batch i of round r comes from the same seeds for every loader: the same cases, crops and
+            r = round_of[name]  # augmentations, so the sides differ only by what guides add
+            round_of[name] += 1
+            for i in range(per):
+                seed_everything(1000 * r + i)
                 next(loaders[name])
             return per
         return job

@@ -101,6 +101,27 @@ def test_center_perturbation_stays_within_bounds():
         assert min(c.sigma) >= s.min_object_sigma
 
 
+def test_perturbed_centres_draw_per_object_as_the_original_work():
+    """All objects' perturbations come from one draw, in the numbers the per-object draws
+    rng.uniform(-0.2, 0.2, ndim) (centre) then rng.uniform(1 / 1.4, 1.4, ndim) (sigma) give."""
+    from nnunet_guide.core.clicks import cropped_objects, object_clicks, robust_centers
+    seg = np.zeros((20, 30, 40), bool)
+    seg[2:9, 3:20, 5:12] = True
+    seg[12:18, 22:29, 30:39] = True
+    seg[3:5, 25:27, 20:35] = True
+    lab, n, offset = cropped_objects(seg, 2, None)
+    assert n == 3
+    ids = [1, 3]
+    clicks = object_clicks(lab, ids, 0, (1, 1, 1), "center", np.random.default_rng(11), perturb=True, min_sigma=2.0,
+                           offset=offset, shape=seg.shape)
+    centers, raw = robust_centers(lab, ids)
+    twin = np.random.default_rng(11)
+    for c, center, r in zip(clicks, centers, raw):
+        du, fs = twin.uniform(-0.2, 0.2, 3), twin.uniform(1 / 1.4, 1.4, 3)
+        np.testing.assert_allclose(c.position, center + np.maximum(r, 0.5) * du + offset, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(c.sigma, np.maximum(np.maximum(r, 2.0) * fs, 2.0), rtol=0, atol=1e-12)
+
+
 def test_negative_clicks_never_on_target_or_ignore():
     seg = two_boxes()
     seg[0, :, :] = 9  # ignore label

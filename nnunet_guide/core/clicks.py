@@ -179,20 +179,23 @@ def robust_centers(labels: np.ndarray, object_ids: Sequence[int], slices=None) -
     Returns (centers, sigmas), each (len(object_ids), ndim), in ``labels``' voxel coordinates.
     """
     ids = [int(o) for o in object_ids]
-    m = len(ids)
-    centers, sigmas = np.empty((m, labels.ndim)), np.empty((m, labels.ndim))
+    m, nd = len(ids), labels.ndim
     if m == 0:
-        return centers, sigmas
-    counts = _axis_histograms(labels, ids, slices)
-    for a, size in enumerate(labels.shape):
-        c = _weighted_medians(counts[a])
-        # deviations |j - c| are multiples of 0.5: histogram them on that grid
-        dev = np.rint(2 * np.abs(np.arange(size)[None, :] - c[:, None])).astype(np.int64)
-        hist = np.bincount((np.arange(m)[:, None] * (2 * size + 1) + dev).ravel(), weights=counts[a].ravel(),
-                           minlength=m * (2 * size + 1)).reshape(m, 2 * size + 1)
-        centers[:, a] = c
-        sigmas[:, a] = MAD_TO_SIGMA * 0.5 * _weighted_medians(hist)
-    return centers, sigmas
+        return np.empty((0, nd)), np.empty((0, nd))
+    # every axis at once (a few numpy calls per class, not per axis): the axes' histograms as the
+    # rows of one array, zero-padded to the longest axis, which moves no median
+    size = max(labels.shape)
+    counts = np.zeros((nd * m, size), np.int64)
+    for a, hist in enumerate(_axis_histograms(labels, ids, slices)):
+        counts[a * m:(a + 1) * m, :hist.shape[1]] = hist
+    c = _weighted_medians(counts)
+    # deviations |j - c| are multiples of 0.5: histogram them on that grid
+    dev = np.rint(2 * np.abs(np.arange(size)[None, :] - c[:, None])).astype(np.int64)
+    rows = np.arange(nd * m)[:, None] * (2 * size + 1)
+    hist = np.bincount((rows + dev).ravel(), weights=counts.ravel(),
+                       minlength=nd * m * (2 * size + 1)).reshape(nd * m, 2 * size + 1)
+    sigmas = MAD_TO_SIGMA * 0.5 * _weighted_medians(hist)
+    return c.reshape(nd, m).T.copy(), sigmas.reshape(nd, m).T.copy()
 
 
 def interior_point(obj_mask: np.ndarray, spacing: Sequence[float]) -> Tuple[np.ndarray, float]:
@@ -274,19 +277,22 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
     if slices is None:
         slices = _label_slices(labels)
     centers, raw_sigmas = robust_centers(labels, object_ids, slices)
-    for oid, center, raw_sigma in zip(object_ids, centers, raw_sigmas):
-        sigma = np.maximum(raw_sigma, min_sigma)
-        offset = base
-        if policy == "center":
-            pos = center
-            if perturb:
-                if rng is None:
-                    raise ValueError("perturb=True needs an rng")
-                pos = center + np.maximum(raw_sigma, 0.5) * rng.uniform(-0.2, 0.2, size=center.shape)
-                sigma = np.maximum(sigma * rng.uniform(1 / 1.4, 1.4, size=sigma.shape), min_sigma)
-        elif policy in ("interior", "random"):
+    sigmas = np.maximum(raw_sigmas, min_sigma)
+    if policy == "center":
+        positions = centers
+        if perturb:
+            if rng is None:
+                raise ValueError("perturb=True needs an rng")
+            # per object, as rng.uniform(-0.2, 0.2, ndim) then rng.uniform(1 / 1.4, 1.4, ndim) would
+            # draw them (the same numbers): low + (high - low) * u
+            u = rng.random((len(object_ids), 2, labels.ndim))
+            positions = centers + np.maximum(raw_sigmas, 0.5) * (-0.2 + (0.2 - -0.2) * u[:, 0])
+            sigmas = np.maximum(sigmas * (1 / 1.4 + (1.4 - 1 / 1.4) * u[:, 1]), min_sigma)
+        positions = np.clip(positions + base, 0, shape - 1)
+    elif policy in ("interior", "random"):
+        positions = np.empty_like(centers)
+        for i, oid in enumerate(object_ids):
             sl = slices[oid - 1]
-            offset = np.array([s.start for s in sl]) + base
             obj = labels[sl] == oid
             if policy == "interior":
                 pos, _ = interior_point(obj, spacing)
@@ -295,11 +301,10 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
                     raise ValueError("policy 'random' needs an rng")
                 coords = np.argwhere(obj)
                 pos = coords[rng.integers(len(coords))].astype(float)
-        else:
-            raise ValueError(f"unknown click policy {policy!r}")
-        pos = np.clip(pos + offset, 0, shape - 1)
-        clicks.append(Click(target, tuple(float(p) for p in pos), True, tuple(float(s) for s in sigma)))
-    return clicks
+            positions[i] = np.clip(pos + np.array([v.start for v in sl]) + base, 0, shape - 1)
+    else:
+        raise ValueError(f"unknown click policy {policy!r}")
+    return [Click(target, tuple(pos), True, tuple(sig)) for pos, sig in zip(positions.tolist(), sigmas.tolist())]
 
 
 def target_mask(seg: np.ndarray, labels: Sequence[int]) -> np.ndarray:
@@ -443,7 +448,9 @@ def sample_training_clicks(seg: np.ndarray, targets: Sequence[Sequence[int]], sp
         lab, n, offset = cropped_objects(mask, settings.connectivity, slice_axis)
         if n:
             k = int(rng.integers(1, n + 1))
-            chosen = np.sort(rng.choice(np.arange(1, n + 1), size=k, replace=False))
+            # (choosing the one object of one draws no random number: the shortcut keeps the stream)
+            chosen = np.ones(1, np.int64) if n == 1 else np.sort(rng.choice(np.arange(1, n + 1), size=k,
+                                                                            replace=False))
             kinds = _prompt_kinds(len(chosen), settings, rng)
             points = [oid for oid, kind in zip(chosen, kinds) if kind == "point"]
             slices = _label_slices(lab, n) if points else None
