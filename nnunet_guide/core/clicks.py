@@ -322,9 +322,10 @@ def _uniform_voxel(pool: np.ndarray, rng: np.random.Generator, tries: int = 16) 
     sampling first (a pool is usually a large share of the patch), the full list only if that
     keeps missing."""
     flat = pool.reshape(-1)
-    for i in rng.integers(0, flat.size, size=tries):
-        if flat[i]:
-            return int(i)
+    drawn = rng.integers(0, flat.size, size=tries)
+    hit = flat[drawn]
+    if hit.any():
+        return int(drawn[int(hit.argmax())])  # the first hit
     candidates = np.flatnonzero(flat)
     return int(candidates[rng.integers(len(candidates))])
 
@@ -367,10 +368,10 @@ def _extra_object_clicks(lab: np.ndarray, object_ids: Sequence[int], first: Sequ
             continue
         sl = slices[int(oid) - 1]
         obj = lab[sl] == oid
-        shift = np.array([s.start for s in sl]) + np.asarray(offset)
+        shift = [int(s.start) + int(o) for s, o in zip(sl, offset)]
         for _ in range(n):  # uniform voxels of the object, by rejection inside its box (no voxel list)
-            pos = np.array(np.unravel_index(_uniform_voxel(obj, rng), obj.shape)) + shift
-            out.append(Click(c.target, tuple(float(v) for v in pos), True, c.sigma))
+            idx = np.unravel_index(_uniform_voxel(obj, rng), obj.shape)
+            out.append(Click(c.target, tuple(float(i + o) for i, o in zip(idx, shift)), True, c.sigma))
     return out
 
 
