@@ -268,12 +268,11 @@ def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, sp
     Each click carries the object's robust sigma (voxels) for the ``object_gaussian`` encoding.
     ``labels`` may be a crop of the image: ``offset`` is its position and ``shape`` the image's.
     """
-    clicks: List[Click] = []
     base = np.zeros(labels.ndim, int) if offset is None else np.asarray(offset)
     shape = np.array(labels.shape if shape is None else shape)
     object_ids = [int(o) for o in object_ids]
     if not object_ids:
-        return clicks
+        return []
     if slices is None:
         slices = _label_slices(labels)
     centers, raw_sigmas = robust_centers(labels, object_ids, slices)
