@@ -164,7 +164,7 @@ def measure(pp, args, device):
             r = round_of[name]  # augmentations, so the sides differ only by what guides add
             round_of[name] += 1
             for i in range(per):
-                seed_everything(1000 * r + i)
+                seed_everything(r * per + i)  # a seed per batch, never reused by another round
                 next(loaders[name])
             return per
         return job
