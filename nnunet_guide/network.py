@@ -79,7 +79,8 @@ class AutomaticNormStatistics:
     are told apart by their order, which nnU-Net's predictor keeps fixed.
 
     The automatic pass of a training step is also the automatic output of its clicked samples:
-    :meth:`automatic_output` hands it on (to the consistency term), so it is not computed twice."""
+    :meth:`automatic_output` hands it on (to the consistency term), and :meth:`automatic_prediction`
+    with its graph (to the automatic-mode loss), so it is not computed twice."""
 
     def __init__(self, network: nn.Module):
         self.norms = [m for m in network.modules()
@@ -92,7 +93,7 @@ class AutomaticNormStatistics:
         self.window = None
         self.calls = 0
         self.recorded = 0  # automatic passes run (not taken from the cache)
-        self._automatic = None  # (rows, full-resolution output) of the last automatic pass run with gradient
+        self._automatic = None  # (rows, output, with its graph) of the last automatic pass run with gradient
         for m in self.norms:
             m.register_forward_hook(self._hook)
 
@@ -144,8 +145,7 @@ class AutomaticNormStatistics:
                 out = network_pass(automatic())
                 self.recorded += 1
                 if torch.is_grad_enabled():
-                    out = out[0] if isinstance(out, (list, tuple)) else out
-                    self._automatic = (rows, out.detach())
+                    self._automatic = (rows, out)
                 if key is not None:
                     self.cache[key] = self.stats
             self.mode = "apply"
@@ -160,6 +160,12 @@ class AutomaticNormStatistics:
     def automatic_output(self, rows: torch.Tensor) -> torch.Tensor:
         """The full-resolution output (no gradient) of the last automatic pass run with gradient
         (a training step's), which must have been of the samples ``rows``."""
+        out = self.automatic_prediction(rows)
+        return (out[0] if isinstance(out, (list, tuple)) else out).detach()
+
+    def automatic_prediction(self, rows: torch.Tensor):
+        """The whole output (every deep-supervision scale, with its graph) of the last automatic
+        pass run with gradient (a training step's), which must have been of the samples ``rows``."""
         if self._automatic is None:
             raise RuntimeError("automatic norm statistics: no automatic pass with gradient has run (the automatic "
                                "output is kept from a training step's forward pass only)")
@@ -168,6 +174,10 @@ class AutomaticNormStatistics:
             raise RuntimeError(f"automatic norm statistics: the automatic pass ran samples {kept.tolist()}, "
                                f"asked for {rows.tolist()}")
         return out
+
+    def release(self) -> None:
+        """Drop the kept automatic pass (a training step calls this when its loss is computed)."""
+        self._automatic = None
 
     def begin_window(self, window) -> None:
         """Name the window the next network calls predict (a hashable key; None: no caching)."""

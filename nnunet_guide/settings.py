@@ -192,6 +192,11 @@ class GuideSettings:
             without clicks normalise as nnU-Net does. But nothing then damps a click: on the LiTS
             slabs each clicked lesion, the smallest included, came out about as large as the
             guide's reach. Settings files without the field load as ``"with_guides"``.
+        automatic_weight: with ``norm_statistics = "automatic"``, x nnU-Net's own loss on the
+            automatic pass of the samples with clicks (the pass that records their statistics, so no
+            extra pass): automatic mode is then supervised on every sample, not only on the share
+            ``p_drop`` leaves without clicks. 0 (default) switches it off; it needs automatic norm
+            statistics.
     """
 
     guided_labels: Optional[Tuple[Union[str, int], ...]] = None
@@ -223,6 +228,7 @@ class GuideSettings:
     object_weight: float = 0.0
     object_negatives: bool = False
     norm_statistics: str = "with_guides"
+    automatic_weight: float = 0.0
 
     def __post_init__(self):
         if self.encoding not in ENCODINGS:
@@ -249,10 +255,13 @@ class GuideSettings:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise GuideSettingsError(f"{name} must be a positive number of mm/voxels, got {v!r}")
-        for name in ("consistency_weight", "click_weight", "object_weight"):
+        for name in ("consistency_weight", "click_weight", "object_weight", "automatic_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise GuideSettingsError(f"{name} must be a finite number >= 0, got {v!r}")
+        if self.automatic_weight > 0 and self.norm_statistics != "automatic":
+            raise GuideSettingsError(f"automatic_weight {self.automatic_weight} needs norm_statistics 'automatic' (it "
+                                     f"supervises that setting's automatic pass), got {self.norm_statistics!r}")
         if self.p_box + self.p_scribble > 1.0:
             raise GuideSettingsError(f"p_box + p_scribble must be at most 1 (they split the positive prompts), got "
                                      f"{self.p_box} + {self.p_scribble}")

@@ -242,6 +242,10 @@ def test_consistency_reference_is_the_automatic_statistics_pass(nnunet_paths, on
     assert np.isfinite(out["loss"]) and tr.loss.reference is None
     # asked for other samples than the pass ran, it refuses rather than hand on a wrong reference
     stats = tr.network._norm_statistics
+    assert stats._automatic is None  # released after the step
+    with pytest.raises(RuntimeError, match="no automatic pass with gradient has run"):
+        stats.automatic_output(rows)
+    tr.network(guided["data"])  # a training pass keeps its automatic pass again
     with pytest.raises(RuntimeError, match="automatic pass ran samples"):
         stats.automatic_output(rows[:0])
 
@@ -262,6 +266,48 @@ def test_consistency_rows_are_the_samples_whose_guides_hold_a_guide(nnunet_paths
     assert rows.tolist() == clicked[1:] and far.shape[0] == len(clicked) - 1
     tr.network(guided["data"])  # a training pass: the statistics' automatic pass runs the same samples
     assert automatic().shape[0] == len(clicked) - 1
+
+
+class AutomaticLoss(nnUNetTrainerGuide):
+    guide_settings = GuideSettings(automatic_weight=0.5, p_drop=0.0, norm_statistics="automatic")
+
+
+def test_automatic_weight_needs_automatic_norm_statistics():
+    with pytest.raises(GuideSettingsError, match="automatic_weight 1.0 needs norm_statistics 'automatic'"):
+        GuideSettings(automatic_weight=1.0)
+    with pytest.raises(GuideSettingsError, match="automatic_weight"):
+        GuideSettings(automatic_weight=-1.0, norm_statistics="automatic")
+    assert GuideSettings.from_dict({}).automatic_weight == 0.0  # settings files written before the field
+
+
+def test_automatic_loss_is_nnunets_loss_on_the_statistics_pass(nnunet_paths, one_torch_thread):
+    """automatic_weight: the step's loss is nnU-Net's loss of the guided batch plus the weight x
+    nnU-Net's loss of the clicked samples' automatic output (every deep-supervision scale) against
+    their targets, from the pass that records their statistics (no third pass)."""
+    import copy
+    tr = make_trainer(AutomaticLoss, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    tr.initialize()
+    assert isinstance(tr.loss, GuideConsistencyLoss) and tr.loss.automatic_weight == 0.5
+    dl_tr, _ = tr.get_dataloaders()
+    raw = next(dl_tr)
+    guided = tr.guided_batch(copy.deepcopy(raw))
+    rows = torch.nonzero(click_counts(guided["clicks"]) > 0).flatten()
+    assert len(rows) == guided["data"].shape[0]  # p_drop 0
+    gi = tr.layout.guide_channel_indices
+    unguided = guided["data"][rows].clone()
+    unguided[:, gi[0]:gi[-1] + 1] = 0
+    target = guided["target"]
+    with torch.no_grad():  # before the step changes the weights
+        plain = tr.loss.loss(tr.network(guided["data"]), target)
+        automatic = tr.loss.loss(tr.network(unguided), [t[rows] for t in target])
+    assert abs(float(automatic) - float(plain)) > 1e-3  # the two terms differ, so the sum below tells them apart
+    passes = []
+    hook = tr.network.base.register_forward_hook(lambda m, i, o: passes.append(i[0].shape[0]))
+    out = tr.train_step(raw)
+    hook.remove()
+    assert passes == [len(rows), raw["data"].shape[0]]  # automatic (clicked rows), guided: no third pass
+    assert float(out["loss"]) == pytest.approx(float(plain) + 0.5 * float(automatic), rel=1e-4)
+    assert tr.loss.automatic is None and tr.network._norm_statistics._automatic is None  # released
 
 
 # ---- the clicked-object term (GuideSettings.object_weight) ---------------------------------------

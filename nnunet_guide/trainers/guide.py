@@ -93,18 +93,24 @@ class GuideConsistencyLoss(nn.Module):
     - ``object_weight`` x the clicked-object term
       (:func:`nnunet_guide.core.consistency.clicked_object_penalty`) on the full-resolution target,
       when it has set ``clicks``.
+    - ``automatic_weight`` x nnU-Net's loss on the automatic output of the samples with clicks,
+      when it has set ``automatic`` (their rows and a callable returning that output, every
+      deep-supervision scale with its graph, once the network has run).
 
     The trainer sets both around nnU-Net's ``train_step`` only, so validation steps get nnU-Net's
     loss unchanged."""
 
     def __init__(self, loss: nn.Module, weight: float, regions: bool, click_weight: float = 0.0,
                  class_channels: Sequence[Sequence[int]] = (), object_weight: float = 0.0,
-                 ignore_label: Optional[int] = None, min_sigma: float = 2.0, object_negatives: bool = False):
+                 ignore_label: Optional[int] = None, min_sigma: float = 2.0, object_negatives: bool = False,
+                 automatic_weight: float = 0.0):
         super().__init__()
         self.loss, self.weight, self.regions = loss, float(weight), regions
         self.click_weight, self.class_channels = float(click_weight), [tuple(c) for c in class_channels]
         self.object_weight, self.ignore_label, self.min_sigma = float(object_weight), ignore_label, float(min_sigma)
         self.object_negatives = bool(object_negatives)
+        self.automatic_weight = float(automatic_weight)
+        self.automatic: Optional[Tuple[torch.Tensor, Callable]] = None
         self.reference: Optional[Tuple[torch.Tensor, Reference, torch.Tensor]] = None
         self.clicks: Optional[torch.Tensor] = None
 
@@ -123,6 +129,10 @@ class GuideConsistencyLoss(nn.Module):
             loss = loss + self.object_weight * clicked_object_penalty(
                 out, reference, self.clicks, self.class_channels, self.regions, self.ignore_label, self.min_sigma,
                 self.object_negatives)
+        if self.automatic is not None and self.automatic_weight > 0:
+            rows, prediction = self.automatic
+            rows_target = [t[rows] for t in target] if isinstance(target, (list, tuple)) else target[rows]
+            loss = loss + self.automatic_weight * self.loss(prediction(), rows_target)
         return loss
 
 
@@ -243,19 +253,23 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         g = self.layout.guide
         self.loss.reference = self.automatic_reference(batch) if g.consistency_weight > 0 else None
         self.loss.clicks = batch["clicks"] if g.click_weight > 0 or g.object_weight > 0 else None
+        self.loss.automatic = self.automatic_prediction(batch) if g.automatic_weight > 0 else None
         try:
             return super().train_step(batch)
         finally:
-            self.loss.reference = self.loss.clicks = None
+            self.loss.reference = self.loss.clicks = self.loss.automatic = None
+            stats = automatic_norm_statistics(self.network)
+            if stats is not None:
+                stats.release()
 
     def _build_loss(self):
         loss = super()._build_loss()
         g = self.layout.guide
-        if g.consistency_weight <= 0 and g.click_weight <= 0 and g.object_weight <= 0:
+        if g.consistency_weight <= 0 and g.click_weight <= 0 and g.object_weight <= 0 and g.automatic_weight <= 0:
             return loss
         return GuideConsistencyLoss(loss, g.consistency_weight, self.label_manager.has_regions, g.click_weight,
                                     self.class_channels(), g.object_weight, self.label_manager.ignore_label,
-                                    g.min_object_sigma, g.object_negatives)
+                                    g.min_object_sigma, g.object_negatives, g.automatic_weight)
 
     def class_channels(self) -> List[Tuple[int, ...]]:
         """Per guided class, the network's output channels that make it up: its label values
@@ -299,6 +313,18 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
             out = self.network(data)
         out = out[0] if isinstance(out, (list, tuple)) else out
         return rows, out.float(), far
+
+    def automatic_prediction(self, batch: dict) -> Optional[Tuple[torch.Tensor, Callable]]:
+        """For the automatic-mode loss: the samples of a :meth:`guided_batch` with a guide (the
+        rows the network's automatic statistics take) and a callable returning their automatic
+        output, every deep-supervision scale with its graph, from the training step's own forward
+        pass (which computes it to record their statistics); None when no sample has a guide."""
+        guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
+        rows = samples_with_guides(batch["data"][:, guides], self.layout.guide.no_guide_value)
+        if rows.numel() == 0:
+            return None
+        stats = automatic_norm_statistics(self.network)
+        return rows, lambda: stats.automatic_prediction(rows)
 
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step(self.guided_batch(batch))
