@@ -15,11 +15,13 @@ machine noise hits both sides:
    the cost is the pipeline's, not the worker pool's), paired: every loader draws batch i of a
    round from the same seeds, so it loads the same cases, crops and augments them alike (a
    batch's cost varies with its draws far more than with guides), nnUNetTrainerGuide vs nnUNetTrainer, for
-   both places of click selection (``click_selection``): ``loader`` (clicks chosen in the
-   loader, shipped as coordinates; the share spent choosing them is printed) and ``device``
-   (the loader is plain nnU-Net's). Guides are never rendered in the loader.
+   the three places of click selection (``click_selection``): ``loader`` (clicks chosen in the
+   loader, shipped as coordinates; the share spent choosing them is printed), ``device`` (the
+   loader is plain nnU-Net's) and ``split`` (the loader labels the objects and ships them as one
+   int16 map, the step chooses the clicks). Guides are never rendered in the loader.
 2. **step**: ms per training step on ``--device`` (clicks chosen there for ``device``, guides
-   rendered, forward with the extra input channels, loss, backward, optimizer step), guide vs
+   (or from the loader's objects for ``split``) rendered, forward with the extra input channels,
+   loss, backward, optimizer step), guide vs
    plain, and the full iteration (loader + step) ratio.
 3. **correction**: one correction round (forward of the chosen samples, simulated user, guides
    re-rendered) against one forward pass of the same samples, with every sample chosen, for each
@@ -121,7 +123,7 @@ def measure(pp, args, device):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # tests/helpers.py
     from helpers import make_trainer
     from nnunet_guide.trainers import nnUNetTrainerGuide
-    from nnunet_guide.transforms import SimulateClicksTransform
+    from nnunet_guide.transforms import LabelObjectsTransform, SimulateClicksTransform
 
     class CorrectEverySample(nnUNetTrainerGuide):  # the default user: densest_error, on the device
         guide_settings = GuideSettings(p_correction=1.0, correction_rounds=1)
@@ -135,14 +137,22 @@ def measure(pp, args, device):
     class GuideDeviceSelection(nnUNetTrainerGuide):
         click_selection = "device"
 
+    class GuideSplitSelection(nnUNetTrainerGuide):
+        click_selection = "split"
+
     use_preprocessed(pp)
-    kinds = (("plain", nnUNetTrainer), ("guide/loader", GuideLoaderSelection), ("guide/device", GuideDeviceSelection))
+    kinds = (("plain", nnUNetTrainer), ("guide/loader", GuideLoaderSelection), ("guide/device", GuideDeviceSelection),
+             ("guide/split", GuideSplitSelection))
+    guides = [name for name, _ in kinds[1:]]
     trainers = {name: make_trainer(cls, pp, args.plans, args.configuration, initialize=True, device=device)
                 for name, cls in kinds}
     loaders = {name: tr.get_dataloaders()[0] for name, tr in trainers.items()}
     pipeline = loader_of(loaders["guide/loader"]).transforms.transforms
     i = next(k for k, t in enumerate(pipeline) if isinstance(t, SimulateClicksTransform))
     pipeline[i] = simulate = _Timed(pipeline[i])
+    split_pipeline = loader_of(loaders["guide/split"]).transforms.transforms
+    i = next(k for k, t in enumerate(split_pipeline) if isinstance(t, LabelObjectsTransform))
+    split_pipeline[i] = objects = _Timed(split_pipeline[i])
     from nnunet_guide.core import clicks as clicks_module  # time the labelling inside the choice, too
     clicks_module.cropped_objects = labelling = _Timed(clicks_module.cropped_objects)
     for _ in range(3):  # warm-up: first reads of the cases, allocations
@@ -154,7 +164,7 @@ def measure(pp, args, device):
           f"{len(guide.layout.targets)} guided classes, device {device}")
 
     # 1. the data loader
-    simulate.seconds = labelling.seconds = 0.0
+    simulate.seconds = labelling.seconds = objects.seconds = 0.0
     per = max(1, args.batches // args.rounds)
 
     round_of = {name: 0 for name in loaders}
@@ -171,12 +181,15 @@ def measure(pp, args, device):
     load = timed_rounds({name: draw(name) for name in loaders}, args.rounds)
     select = simulate.seconds / (per * args.rounds)
     label = labelling.seconds / (per * args.rounds)
+    mapped = objects.seconds / (per * args.rounds)
     print(f"loader, plain nnU-Net:             {load['plain'] * 1000:8.1f} ms/batch")
     print(f"loader, clicks chosen in it:       {load['guide/loader'] * 1000:8.1f} ms/batch "
           f"(choosing clicks {select * 1000:.1f} ms = {select / load['plain'] * 100:.1f}% of plain, of which "
           f"labelling the objects {label * 1000:.1f} ms = {label / load['plain'] * 100:.1f}%)")
     print(f"loader, clicks chosen on device:   {load['guide/device'] * 1000:8.1f} ms/batch")
-    for name in ("guide/loader", "guide/device"):
+    print(f"loader, objects labelled in it:    {load['guide/split'] * 1000:8.1f} ms/batch "
+          f"(labelling into the object map {mapped * 1000:.1f} ms = {mapped / load['plain'] * 100:.1f}% of plain)")
+    for name in guides:
         print(f"RATIO loader {name}/plain: {load[name] / load['plain']:.3f}  (aim <= 1.05)")
 
     # 2. the training step (same number of batches, drawn once per trainer)
@@ -194,13 +207,13 @@ def measure(pp, args, device):
             return len(batches[name])
         return job
     step = timed_rounds({name: per_batch(name, "train_step") for name in trainers}, args.rounds)
-    prep = timed_rounds({name: per_batch(name, "guided_batch") for name in ("guide/loader", "guide/device")},
-                        args.rounds)
+    prep = timed_rounds({name: per_batch(name, "guided_batch") for name in guides}, args.rounds)
     print(f"train step, plain nnU-Net:         {step['plain'] * 1000:8.1f} ms/step")
-    for name, what in (("guide/loader", "rendering the guides"), ("guide/device", "choosing + rendering")):
+    for name, what in (("guide/loader", "rendering the guides"), ("guide/device", "choosing + rendering"),
+                       ("guide/split", "choosing from the objects + rendering")):
         print(f"train step, {name + ':':22s} {step[name] * 1000:8.1f} ms/step ({what} on {device.type} "
               f"{prep[name] * 1000:.2f} ms)")
-    for name in ("guide/loader", "guide/device"):
+    for name in guides:
         print(f"RATIO train step {name}/plain: {step[name] / step['plain']:.3f}")
         print(f"RATIO full iteration {name}/plain (single-threaded loader + step): "
               f"{(load[name] + step[name]) / (load['plain'] + step['plain']):.3f}")

@@ -15,6 +15,10 @@ Two transforms, because nnU-Net's loader collates only ``image`` and ``segmentat
   stacks them into ``batch["target"][-1]`` of shape (B, K, 3 + 2 * ndim), through its worker
   processes and pin-memory thread unchanged. The trainer takes them off again before the loss
   sees the target (:meth:`nnunet_guide.trainers.guide.nnUNetTrainerGuide.guided_batch`).
+
+With ``click_selection = "split"`` the loader only labels the objects: :class:`LabelObjectsTransform`
+takes the place of :class:`SimulateClicksTransform` and ships one int16 object map per sample the
+same way, and the step chooses the clicks from it.
 """
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
-from .core.clicks import sample_training_clicks
+from .core.clicks import object_map, sample_training_clicks
 from .core.encoding import pack_clicks
 from .settings import GuideSettings, GuideSettingsError
 
 #: the data_dict key the packed clicks travel under between the two transforms
 CLICKS_KEY = "guide_clicks"
+#: the data_dict key of the guided classes' object map (:class:`LabelObjectsTransform`)
+OBJECTS_KEY = "guide_objects"
 
 
 class SimulateClicksTransform(BasicTransform):
@@ -81,12 +87,49 @@ class SimulateClicksTransform(BasicTransform):
         return data_dict
 
 
-class AttachClicksTransform(BasicTransform):
-    """Move the packed clicks (``guide_clicks``) to the end of the ``segmentation`` list, the one
-    per-sample value besides ``image`` that nnU-Net's loader collates."""
+class LabelObjectsTransform(BasicTransform):
+    """The objects of the guided classes of ``segmentation[seg_channel]``, as one (1, *spatial)
+    int16 map (:func:`nnunet_guide.core.clicks.object_map`) under ``guide_objects``: the labelling
+    half of :class:`SimulateClicksTransform`, for trainers that choose the clicks themselves on
+    the training device from these objects (``click_selection = "split"``). Deterministic.
+
+    Args:
+        targets: per guided class, its label value(s) (in layout order; disjoint).
+        connectivity: as ``GuideSettings.connectivity``.
+        ignore_label: never part of an object.
+        seg_channel: which segmentation channel holds the label map.
+    """
+
+    def __init__(self, targets: Sequence[Tuple[int, ...]], connectivity: int = 2, ignore_label: Optional[int] = None,
+                 seg_channel: int = 0):
+        super().__init__()
+        self.targets = [tuple(int(v) for v in t) for t in targets]
+        self.connectivity = int(connectivity)
+        self.ignore_label = ignore_label
+        self.seg_channel = seg_channel
 
     def apply(self, data_dict, **params):
-        clicks = data_dict.pop(CLICKS_KEY)
+        seg = data_dict["segmentation"][self.seg_channel]
+        seg = seg.numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
+        try:
+            objects = object_map(seg, self.targets, self.connectivity, self.ignore_label)
+        except ValueError as e:
+            raise GuideSettingsError(str(e)) from e
+        data_dict[OBJECTS_KEY] = torch.from_numpy(objects)[None]
+        return data_dict
+
+
+class AttachClicksTransform(BasicTransform):
+    """Move what the guide transforms stored under ``key`` (the packed clicks, ``guide_clicks``, or
+    the object map, ``guide_objects``) to the end of the ``segmentation`` list, the one per-sample
+    value besides ``image`` that nnU-Net's loader collates."""
+
+    def __init__(self, key: str = CLICKS_KEY):
+        super().__init__()
+        self.key = key
+
+    def apply(self, data_dict, **params):
+        value = data_dict.pop(self.key)
         seg = data_dict["segmentation"]
-        data_dict["segmentation"] = (list(seg) if isinstance(seg, (list, tuple)) else [seg]) + [clicks]
+        data_dict["segmentation"] = (list(seg) if isinstance(seg, (list, tuple)) else [seg]) + [value]
         return data_dict

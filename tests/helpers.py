@@ -184,3 +184,12 @@ def command(name: str) -> List[str]:
     module, func = console_scripts()[name].split(":")
     return [sys.executable, "-c", f"import sys; sys.argv[0] = {name!r}; from {module} import {func}; "
                                   f"sys.exit({func}())"]
+
+
+def same_partition(a, b):
+    """Two label maps split the voxels into the same objects (ids may differ)."""
+    if not np.array_equal(a > 0, b > 0):
+        return False
+    m = a > 0
+    pairs = np.unique(np.stack([a[m], b[m]], 1), axis=0)
+    return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))

@@ -3,19 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_guide.core.clicks import label_objects, robust_center_mask
+from nnunet_guide.core.clicks import MAX_MAPPED_OBJECTS, label_objects, object_map, robust_center_mask
 from nnunet_guide.core.device_clicks import label_components, select_training_clicks
 from nnunet_guide.core.encoding import click_counts, unpack_clicks
 from nnunet_guide.settings import GuideSettings
 
-
-def same_partition(a, b):
-    """Two label maps split the voxels into the same objects (ids may differ)."""
-    if not np.array_equal(a > 0, b > 0):
-        return False
-    m = a > 0
-    pairs = np.unique(np.stack([a[m], b[m]], 1), axis=0)
-    return len(pairs) == len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1]))
+from helpers import same_partition
 
 
 @pytest.mark.parametrize("shape", [(3, 10, 18, 16), (2, 30, 26)])
@@ -52,8 +45,31 @@ def constructed_batch():
     return seg
 
 
-def test_positive_clicks_sit_at_the_robust_centres_of_the_objects():
+def test_object_map_numbers_each_class_objects_apart():
+    """The loader's half of click_selection 'split': every guided class's objects (as scipy labels
+    them, in the class's box), numbered one class after the other, the ignore label left out."""
     seg = constructed_batch()
+    seg[0, 0, 0, 0] = 9                                     # an ignored voxel, away from any object
+    for b in range(2):
+        m = object_map(seg[b], [(1,), (2,)], 2, ignore_label=9)
+        assert m.dtype == np.int16 and m.shape == seg[b].shape
+        n1 = label_objects(seg[b] == 1, 2)[1]
+        for t, label in enumerate((1, 2)):
+            own = m[seg[b] == label]
+            assert same_partition(np.where(seg[b] == label, m, 0), label_objects(seg[b] == label, 2)[0])
+            assert (own > n1).all() if t else (own <= n1).all()  # class 0 first, class 1 after it
+        assert not m[(seg[b] != 1) & (seg[b] != 2)].any()
+    assert not object_map(np.zeros((4, 5), np.int16), [(1,)]).any()
+    with pytest.raises(ValueError, match=f"more than the {MAX_MAPPED_OBJECTS}"):
+        checker = np.indices((1, 200, 400)).sum(0) % 2 == 0  # 40000 one-voxel objects at connectivity 1
+        object_map(checker.astype(np.int16), [(1,)], connectivity=1)
+
+
+@pytest.mark.parametrize("labelled_in_loader", [False, True])
+def test_positive_clicks_sit_at_the_robust_centres_of_the_objects(labelled_in_loader):
+    seg = constructed_batch()
+    objects = torch.from_numpy(np.stack([object_map(s_, [(1,), (2,)], 2, 9) for s_ in seg])) \
+        if labelled_in_loader else None
     s = GuideSettings(p_drop=0.0, perturb_center=False, p_negative=0.0, max_object_clicks=1)
     centres = {}
     for b in range(2):
@@ -65,7 +81,8 @@ def test_positive_clicks_sit_at_the_robust_centres_of_the_objects():
     counts = {}
     for seed in range(20):
         packed = select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], s,
-                                        torch.Generator().manual_seed(seed), ignore_label=9, capacity=8)
+                                        torch.Generator().manual_seed(seed), ignore_label=9, capacity=8,
+                                        objects=objects)
         assert packed.shape == (2, 8, 9)
         for b in range(2):
             for c in unpack_clicks(packed[b]):
@@ -76,6 +93,14 @@ def test_positive_clicks_sit_at_the_robust_centres_of_the_objects():
             # k ~ U{1..n}: every class with objects gets at least one click
             assert {c.target for c in unpack_clicks(packed[b])} == {0, 1}
     assert len(counts) == 5  # over 20 draws, every object got clicked at some point
+
+
+def test_an_object_map_that_disagrees_with_the_label_map_is_refused():
+    seg = constructed_batch()
+    objects = torch.from_numpy(np.stack([object_map(s_, [(1,)], 2, 9) for s_ in seg]))  # class 1 only
+    with pytest.raises(RuntimeError, match="guided class 1: the object map holds no object"):
+        select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], GuideSettings(p_drop=0.0),
+                               torch.Generator().manual_seed(0), ignore_label=9, objects=objects)
 
 
 def test_drop_perturbation_negatives_and_ignore_label():

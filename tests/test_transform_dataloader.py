@@ -11,7 +11,7 @@ import helpers as T
 from nnunet_guide.settings import GuideSettings, GuideSettingsError
 from nnunet_guide.trainers import nnUNetTrainerGuide, nnUNetTrainerGuideAlways
 from nnunet_guide.core.encoding import click_counts, packed_width, unpack_clicks
-from nnunet_guide.transforms import AttachClicksTransform, SimulateClicksTransform
+from nnunet_guide.transforms import AttachClicksTransform, LabelObjectsTransform, SimulateClicksTransform
 
 sys.path.insert(0, dirname(__file__))
 from reference_encoding import render_guides as reference_render  # noqa: E402
@@ -239,6 +239,51 @@ def test_clicks_chosen_on_the_device_leave_the_loader_plain(nnunet_paths, config
     out = tr.train_step(next(dl_tr))
     assert np.isfinite(out["loss"])
     assert "loss" in tr.validation_step(next(dl_val))
+
+
+class SplitsSelection(nnUNetTrainerGuideAlways):
+    click_selection = "split"
+
+
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_objects_labelled_in_the_loader_clicks_chosen_on_the_device(nnunet_paths, configuration, one_torch_thread):
+    """click_selection 'split': the loader ships the guided classes' objects as one int16 map
+    (labelled from the augmented label map, as the loader's own choice labels them), the step
+    chooses the clicks from it; nnU-Net's target reaches the loss without it."""
+    from nnunet_guide.core.clicks import label_objects
+    tr = make_trainer(SplitsSelection, nnunet_paths, configuration)
+    tr.initialize()
+    assert tr.selects_clicks_on_device and tr.labels_objects_in_loader
+    dl_tr, dl_val = tr.get_dataloaders()
+    pipeline = (dl_tr.data_loader if hasattr(dl_tr, "data_loader") else dl_tr.generator).transforms.transforms
+    assert any(isinstance(t, LabelObjectsTransform) for t in pipeline)
+    assert not any(isinstance(t, SimulateClicksTransform) for t in pipeline)
+    n_objects = seen = 0
+    for _ in range(3):
+        loaded = next(dl_tr)
+        objects = loaded["target"][-1]
+        assert objects.dtype == torch.int16 and objects.shape == loaded["target"][0].shape
+        for b in range(objects.shape[0]):
+            seg = loaded["target"][0][b, 0].numpy()
+            for t in tr.layout.targets:
+                mask = np.isin(seg, t.labels)
+                assert T.same_partition(np.where(mask, objects[b, 0].numpy(), 0), label_objects(mask, 2)[0])
+            n_objects += len(np.unique(objects[b, 0].numpy())) - 1
+        batch = tr.guided_batch(loaded)
+        assert len(batch["target"]) == len(tr._get_deep_supervision_scales())  # the map is off nnU-Net's target
+        for b in range(batch["data"].shape[0]):
+            for c in unpack_clicks(batch["clicks"][b]):
+                if c.positive:
+                    seen += 1
+                    pos = tuple(int(round(p)) for p in c.position)
+                    assert batch["data"][b, tr.layout.guide_channel(c.target, True)][pos] > 0.5
+    assert n_objects > 0 and seen > 0
+    assert np.isfinite(tr.train_step(next(dl_tr))["loss"])
+    assert "loss" in tr.validation_step(next(dl_val))
+    plain = next(dl_tr)
+    plain["target"] = plain["target"][:-1]  # a batch from elsewhere, without the map
+    with pytest.raises(RuntimeError, match="carries no object map"):
+        tr.guided_batch(plain)
 
 
 def test_packed_clicks_cross_nnunets_worker_processes(nnunet_paths, monkeypatch):

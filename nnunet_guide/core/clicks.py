@@ -257,6 +257,43 @@ def cropped_objects(mask: np.ndarray, connectivity: int, slice_axis: Optional[in
     return lab, n, np.array([b.start for b in box])
 
 
+#: most objects :func:`object_map` numbers in one label map (it writes int16)
+MAX_MAPPED_OBJECTS = int(np.iinfo(np.int16).max)
+
+
+def object_map(seg: np.ndarray, targets: Sequence[Sequence[int]], connectivity: int = 2,
+               ignore_label: Optional[int] = None) -> np.ndarray:
+    """The objects of every guided class in one int16 map: 0 outside them, 1..n_0 the objects of
+    class 0, n_0 + 1.. those of class 1, and so on (within a class, in no particular order).
+
+    The labelling half of :func:`sample_training_clicks`, for a data loader that leaves the rest
+    (which objects, where, how many clicks) to the training device: the same objects (labelled in
+    each class's bounding box, ``connectivity`` as there), in 2 bytes per voxel. The classes'
+    label values must not overlap (label-based datasets). Raises ValueError above
+    :data:`MAX_MAPPED_OBJECTS` objects.
+    """
+    seg = np.asarray(seg)
+    out = np.zeros(seg.shape, np.int16)
+    total = 0
+    for t, labels in enumerate(targets):
+        mask = target_mask(seg, labels)
+        if ignore_label is not None:
+            mask &= seg != ignore_label
+        lab, n, offset = cropped_objects(mask, connectivity, None)
+        if not n:
+            continue
+        if total + n > MAX_MAPPED_OBJECTS:
+            raise ValueError(f"guided class {t} brings the label map's objects to {total + n}, more than the "
+                             f"{MAX_MAPPED_OBJECTS} an object map holds; choose training clicks in the data loader")
+        lab = lab.astype(np.int16)
+        if total:
+            np.add(lab, np.int16(total), out=lab, where=lab > 0)
+        region = out[tuple(slice(int(o), int(o) + k) for o, k in zip(offset, lab.shape))]
+        np.bitwise_or(region, lab, out=region)  # the classes are disjoint: region is 0 where lab is not
+        total += n
+    return out
+
+
 def object_clicks(labels: np.ndarray, object_ids: Sequence[int], target: int, spacing: Sequence[float],
                   policy: str, rng: Optional[np.random.Generator] = None, perturb: bool = False,
                   min_sigma: float = 2.0, slices=None, offset: Optional[np.ndarray] = None,

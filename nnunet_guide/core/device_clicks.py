@@ -6,7 +6,9 @@ augmented label map. On the CPU that labelling is what made guides cost 10-45% o
 loader on CT (many tumour components per patch). Here it runs where the batch already is, as
 iterated neighbourhood maxima with pointer jumping (:func:`label_components`), and the object
 statistics (median centre, 1.4826 x MAD sigma) come from segment-wise sorts, so the loader ships
-nothing but nnU-Net's own image and label map.
+nothing but nnU-Net's own image and label map. Or the loader labels the objects (cc3d, the cheap
+half of choosing on the CPU) and ships them as one int16 map, and only the rest runs here
+(``objects``: the torch labelling is launch-bound on a GPU).
 
 Same distribution as the CPU version, not the same draws: randomness comes from a
 ``torch.Generator``. Conventions as in :mod:`nnunet_guide.core.clicks`: label maps (B, *spatial)
@@ -108,7 +110,8 @@ def _segment_median(values: torch.Tensor, segment: torch.Tensor, n_segments: int
 
 def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], settings,
                            generator: Optional[torch.Generator] = None, ignore_label: Optional[int] = None,
-                           capacity: Optional[int] = None, spacing: Optional[Sequence[float]] = None) -> torch.Tensor:
+                           capacity: Optional[int] = None, spacing: Optional[Sequence[float]] = None,
+                           objects: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Simulate the clicks of a batch of training samples, on the label maps' device.
 
     Per sample: no guide with probability ``settings.p_drop``; otherwise, per guided class with
@@ -127,6 +130,9 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
         ignore_label: never clicked, never part of an object.
         capacity: click rows per sample of the result (default: the largest count).
         spacing: mm per axis (default 1): the rays of near-boundary negatives are in mm.
+        objects: the guided classes' objects, labelled already (B, *spatial) on ``seg``'s device,
+            numbered as :func:`nnunet_guide.core.clicks.object_map` numbers them (the data loader's
+            ``click_selection = "split"``); None: labelled here (:func:`label_components`).
     Returns:
         packed clicks (B, K, 3 + 2 * ndim) on the CPU, as :func:`nnunet_guide.core.encoding.pack_click_batch`.
     """
@@ -149,10 +155,17 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
     for t, labels in enumerate(targets):
         mask = torch.isin(seg, torch.tensor(list(labels), device=device, dtype=seg.dtype)) & valid
         mask &= guided.view(sample_view)
-        comp = label_components(mask, settings.connectivity)
         coords = torch.nonzero(mask)  # (V, 1 + ndim): sample, then voxel index per axis
         if coords.shape[0]:
-            ids, inverse = torch.unique(comp[mask], return_inverse=True)
+            if objects is None:
+                comp = label_components(mask, settings.connectivity)[mask]
+            else:  # the loader's numbers, made unique across the batch
+                comp = objects[mask].long()
+                if bool((comp <= 0).any()):
+                    raise RuntimeError(f"guided class {t}: the object map holds no object at a voxel of the class; "
+                                       f"it was not labelled from this label map")
+                comp = comp + coords[:, 0] * (1 << 16)
+            ids, inverse = torch.unique(comp, return_inverse=True)
             n_comp = ids.numel()
             comp_sample = torch.zeros(n_comp, dtype=torch.long, device=device).scatter_(0, inverse, coords[:, 0])
             per_sample = torch.bincount(comp_sample, minlength=B)

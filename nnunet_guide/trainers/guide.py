@@ -37,7 +37,8 @@ from ..core.encoding import (append_clicks, num_guide_channels, render_guide_bat
 from ..core.user_sim import correction_clicks
 from ..network import automatic_norm_statistics
 from ..settings import ChannelLayout, GuidedTarget, GuideSettings, GuideSettingsError, resolve_targets, write_text_atomic
-from ..transforms import AttachClicksTransform, SimulateClicksTransform
+from ..transforms import (CLICKS_KEY, OBJECTS_KEY, AttachClicksTransform, LabelObjectsTransform,
+                          SimulateClicksTransform)
 from .base import nnUNetTrainerExtraChannels
 
 try:  # these transforms mark the end of the label-map part of nnU-Net's pipeline
@@ -47,6 +48,9 @@ try:  # these transforms mark the end of the label-map part of nnU-Net's pipelin
 except ImportError:  # pragma: no cover - older batchgeneratorsv2
     _LABEL_CONSUMERS = ()
 
+
+#: where training clicks are chosen (``nnUNetTrainerGuide.click_selection``)
+CLICK_SELECTIONS = ("loader", "device", "split")
 
 #: the consistency term's automatic output: the tensor, or a callable returning it after the step's forward pass
 Reference = Union[torch.Tensor, Callable[[], torch.Tensor]]
@@ -151,8 +155,10 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     #: the training device; the loader stays plain nnU-Net's). Measured on an H100
     #: (benchmarks/bench_pipeline_overhead.py): choosing on the device costs 8-19 ms of every step,
     #: in the loader 1.5-5 ms of one worker's batch, so "loader" is the default; "device" suits
-    #: machines with few CPU cores per GPU. Region-based datasets, the "interior" click policy and
-    #: simulated boxes/scribbles need "loader".
+    #: machines with few CPU cores per GPU. "split": the loader labels the guided classes' objects
+    #: (cc3d, the cheap half of choosing) and ships them as one int16 map, and the step chooses the
+    #: clicks from them with the device's torch code (no labelling there). Region-based datasets,
+    #: the "interior" click policy and simulated boxes/scribbles need "loader".
     click_selection: str = "loader"
 
     # ---- layout -------------------------------------------------------------------------
@@ -176,13 +182,20 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         unsupported = ("region-based datasets" if self.label_manager.has_regions else
                        f"click policy {g.click_policy!r}" if g.click_policy not in DEVICE_POLICIES else
                        "simulated boxes and scribbles (p_box, p_scribble)" if g.p_box or g.p_scribble else None)
+        if self.click_selection not in CLICK_SELECTIONS:
+            raise GuideSettingsError(f"click_selection must be one of {', '.join(CLICK_SELECTIONS)}, got "
+                                     f"{self.click_selection!r}")
         if unsupported is not None:
-            if self.click_selection == "device":
-                raise GuideSettingsError(f"click_selection='device' is not available for {unsupported}; use 'loader'")
+            if self.click_selection != "loader":
+                raise GuideSettingsError(f"click_selection={self.click_selection!r} is not available for {unsupported}; "
+                                         f"use 'loader'")
             return False
-        if self.click_selection not in ("device", "loader"):
-            raise GuideSettingsError(f"click_selection must be 'loader' or 'device', got {self.click_selection!r}")
-        return self.click_selection == "device"
+        return self.click_selection != "loader"
+
+    @property
+    def labels_objects_in_loader(self) -> bool:
+        """``click_selection = "split"``: the loader ships the objects, the step chooses the clicks."""
+        return self.selects_clicks_on_device and self.click_selection == "split"
 
     def _click_generator(self) -> torch.Generator:
         """The torch generator of clicks chosen on the device, seeded from numpy's global state
@@ -192,15 +205,20 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         return self._click_gen
 
     def _with_guides(self, composed):
-        if self.selects_clicks_on_device:
+        targets = [t.labels for t in self.layout.targets]
+        if self.labels_objects_in_loader:
+            guide, key = LabelObjectsTransform(targets, self.layout.guide.connectivity,
+                                               self.label_manager.ignore_label), OBJECTS_KEY
+        elif self.selects_clicks_on_device:
             return composed  # the loader stays plain nnU-Net's
-        simulate = SimulateClicksTransform(self.layout.guide, [t.labels for t in self.layout.targets],
-                                           self._patch_spacing, capacity=self.max_clicks_per_sample,
-                                           ignore_label=self.label_manager.ignore_label)
+        else:
+            guide, key = SimulateClicksTransform(self.layout.guide, targets, self._patch_spacing,
+                                                 capacity=self.max_clicks_per_sample,
+                                                 ignore_label=self.label_manager.ignore_label), CLICKS_KEY
         transforms = composed.transforms
         at = next((i for i, t in enumerate(transforms) if isinstance(t, _LABEL_CONSUMERS)), len(transforms))
-        transforms.insert(at, simulate)
-        transforms.append(AttachClicksTransform())
+        transforms.insert(at, guide)
+        transforms.append(AttachClicksTransform(key))
         return composed
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -221,15 +239,25 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         ``self.device`` (``data`` becomes image + guide channels, on the device; ``clicks`` holds
         the packed clicks, on the CPU). The clicks come off the end of ``batch["target"]``
         (chosen in the loader) or are chosen here from the full-resolution target (chosen on the
-        device, see ``click_selection``)."""
-        target = batch["target"]
+        device, see ``click_selection``), from the objects at the end of ``batch["target"]`` when
+        the loader labelled them ("split")."""
+        target, objects = batch["target"], None
+        if self.labels_objects_in_loader:
+            scales = self._get_deep_supervision_scales() if self.enable_deep_supervision else None
+            if not isinstance(target, list) or len(target) != (len(scales) if scales else 1) + 1 \
+                    or target[-1].dtype != torch.int16:
+                raise RuntimeError("this batch carries no object map: it did not come through the guide trainer's "
+                                   "data pipeline (LabelObjectsTransform + AttachClicksTransform)")
+            objects = target[-1][:, 0].to(self.device, non_blocking=True)
+            target = target[:-1] if self.enable_deep_supervision else target[0]
         if self.selects_clicks_on_device:
             target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
                 else target.to(self.device, non_blocking=True)
             labels = (target[0] if isinstance(target, list) else target)[:, 0]
             clicks = select_training_clicks(labels, [t.labels for t in self.layout.targets], self.layout.guide,
                                             self._click_generator(), self.label_manager.ignore_label,
-                                            capacity=self.max_clicks_per_sample, spacing=self._patch_spacing)
+                                            capacity=self.max_clicks_per_sample, spacing=self._patch_spacing,
+                                            objects=objects)
         else:
             if not isinstance(target, list) or target[-1].ndim != 3:
                 raise RuntimeError("this batch carries no packed clicks: it did not come through the guide trainer's "
