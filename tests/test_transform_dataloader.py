@@ -286,11 +286,12 @@ def test_objects_labelled_in_the_loader_clicks_chosen_on_the_device(nnunet_paths
         tr.guided_batch(plain)
 
 
-def test_packed_clicks_cross_nnunets_worker_processes(nnunet_paths, monkeypatch):
-    """With augmentation workers (NonDetMultiThreadedAugmenter), the clicks arrive collated at
-    the end of the target list, as in the single-threaded loader."""
+@pytest.mark.parametrize("trainer", [nnUNetTrainerGuideAlways, SplitsSelection])
+def test_packed_clicks_cross_nnunets_worker_processes(nnunet_paths, monkeypatch, trainer):
+    """With augmentation workers (NonDetMultiThreadedAugmenter), the clicks (or, split, the object
+    map) arrive collated at the end of the target list, as in the single-threaded loader."""
     monkeypatch.setenv("nnUNet_n_proc_DA", "2")
-    tr = make_trainer(nnUNetTrainerGuideAlways, nnunet_paths)
+    tr = make_trainer(trainer, nnunet_paths)
     tr.initialize()
     dl_tr, dl_val = tr.get_dataloaders()
     try:
