@@ -46,20 +46,25 @@ def constructed_batch():
 
 
 def test_object_map_numbers_each_class_objects_apart():
-    """The loader's half of click_selection 'split': every guided class's objects (as scipy labels
-    them, in the class's box), numbered one class after the other, the ignore label left out."""
+    """The loader's half of click_selection 'split': every guided class's objects, as scipy labels
+    them, with ids unique across the classes, touching objects of two classes kept apart, and
+    nothing outside the guided classes."""
     seg = constructed_batch()
-    seg[0, 0, 0, 0] = 9                                     # an ignored voxel, away from any object
+    seg[0, 2:8, 9, 3:12] = 2                                # class 2 touching a class-1 object
     for b in range(2):
-        m = object_map(seg[b], [(1,), (2,)], 2, ignore_label=9)
-        assert m.dtype == np.int16 and m.shape == seg[b].shape
-        n1 = label_objects(seg[b] == 1, 2)[1]
-        for t, label in enumerate((1, 2)):
-            own = m[seg[b] == label]
-            assert same_partition(np.where(seg[b] == label, m, 0), label_objects(seg[b] == label, 2)[0])
-            assert (own > n1).all() if t else (own <= n1).all()  # class 0 first, class 1 after it
-        assert not m[(seg[b] != 1) & (seg[b] != 2)].any()
+        for targets in ([(1,), (2,)], [(2,)], [(2,), (1,)]):
+            m = object_map(seg[b], targets, 2, ignore_label=9)
+            assert m.dtype == np.int16 and m.shape == seg[b].shape
+            ids = []
+            for (label,) in targets:
+                mask = seg[b] == label
+                assert same_partition(np.where(mask, m, 0), label_objects(mask, 2)[0])
+                ids.append(set(np.unique(m[mask]).tolist()))
+            assert len(ids) == 1 or not (ids[0] & ids[1])     # no object spans two classes
+            assert not m[~np.isin(seg[b], [v for (v,) in targets])].any()
     assert not object_map(np.zeros((4, 5), np.int16), [(1,)]).any()
+    with pytest.raises(ValueError, match="share label values"):
+        object_map(seg[0], [(1,), (1, 2)])
     with pytest.raises(ValueError, match=f"more than the {MAX_MAPPED_OBJECTS}"):
         checker = np.indices((1, 200, 400)).sum(0) % 2 == 0  # 40000 one-voxel objects at connectivity 1
         object_map(checker.astype(np.int16), [(1,)], connectivity=1)

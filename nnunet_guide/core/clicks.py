@@ -246,15 +246,23 @@ def cropped_objects(mask: np.ndarray, connectivity: int, slice_axis: Optional[in
         return None, 0, np.zeros(mask.ndim, int)
     crop = mask[box]
     if slice_axis is None and crop.ndim in (2, 3):
-        # cc3d (connected-components-3d, an nnU-Net dependency): the same objects as scipy, 6-7x
-        # faster on CT patches (labelling is most of what choosing training clicks costs); only
-        # the numbering may differ, which no caller relies on
-        conn = int(min(max(connectivity, 1), crop.ndim))
-        neighbours = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}[crop.ndim][conn]
-        lab, n = cc3d.connected_components(crop, connectivity=neighbours, binary_image=True, return_N=True)
-        return lab, int(n), np.array([b.start for b in box])  # unsigned, as find_objects takes them
+        lab, n = _cc3d_objects(crop, connectivity)
+        return lab, n, np.array([b.start for b in box])  # unsigned, as find_objects takes them
     lab, n = label_objects(crop, connectivity, slice_axis)
     return lab, n, np.array([b.start for b in box])
+
+
+def _cc3d_objects(image: np.ndarray, connectivity: int) -> Tuple[np.ndarray, int]:
+    """Connected components of a 2D/3D boolean mask, or of each value > 0 of a small-integer
+    image (a multi-label image: voxels join when their values are equal), with cc3d
+    (connected-components-3d, an nnU-Net dependency): the same objects as scipy with the structure
+    of ``connectivity``, 6-7x faster on CT patches (labelling is most of what choosing training
+    clicks costs); only the numbering may differ, which no caller relies on."""
+    conn = int(min(max(connectivity, 1), image.ndim))
+    neighbours = {2: {1: 4, 2: 8}, 3: {1: 6, 2: 18, 3: 26}}[image.ndim][conn]
+    lab, n = cc3d.connected_components(image, connectivity=neighbours, binary_image=image.dtype == bool,
+                                       return_N=True)
+    return lab, int(n)
 
 
 #: most objects :func:`object_map` numbers in one label map (it writes int16)
@@ -263,34 +271,39 @@ MAX_MAPPED_OBJECTS = int(np.iinfo(np.int16).max)
 
 def object_map(seg: np.ndarray, targets: Sequence[Sequence[int]], connectivity: int = 2,
                ignore_label: Optional[int] = None) -> np.ndarray:
-    """The objects of every guided class in one int16 map: 0 outside them, 1..n_0 the objects of
-    class 0, n_0 + 1.. those of class 1, and so on (within a class, in no particular order).
+    """The objects of every guided class of a 2D or 3D label map in one int16 map: 0 outside
+    them, 1..n inside (ids unique across classes, in no particular order).
 
     The labelling half of :func:`sample_training_clicks`, for a data loader that leaves the rest
-    (which objects, where, how many clicks) to the training device: the same objects (labelled in
-    each class's bounding box, ``connectivity`` as there), in 2 bytes per voxel. The classes'
-    label values must not overlap (label-based datasets). Raises ValueError above
-    :data:`MAX_MAPPED_OBJECTS` objects.
+    (which objects, where, how many clicks) to the training device: the same objects (within each
+    class, ``connectivity`` as there), in 2 bytes per voxel. All classes are labelled in one cc3d
+    pass over their common bounding box (the classes as the values of one small-integer image:
+    on LiTS patches a quarter less time than a pass per class). The classes' label values must not
+    overlap (label-based datasets). Raises ValueError above :data:`MAX_MAPPED_OBJECTS` objects.
     """
     seg = np.asarray(seg)
+    if seg.ndim not in (2, 3):
+        raise ValueError(f"object_map takes a 2D or 3D label map, got shape {seg.shape}")
+    values = [int(v) for labels in targets for v in labels]
+    if len(set(values)) != len(values):
+        raise ValueError(f"the guided classes share label values ({values}); an object map needs disjoint classes")
+    if len(targets) == 1:
+        work = target_mask(seg, targets[0])
+    else:
+        work = np.zeros(seg.shape, np.uint8 if len(targets) < 255 else np.uint16)
+        for t, labels in enumerate(targets):
+            np.copyto(work, work.dtype.type(t + 1), where=target_mask(seg, labels))
+    if ignore_label is not None and int(ignore_label) in values:
+        work[seg == ignore_label] = 0
     out = np.zeros(seg.shape, np.int16)
-    total = 0
-    for t, labels in enumerate(targets):
-        mask = target_mask(seg, labels)
-        if ignore_label is not None:
-            mask &= seg != ignore_label
-        lab, n, offset = cropped_objects(mask, connectivity, None)
-        if not n:
-            continue
-        if total + n > MAX_MAPPED_OBJECTS:
-            raise ValueError(f"guided class {t} brings the label map's objects to {total + n}, more than the "
-                             f"{MAX_MAPPED_OBJECTS} an object map holds; choose training clicks in the data loader")
-        lab = lab.astype(np.int16)
-        if total:
-            np.add(lab, np.int16(total), out=lab, where=lab > 0)
-        region = out[tuple(slice(int(o), int(o) + k) for o, k in zip(offset, lab.shape))]
-        np.bitwise_or(region, lab, out=region)  # the classes are disjoint: region is 0 where lab is not
-        total += n
+    box = mask_bbox(work)
+    if box is None:
+        return out
+    lab, n = _cc3d_objects(work[box], connectivity)
+    if n > MAX_MAPPED_OBJECTS:
+        raise ValueError(f"the label map holds {n} objects of its guided classes, more than the "
+                         f"{MAX_MAPPED_OBJECTS} an object map holds; choose training clicks in the data loader")
+    out[box] = lab
     return out
 
 
