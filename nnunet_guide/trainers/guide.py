@@ -276,18 +276,19 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         batch = self.guided_batch(batch)
         if self.layout.guide.p_correction > 0:
             self.add_correction_clicks(batch)
-        if not isinstance(self.loss, GuideConsistencyLoss):
-            return super().train_step(batch)
-        g = self.layout.guide
-        self.loss.reference = self.automatic_reference(batch) if g.consistency_weight > 0 else None
-        self.loss.clicks = batch["clicks"] if g.click_weight > 0 or g.object_weight > 0 else None
-        self.loss.automatic = self.automatic_prediction(batch) if g.automatic_weight > 0 else None
+        terms = isinstance(self.loss, GuideConsistencyLoss)
+        if terms:
+            g = self.layout.guide
+            self.loss.reference = self.automatic_reference(batch) if g.consistency_weight > 0 else None
+            self.loss.clicks = batch["clicks"] if g.click_weight > 0 or g.object_weight > 0 else None
+            self.loss.automatic = self.automatic_prediction(batch) if g.automatic_weight > 0 else None
         try:
             return super().train_step(batch)
         finally:
-            self.loss.reference = self.loss.clicks = self.loss.automatic = None
+            if terms:
+                self.loss.reference = self.loss.clicks = self.loss.automatic = None
             stats = automatic_norm_statistics(self.network)
-            if stats is not None:
+            if stats is not None:  # the step's automatic pass, and the graph it holds, go now
                 stats.release()
 
     def _build_loss(self):
