@@ -326,13 +326,11 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         With automatic norm statistics the training step's forward pass computes that output anyway
         (it records their statistics), so the output is a callable that takes it from there after
         the pass, not a second pass."""
-        guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
-        no_guide = self.layout.guide.no_guide_value
-        fed = batch["data"][:, guides]
-        rows = samples_with_guides(fed, no_guide)
+        guides, rows = self._guided_rows(batch)
         if rows.numel() == 0:
             return None
-        far = far_from_guides(fed[rows], no_guide)
+        no_guide = self.layout.guide.no_guide_value
+        far = far_from_guides(batch["data"][:, guides][rows], no_guide)
         stats = automatic_norm_statistics(self.network)
         if stats is not None:  # no copy of the samples, no pass here
             return rows, lambda: stats.automatic_output(rows).float(), far
@@ -348,12 +346,17 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
         rows the network's automatic statistics take) and a callable returning their automatic
         output, every deep-supervision scale with its graph, from the training step's own forward
         pass (which computes it to record their statistics); None when no sample has a guide."""
-        guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
-        rows = samples_with_guides(batch["data"][:, guides], self.layout.guide.no_guide_value)
+        rows = self._guided_rows(batch)[1]
         if rows.numel() == 0:
             return None
         stats = automatic_norm_statistics(self.network)
         return rows, lambda: stats.automatic_prediction(rows)
+
+    def _guided_rows(self, batch: dict) -> Tuple[slice, torch.Tensor]:
+        """The guide channels of a :meth:`guided_batch`'s ``data`` and the samples whose guides hold
+        a guide anywhere (the rule the network's automatic statistics use to pick their samples)."""
+        guides = slice(self.layout.guide_channel_indices[0], self.layout.guide_channel_indices[-1] + 1)
+        return guides, samples_with_guides(batch["data"][:, guides], self.layout.guide.no_guide_value)
 
     def validation_step(self, batch: dict) -> dict:
         return super().validation_step(self.guided_batch(batch))
