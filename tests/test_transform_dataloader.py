@@ -246,11 +246,17 @@ class SplitsSelection(nnUNetTrainerGuideAlways):
 
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
-def test_objects_labelled_in_the_loader_clicks_chosen_on_the_device(nnunet_paths, configuration, one_torch_thread):
+def test_objects_labelled_in_the_loader_clicks_chosen_on_the_device(nnunet_paths, configuration, one_torch_thread,
+                                                                    monkeypatch):
     """click_selection 'split': the loader ships the guided classes' objects as one int16 map
     (labelled from the augmented label map, as the loader's own choice labels them), the step
-    chooses the clicks from it; nnU-Net's target reaches the loss without it."""
+    chooses the clicks from it without labelling again; nnU-Net's target reaches the loss without it."""
+    from nnunet_guide.core import device_clicks
     from nnunet_guide.core.clicks import label_objects
+
+    def no_labelling(*args, **kwargs):
+        raise AssertionError("the step labelled the objects the loader shipped")
+    monkeypatch.setattr(device_clicks, "label_components", no_labelling)
     tr = make_trainer(SplitsSelection, nnunet_paths, configuration)
     tr.initialize()
     assert tr.selects_clicks_on_device and tr.labels_objects_in_loader
