@@ -16,9 +16,9 @@ Two transforms, because nnU-Net's loader collates only ``image`` and ``segmentat
   processes and pin-memory thread unchanged. The trainer takes them off again before the loss
   sees the target (:meth:`nnunet_guide.trainers.guide.nnUNetTrainerGuide.guided_batch`).
 
-With ``click_selection = "split"`` the loader only labels the objects: :class:`LabelObjectsTransform`
-takes the place of :class:`SimulateClicksTransform` and ships one int16 object map per sample the
-same way, and the step chooses the clicks from it.
+With ``click_selection = "split"`` the loader only drops guides and labels the objects:
+:class:`LabelObjectsTransform` takes the place of :class:`SimulateClicksTransform` and ships one
+int16 object map per sample the same way, and the step chooses the clicks from it.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
 
-from .core.clicks import object_map, sample_training_clicks
+from .core.clicks import DROPPED_OBJECTS, object_map, sample_training_clicks
 from .core.encoding import pack_clicks
 from .settings import GuideSettings, GuideSettingsError
 
@@ -91,30 +91,43 @@ class LabelObjectsTransform(BasicTransform):
     """The objects of the guided classes of ``segmentation[seg_channel]``, as one (1, *spatial)
     int16 map (:func:`nnunet_guide.core.clicks.object_map`) under ``guide_objects``: the labelling
     half of :class:`SimulateClicksTransform`, for trainers that choose the clicks themselves on
-    the training device from these objects (``click_selection = "split"``). Deterministic.
+    the training device from these objects (``click_selection = "split"``).
+
+    The sample's guides are dropped here, with probability ``p_drop`` (numpy's global generator,
+    seeded per worker by nnU-Net's augmenter, as in :class:`SimulateClicksTransform`): a dropped
+    sample is not labelled (half the labelling at nnU-Net's default of ``p_drop`` 0.5), and its map
+    is :data:`nnunet_guide.core.clicks.DROPPED_OBJECTS` everywhere, so the step gives it no click.
 
     Args:
         targets: per guided class, its label value(s) (in layout order; disjoint).
         connectivity: as ``GuideSettings.connectivity``.
         ignore_label: never part of an object.
         seg_channel: which segmentation channel holds the label map.
+        p_drop: as ``GuideSettings.p_drop``.
     """
 
     def __init__(self, targets: Sequence[Tuple[int, ...]], connectivity: int = 2, ignore_label: Optional[int] = None,
-                 seg_channel: int = 0):
+                 seg_channel: int = 0, p_drop: float = 0.0):
         super().__init__()
         self.targets = [tuple(int(v) for v in t) for t in targets]
         self.connectivity = int(connectivity)
         self.ignore_label = ignore_label
         self.seg_channel = seg_channel
+        self.p_drop = float(p_drop)
+
+    def get_parameters(self, **data_dict) -> dict:
+        return {"dropped": bool(self.p_drop > 0 and np.random.uniform() < self.p_drop)}
 
     def apply(self, data_dict, **params):
         seg = data_dict["segmentation"][self.seg_channel]
         seg = seg.numpy() if isinstance(seg, torch.Tensor) else np.asarray(seg)
-        try:
-            objects = object_map(seg, self.targets, self.connectivity, self.ignore_label)
-        except ValueError as e:
-            raise GuideSettingsError(str(e)) from e
+        if params["dropped"]:
+            objects = np.full(seg.shape, DROPPED_OBJECTS, np.int16)
+        else:
+            try:
+                objects = object_map(seg, self.targets, self.connectivity, self.ignore_label)
+            except ValueError as e:
+                raise GuideSettingsError(str(e)) from e
         data_dict[OBJECTS_KEY] = torch.from_numpy(objects)[None]
         return data_dict
 

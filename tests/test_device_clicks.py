@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_guide.core.clicks import MAX_MAPPED_OBJECTS, label_objects, object_map, robust_center_mask
+from nnunet_guide.core.clicks import (DROPPED_OBJECTS, MAX_MAPPED_OBJECTS, label_objects, object_map,
+                                      robust_center_mask)
 from nnunet_guide.core.device_clicks import label_components, select_training_clicks
 from nnunet_guide.core.encoding import click_counts, unpack_clicks
 from nnunet_guide.settings import GuideSettings
@@ -68,6 +69,52 @@ def test_object_map_numbers_each_class_objects_apart():
     with pytest.raises(ValueError, match=f"more than the {MAX_MAPPED_OBJECTS}"):
         checker = np.indices((1, 200, 400)).sum(0) % 2 == 0  # 40000 one-voxel objects at connectivity 1
         object_map(checker.astype(np.int16), [(1,)], connectivity=1)
+
+
+@pytest.mark.parametrize("shape", [(14, 30, 26), (40, 36)])
+@pytest.mark.parametrize("connectivity", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8])
+def test_a_map_of_guided_classes_only_is_labelled_as_it_is(shape, connectivity, dtype, monkeypatch):
+    """Every non-zero value a guided class (nnU-Net's default): cc3d labels the label map itself,
+    with no class mask, and the objects are those of the general path (each class as scipy labels
+    it, ids apart across classes, 0 on the background)."""
+    from nnunet_guide.core import clicks
+    rng = np.random.default_rng(connectivity)
+    seg = rng.choice(3, size=shape, p=[0.5, 0.3, 0.2]).astype(dtype)
+    general = {tuple(t): object_map(seg, t, connectivity, ignore_label=9) for t in ([(1,), (2,)], [(2,), (1,)])}
+
+    def no_masks(*args, **kwargs):
+        raise AssertionError("a class mask was built")
+    monkeypatch.setattr(clicks, "target_mask", no_masks)
+    for targets in ([(1,), (2,)], [(2,), (1,)]):
+        m = object_map(seg, targets, connectivity, ignore_label=9)   # 9 is absent: as it is
+        assert m.dtype == np.int16 and m.shape == seg.shape and m.min() >= 0
+        assert same_partition(m, general[tuple(targets)])
+        for (label,) in targets:
+            mask = seg == label
+            assert same_partition(np.where(mask, m, 0), label_objects(mask, connectivity)[0])
+        assert not (set(np.unique(m[seg == 1])) & set(np.unique(m[seg == 2])))
+        assert not m[seg == 0].any()
+    # a value that is not a guided class, a present ignore label or a negative value: the general path
+    for other, targets, ignore in ((seg, [(2,)], None), (np.where(seg == 2, 9, seg).astype(dtype), [(1,)], 9),
+                                   (seg.astype(np.int16) - (seg == 0), [(1,), (2,)], None)):
+        with pytest.raises(AssertionError, match="a class mask was built"):
+            object_map(other, targets, connectivity, ignore_label=ignore)
+
+
+def test_a_sample_dropped_in_the_loader_gets_no_click_and_the_others_are_not_dropped_again():
+    """click_selection 'split': with the loader's object maps the step draws no drop coin; a map
+    that is DROPPED_OBJECTS everywhere gives its sample no click."""
+    seg = constructed_batch()
+    objects = np.stack([object_map(s_, [(1,), (2,)], 2, 9) for s_ in seg])
+    objects[1] = DROPPED_OBJECTS
+    s = GuideSettings(p_drop=0.99, p_negative=1.0, max_object_clicks=1)   # the step's own coin would drop nearly all
+    for seed in range(10):
+        packed = select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], s, torch.Generator().manual_seed(seed),
+                                        ignore_label=9, objects=torch.from_numpy(objects))
+        counts = click_counts(packed)
+        assert counts[1] == 0 and counts[0] >= 2   # an object of each class, and negatives
+        assert {c.target for c in unpack_clicks(packed[0]) if c.positive} == {0, 1}
 
 
 @pytest.mark.parametrize("labelled_in_loader", [False, True])

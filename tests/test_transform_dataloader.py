@@ -61,14 +61,50 @@ def test_batches_carry_guides_aligned_with_the_augmented_labels(nnunet_paths, co
     assert val["data"].shape[1] == 5
 
 
-def test_dropped_guides_are_no_guide(nnunet_paths):
-    tr = make_trainer(NeverGuided, nnunet_paths)
+class NeverGuidedSplit(NeverGuided):
+    click_selection = "split"
+
+
+@pytest.mark.parametrize("trainer", [NeverGuided, NeverGuidedSplit])
+def test_dropped_guides_are_no_guide(nnunet_paths, trainer):
+    """Guides dropped in the loader: no click shipped, or ("split") a map the loader did not
+    label, and no guide rendered."""
+    from nnunet_guide.core.clicks import DROPPED_OBJECTS
+    tr = make_trainer(trainer, nnunet_paths)
     tr.initialize()
     dl_tr, _ = tr.get_dataloaders()
     batch = next(dl_tr)
-    assert torch.all(click_counts(batch["target"][-1]) == 0)
-    data = tr.guided_batch(batch)["data"]
-    assert torch.all(data[:, 1:] == 0)
+    if tr.labels_objects_in_loader:
+        assert torch.all(batch["target"][-1] == DROPPED_OBJECTS)
+    else:
+        assert torch.all(click_counts(batch["target"][-1]) == 0)
+    guided = tr.guided_batch(batch)
+    assert torch.all(click_counts(guided["clicks"]) == 0)
+    assert torch.all(guided["data"][:, 1:] == 0)
+
+
+def test_the_object_transform_drops_guides_with_p_drop():
+    """LabelObjectsTransform draws the drop coin from numpy's global generator (seeded per worker
+    by nnU-Net): about p_drop of the samples get the DROPPED_OBJECTS map, the rest their objects."""
+    from nnunet_guide.core.clicks import DROPPED_OBJECTS, object_map
+    seg = np.zeros((1, 6, 20, 20), np.int16)
+    seg[0, 1:3, 2:6, 2:6] = 1
+    seg[0, 3:5, 10:16, 10:12] = 2
+    seg[0, 0, 18:, 18:] = 1
+    want = object_map(seg[0], [(1,), (2,)])
+    np.random.seed(0)
+    t = LabelObjectsTransform([(1,), (2,)], p_drop=0.5)
+    dropped = 0
+    for _ in range(200):
+        m = t(**{"segmentation": torch.from_numpy(seg)})["guide_objects"][0].numpy()
+        if (m == DROPPED_OBJECTS).all():
+            dropped += 1
+        else:
+            np.testing.assert_array_equal(m, want)
+    assert 70 < dropped < 130
+    state = np.random.get_state()[1].copy()
+    LabelObjectsTransform([(1,), (2,)])(**{"segmentation": torch.from_numpy(seg)})   # p_drop 0: no coin drawn
+    np.testing.assert_array_equal(np.random.get_state()[1], state)
 
 
 def test_transform_sits_before_label_consumers(nnunet_paths):

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .clicks import MAD_TO_SIGMA
+from .clicks import DROPPED_OBJECTS, MAD_TO_SIGMA
 from .encoding import CLICK_KINDS, _TARGET, packed_width
 
 DEVICE_POLICIES = ("center", "random")
@@ -132,7 +132,9 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
         spacing: mm per axis (default 1): the rays of near-boundary negatives are in mm.
         objects: the guided classes' objects, labelled already (B, *spatial) on ``seg``'s device,
             numbered as :func:`nnunet_guide.core.clicks.object_map` numbers them (the data loader's
-            ``click_selection = "split"``); None: labelled here (:func:`label_components`).
+            ``click_selection = "split"``); None: labelled here (:func:`label_components`). With
+            ``objects`` the loader dropped the guides already (``p_drop``): a sample whose map is
+            :data:`nnunet_guide.core.clicks.DROPPED_OBJECTS` gets no click, the others all get theirs.
     Returns:
         packed clicks (B, K, 3 + 2 * ndim) on the CPU, as :func:`nnunet_guide.core.encoding.pack_click_batch`.
     """
@@ -147,7 +149,10 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
     def rand(*size):
         return torch.rand(size, generator=gen, device=device)
 
-    guided = rand(B) >= settings.p_drop
+    if objects is None:
+        guided = rand(B) >= settings.p_drop
+    else:  # dropped in the loader: the map of a dropped sample is DROPPED_OBJECTS everywhere
+        guided = objects.reshape(B, -1)[:, 0] != DROPPED_OBJECTS
     valid = torch.ones_like(seg, dtype=torch.bool) if ignore_label is None else seg != ignore_label
     sample_view = (B,) + (1,) * ndim
     rows = []  # (n, F) float tensors on the device, with the sample index in front

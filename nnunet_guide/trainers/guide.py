@@ -207,8 +207,8 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     def _with_guides(self, composed):
         targets = [t.labels for t in self.layout.targets]
         if self.labels_objects_in_loader:
-            guide, key = LabelObjectsTransform(targets, self.layout.guide.connectivity,
-                                               self.label_manager.ignore_label), OBJECTS_KEY
+            guide, key = LabelObjectsTransform(targets, self.layout.guide.connectivity, self.label_manager.ignore_label,
+                                               p_drop=self.layout.guide.p_drop), OBJECTS_KEY
         elif self.selects_clicks_on_device:
             return composed  # the loader stays plain nnU-Net's
         else:
