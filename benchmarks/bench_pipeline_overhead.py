@@ -17,12 +17,13 @@ machine noise hits both sides:
    batch's cost varies with its draws far more than with guides), nnUNetTrainerGuide vs nnUNetTrainer, for
    the three places of click selection (``click_selection``): ``loader`` (clicks chosen in the
    loader, shipped as coordinates; the share spent choosing them is printed), ``device`` (the
-   loader is plain nnU-Net's) and ``split`` (the loader labels the objects and ships them as one
-   int16 map, the step chooses the clicks). Guides are never rendered in the loader.
+   loader is plain nnU-Net's) and ``split`` (the loader drops guides, labels the kept samples'
+   objects and ships them as one int16 map, the step chooses the clicks). Guides are never rendered in the loader.
 2. **step**: ms per training step on ``--device`` (clicks chosen there for ``device``, guides
    (or from the loader's objects for ``split``) rendered, forward with the extra input channels,
-   loss, backward, optimizer step), guide vs
-   plain, and the full iteration (loader + step) ratio.
+   loss, backward, optimizer step), guide vs plain, the full iteration (loader + step) ratio, and
+   the torch operations each guide path dispatches per batch before the network (a GPU launches
+   each one: what a launch-bound step pays, counted on any device).
 3. **correction**: one correction round (forward of the chosen samples, simulated user, guides
    re-rendered) against one forward pass of the same samples, with every sample chosen, for each
    correction user (``GuideSettings.correction_user``): ``densest_error`` (the default, on
@@ -87,6 +88,16 @@ class _Timed:
         out = self.inner(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def torch_operations(fn):
+    """Top-level aten operations that ``fn`` dispatches (torch profiler): on a GPU each is at least
+    one kernel launch from Python, so this counts what a launch-bound step pays for, on any device."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::")
+               and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def seed_everything(seed):
@@ -213,6 +224,10 @@ def measure(pp, args, device):
                        ("guide/split", "choosing from the objects + rendering")):
         print(f"train step, {name + ':':22s} {step[name] * 1000:8.1f} ms/step ({what} on {device.type} "
               f"{prep[name] * 1000:.2f} ms)")
+    ops = {name: torch_operations(lambda: [trainers[name].guided_batch(b) for b in batches[name]]) / len(batches[name])
+           for name in guides}
+    print("torch operations per batch before the network (what a GPU launches one by one): "
+          + ", ".join(f"{name} {ops[name]:.0f}" for name in guides))
     for name in guides:
         print(f"RATIO train step {name}/plain: {step[name] / step['plain']:.3f}")
         print(f"RATIO full iteration {name}/plain (single-threaded loader + step): "

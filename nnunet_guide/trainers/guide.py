@@ -155,9 +155,10 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     #: the training device; the loader stays plain nnU-Net's). Measured on an H100
     #: (benchmarks/bench_pipeline_overhead.py): choosing on the device costs 8-19 ms of every step,
     #: in the loader 1.5-5 ms of one worker's batch, so "loader" is the default; "device" suits
-    #: machines with few CPU cores per GPU. "split": the loader labels the guided classes' objects
-    #: (cc3d, the cheap half of choosing) and ships them as one int16 map, and the step chooses the
-    #: clicks from them with the device's torch code (no labelling there). Region-based datasets,
+    #: machines with few CPU cores per GPU. "split": the loader drops guides and labels the guided
+    #: classes' objects of the samples it keeps (cc3d, the cheap half of choosing) and ships them as
+    #: one int16 map, and the step chooses the clicks from them with the device's torch code (no
+    #: labelling there; about 700 small torch operations per batch). Region-based datasets,
     #: the "interior" click policy and simulated boxes/scribbles need "loader".
     click_selection: str = "loader"
 
