@@ -147,6 +147,32 @@ def test_positive_clicks_sit_at_the_robust_centres_of_the_objects(labelled_in_lo
     assert len(counts) == 5  # over 20 draws, every object got clicked at some point
 
 
+@pytest.mark.parametrize("labelled_in_loader", [False, True])
+def test_each_sample_and_class_clicks_a_uniform_number_of_its_objects(labelled_in_loader):
+    """k ~ U{1..n} per sample and class, drawn apart for every (sample, class) of the batch."""
+    seg = np.zeros((2, 6, 24, 24), np.int16)
+    for i in range(4):
+        seg[0, 1:4, 2 + 5 * i:5 + 5 * i, 2:6] = 1       # sample 0: four class-1 objects
+    seg[0, 1:4, 2:8, 12:20] = 2                          # and one class-2 object
+    seg[1, 1:4, 2:6, 2:6] = 1                            # sample 1: two class-1 objects
+    seg[1, 1:4, 12:16, 12:16] = 1
+    objects = torch.from_numpy(np.stack([object_map(s_, [(1,), (2,)]) for s_ in seg])) if labelled_in_loader else None
+    s = GuideSettings(p_drop=0.0, perturb_center=False, p_negative=0.0, max_object_clicks=1)
+    hist = {(0, 0): np.zeros(5, int), (0, 1): np.zeros(5, int), (1, 0): np.zeros(5, int)}
+    for seed in range(400):
+        packed = select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], s, torch.Generator().manual_seed(seed),
+                                        capacity=8, objects=objects)
+        for b in range(2):
+            clicks = unpack_clicks(packed[b])
+            for t in (0, 1):
+                if (b, t) in hist:
+                    hist[(b, t)][len({c.position for c in clicks if c.target == t})] += 1
+            assert b == 0 or not any(c.target == 1 for c in clicks)
+    assert all(60 < n < 140 for n in hist[(0, 0)][1:5])      # uniform over 1..4
+    assert hist[(0, 1)][1] == 400                            # the one object, always
+    assert all(160 < n < 240 for n in hist[(1, 0)][1:3]) and hist[(1, 0)][3:].sum() == 0
+
+
 def test_an_object_map_that_disagrees_with_the_label_map_is_refused():
     seg = constructed_batch()
     objects = torch.from_numpy(np.stack([object_map(s_, [(1,)], 2, 9) for s_ in seg]))  # class 1 only

@@ -155,63 +155,11 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
         guided = objects.reshape(B, -1)[:, 0] != DROPPED_OBJECTS
     valid = torch.ones_like(seg, dtype=torch.bool) if ignore_label is None else seg != ignore_label
     sample_view = (B,) + (1,) * ndim
-    rows = []  # (n, F) float tensors on the device, with the sample index in front
-    shape_t = torch.tensor(shape, device=device, dtype=torch.float32)
-    for t, labels in enumerate(targets):
-        mask = torch.isin(seg, torch.tensor(list(labels), device=device, dtype=seg.dtype)) & valid
-        mask &= guided.view(sample_view)
-        coords = torch.nonzero(mask)  # (V, 1 + ndim): sample, then voxel index per axis
-        if coords.shape[0]:
-            if objects is None:
-                comp = label_components(mask, settings.connectivity)[mask]
-            else:  # the loader's numbers, made unique across the batch
-                comp = objects[mask].long()
-                if bool((comp <= 0).any()):
-                    raise RuntimeError(f"guided class {t}: the object map holds no object at a voxel of the class; "
-                                       f"it was not labelled from this label map")
-                comp = comp + coords[:, 0] * (1 << 16)
-            ids, inverse = torch.unique(comp, return_inverse=True)
-            n_comp = ids.numel()
-            comp_sample = torch.zeros(n_comp, dtype=torch.long, device=device).scatter_(0, inverse, coords[:, 0])
-            per_sample = torch.bincount(comp_sample, minlength=B)
-            k = torch.floor(rand(B) * per_sample).long() + 1  # k ~ U{1..n} per sample
-            # a uniformly random subset of k objects: rank the sample's objects by a random key
-            order = torch.argsort(comp_sample.double() * 2 + rand(n_comp).double())
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(n_comp, device=device)
-            first = torch.cumsum(per_sample, 0) - per_sample
-            chosen = (rank - first[comp_sample]) < k[comp_sample]
-            keep = chosen[inverse]
-            vc, vcomp = coords[keep], inverse[keep]
-            remap = torch.full((n_comp,), -1, dtype=torch.long, device=device)
-            remap[chosen] = torch.arange(int(chosen.sum()), device=device)
-            vcomp = remap[vcomp]
-            n_sel = int(chosen.sum())
-            sel_sample = comp_sample[chosen]
-            pos = torch.empty((n_sel, ndim), device=device)
-            raw_sigma = torch.empty((n_sel, ndim), device=device)
-            for a in range(ndim):
-                c = vc[:, 1 + a].float()
-                med = _segment_median(c, vcomp, n_sel, shape[a])
-                pos[:, a] = med
-                raw_sigma[:, a] = MAD_TO_SIGMA * _segment_median((c - med[vcomp]).abs(), vcomp, n_sel, shape[a])
-            sigma = raw_sigma.clamp_min(settings.min_object_sigma)
-            if settings.click_policy == "center" and settings.perturb_center:
-                pos = pos + raw_sigma.clamp_min(0.5) * (rand(n_sel, ndim) * 0.4 - 0.2)
-                factor = torch.exp((rand(n_sel, ndim) * 2 - 1) * math.log(1.4))
-                sigma = (sigma * factor).clamp_min(settings.min_object_sigma)
-            elif settings.click_policy == "random":
-                pos = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
-            pos = torch.minimum(pos.clamp_min(0), shape_t - 1)
-            rows.append(_rows(sel_sample, t, True, pos, sigma))
-            extra_max = int(getattr(settings, "max_object_clicks", 1))
-            if extra_max > 1:  # U{0..max-1} more clicks per object, at uniform voxels of it
-                n_extra = torch.floor(rand(n_sel) * extra_max).long()
-                for r in range(1, extra_max):
-                    more = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
-                    keep_r = n_extra >= r
-                    rows.append(_rows(sel_sample[keep_r], t, True, more[keep_r], sigma[keep_r]))
-        if settings.negatives and settings.max_negative_clicks > 0:
+    masks = [torch.isin(seg, torch.tensor(list(labels), device=device, dtype=seg.dtype)) & valid
+             & guided.view(sample_view) for labels in targets]
+    rows = _positive_rows(masks, settings, rand, objects, shape)  # (n, F) float tensors, the sample index in front
+    if settings.negatives and settings.max_negative_clicks > 0:
+        for t, mask in enumerate(masks):
             rows += _negative_rows(seg, mask, valid, guided, t, settings, rand, spacing)
     K = capacity
     if not rows:
@@ -233,6 +181,77 @@ def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], 
     return out
 
 
+def _positive_rows(masks, settings, rand, objects, shape):
+    """The positive clicks of every guided class at once (few, large operations: a GPU pays per
+    launch). Per sample and class with objects, k ~ U{1..n} of its n objects, each with its robust
+    centre (medians and MADs of all axes and objects from two segment sorts), perturbed for the
+    ``center`` policy or replaced by a uniform object voxel for ``random``, and U{0..max-1} more
+    clicks at uniform voxels of it. ``masks``: per class, its guided voxels (B, *spatial)."""
+    B, ndim, C = masks[0].shape[0], len(shape), len(masks)
+    device = masks[0].device
+    # every class voxel with its object id; ids unique per (sample, class) group within ``span``
+    span = (1 << 16) if objects is not None else masks[0].numel() + 1
+    coords, comp, cls = [], [], []
+    for t, mask in enumerate(masks):
+        coords.append(torch.nonzero(mask))  # (V, 1 + ndim): sample, then voxel index per axis
+        if objects is None:
+            comp.append(label_components(mask, settings.connectivity)[mask])
+        else:  # the loader's numbers
+            ids = objects[mask].long()
+            if bool((ids <= 0).any()):
+                raise RuntimeError(f"guided class {t}: the object map holds no object at a voxel of the class; "
+                                   f"it was not labelled from this label map")
+            comp.append(ids)
+        cls.append(torch.full_like(comp[-1], t))
+    coords = torch.cat(coords)
+    if not coords.shape[0]:
+        return []
+    key = (coords[:, 0] * C + torch.cat(cls)) * span + torch.cat(comp)
+    keys, inverse = torch.unique(key, return_inverse=True)
+    n_comp = keys.numel()
+    comp_group = keys // span  # (sample, class) of each object: sample * C + class
+    per_group = torch.bincount(comp_group, minlength=B * C)
+    k = torch.floor(rand(B * C) * per_group).long() + 1  # k ~ U{1..n} per sample and class
+    # a uniformly random subset of k objects: rank the group's objects by a random key
+    order = torch.argsort(comp_group.double() * 2 + rand(n_comp).double())
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n_comp, device=device)
+    first = torch.cumsum(per_group, 0) - per_group
+    chosen = (rank - first[comp_group]) < k[comp_group]
+    keep = chosen[inverse]
+    vc = coords[keep]
+    remap = torch.full((n_comp,), -1, dtype=torch.long, device=device)
+    n_sel = int(chosen.sum())
+    remap[chosen] = torch.arange(n_sel, device=device)
+    vcomp = remap[inverse[keep]]
+    sel_group = comp_group[chosen]
+    sel_sample, sel_class = sel_group // C, sel_group % C
+    # robust centre and sigma of every chosen object and axis: segment (axis, object) medians
+    values = vc[:, 1:].t().float().reshape(-1)  # axis-major
+    segment = (torch.arange(ndim, device=device)[:, None] * n_sel + vcomp[None]).reshape(-1)
+    med = _segment_median(values, segment, ndim * n_sel, max(shape))
+    mad = _segment_median((values - med[segment]).abs(), segment, ndim * n_sel, max(shape))
+    pos, raw_sigma = med.view(ndim, n_sel).t(), MAD_TO_SIGMA * mad.view(ndim, n_sel).t()
+    sigma = raw_sigma.clamp_min(settings.min_object_sigma)
+    if settings.click_policy == "center" and settings.perturb_center:
+        pos = pos + raw_sigma.clamp_min(0.5) * (rand(n_sel, ndim) * 0.4 - 0.2)
+        factor = torch.exp((rand(n_sel, ndim) * 2 - 1) * math.log(1.4))
+        sigma = (sigma * factor).clamp_min(settings.min_object_sigma)
+    elif settings.click_policy == "random":
+        pos = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
+    shape_t = torch.tensor(shape, device=device, dtype=torch.float32)
+    pos = torch.minimum(pos.clamp_min(0), shape_t - 1)
+    rows = [_rows(sel_sample, sel_class, True, pos, sigma)]
+    extra_max = int(getattr(settings, "max_object_clicks", 1))
+    if extra_max > 1:  # U{0..max-1} more clicks per object, at uniform voxels of it
+        n_extra = torch.floor(rand(n_sel) * extra_max).long()
+        for r in range(1, extra_max):
+            more = _uniform_object_voxels(vc, vcomp, n_sel, pos, rand)
+            keep_r = n_extra >= r
+            rows.append(_rows(sel_sample[keep_r], sel_class[keep_r], True, more[keep_r], sigma[keep_r]))
+    return rows
+
+
 def _uniform_object_voxels(vc, vcomp, n_sel, pos, rand):
     """A uniform voxel of each selected object (the voxel with the largest random key); ``pos``
     (n_sel, ndim) gives the shape and stays unchanged."""
@@ -244,9 +263,11 @@ def _uniform_object_voxels(vc, vcomp, n_sel, pos, rand):
     return out
 
 
-def _rows(sample: torch.Tensor, target: int, positive: bool, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def _rows(sample: torch.Tensor, target, positive: bool, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Click rows (sample, target, sign, kind, position, sigma); ``target`` one class for all rows or one per row."""
     n = sample.numel()
-    head = torch.stack((sample.float(), torch.full((n,), float(target), device=pos.device),
+    target = target.float() if torch.is_tensor(target) else torch.full((n,), float(target), device=pos.device)
+    head = torch.stack((sample.float(), target,
                         torch.full((n,), 1.0 if positive else 0.0, device=pos.device),
                         torch.full((n,), float(CLICK_KINDS.index("point")), device=pos.device)), 1)
     return torch.cat((head, pos.float(), sigma.float()), 1)
