@@ -15,7 +15,8 @@ density and texture channels too, on a copy of the study's plans with histograms
 ``nnUNetv2_guide_plan`` writes when it is missing; with ``"density": "fold"`` every fold gets its
 own copy, planned from that fold's training cases only (``--fold``), so its held-out cases are not
 in the histograms. All jobs share the schedule (``--epochs`` x
-``--iters``). Per job and fold it uses:
+``--iters``). A job's ``"click_selection"`` sets where training clicks are chosen
+(``nnUNetTrainerGuide.click_selection``). Per job and fold it uses:
 
 - nnU-Net's own validation of the fold (``validation/summary.json``, 0 clicks) and the guide
   trainer's guided validation (``validation_guided/summary.json``, one click per object): automatic
@@ -183,7 +184,7 @@ class Study:
 
     def env(self, job: dict, rep: int = 0) -> Dict[str, str]:
         from nnunet_guide.paths import trainer_search_path
-        options = {k: job[k] for k in ("oversample",) if k in job}
+        options = {k: job[k] for k in ("oversample", "click_selection") if k in job}
         if not job.get("plain"):
             options["settings"] = {**self.spec.get("base", {}), **job.get("settings", {})}
         return {**os.environ, "nnUNet_raw": os.path.join(self.root, "nnUNet_raw"),

@@ -145,3 +145,23 @@ def test_automatic_dice_against_plain_is_paired_by_fold_over_repeats(tmp_path):
         ("plain", "1", 0, 0), ("plain", "1", 0, 1), ("plain", "1", 1, 0),
         ("g", "1", 0, 0), ("g", "1", 0, 1), ("g", "1", 1, 0)]
     assert any(ln.startswith("| g | 1 | 3 | 0.740 +- ") for ln in lines)
+
+
+def test_a_job_chooses_where_training_clicks_are_chosen(nnunet_paths, monkeypatch):
+    """A job's ``click_selection`` reaches the study trainer through $NNUNET_GUIDE_STUDY; an unknown
+    place is refused by name."""
+    from types import SimpleNamespace
+    from helpers import make_trainer
+    from nnunet_guide.settings import GuideSettingsError
+    from nnunet_guide.trainers.study import STUDY_ENV, nnUNetTrainerGuideStudy, study_options
+    study = SimpleNamespace(spec={"base": {"max_object_clicks": 1}}, root="r", out="o", run_name=click_study.Study.run_name,
+                            a=SimpleNamespace(da_workers=0, epochs=1, iters=1, val_iters=1, save_every=0))
+    env = click_study.Study.env(study, {"name": "s", "settings": {"p_drop": 0.3}, "click_selection": "split"})
+    assert json.loads(env[STUDY_ENV]) == {"click_selection": "split",
+                                          "settings": {"max_object_clicks": 1, "p_drop": 0.3}}
+    monkeypatch.setenv(STUDY_ENV, env[STUDY_ENV])
+    tr = make_trainer(nnUNetTrainerGuideStudy, nnunet_paths["preprocessed"], "nnUNetPlans_small")
+    assert tr.click_selection == "split" and tr.guide_settings.p_drop == 0.3
+    monkeypatch.setenv(STUDY_ENV, json.dumps({"click_selection": "gpu"}))
+    with pytest.raises(GuideSettingsError, match="'click_selection' must be one of loader, device, split, got 'gpu'"):
+        study_options()

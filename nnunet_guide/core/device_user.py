@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .device_clicks import _unravel
+from .device_clicks import _class_mask, _unravel
 from .encoding import guide_reach_mm, _KIND, _POS, _POSITIVE, _TARGET, CLICK_KINDS, packed_width
 
 SCALES = (0.5, 1.0, 2.0, 4.0)  # the boxes' sides, in units of the guide's reach
@@ -89,13 +89,6 @@ def error_scores(errors: torch.Tensor, spacing: Sequence[float], reach_mm: float
         widths = box_widths(k * reach_mm, spacing)
         score += box_sums(errors, widths).double() * (k ** 2 / math.prod(widths))
     return torch.where(errors, score, torch.full((), -1.0, dtype=torch.float64, device=errors.device))
-
-
-def _class_mask(seg: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
-    labels = [int(v) for v in labels]
-    if len(labels) == 1:
-        return seg == labels[0]
-    return torch.isin(seg, torch.as_tensor(labels, device=seg.device))
 
 
 def densest_error_clicks(prediction: torch.Tensor, reference: torch.Tensor, targets: Sequence[Sequence[int]],

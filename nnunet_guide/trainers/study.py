@@ -5,7 +5,8 @@ folder keeps the settings (``guide_settings.json``, ``plans.json``), but the nam
 
 Environment:
     NNUNET_GUIDE_STUDY: JSON object, optional keys ``settings`` (``GuideSettings`` fields, checked
-        strictly), ``oversample`` (nnU-Net's ``oversample_foreground_percent``).
+        strictly), ``oversample`` (nnU-Net's ``oversample_foreground_percent``), ``click_selection``
+        (``nnUNetTrainerGuide.click_selection``: where training clicks are chosen).
     NNUNET_GUIDE_SAVE_EVERY: also save ``checkpoint_epoch{N}.pth`` every N epochs (click gain
         against training length).
     NNUNET_GUIDE_EPOCHS / _ITERS / _VAL_ITERS: the short schedule (``ShortSchedule``).
@@ -21,7 +22,7 @@ import torch
 
 from ..settings import GuideSettings, GuideSettingsError
 from .density import DensityChannels
-from .guide import nnUNetTrainerGuide
+from .guide import CLICK_SELECTIONS, nnUNetTrainerGuide
 from .short import ShortSchedule, nnUNetTrainerShort
 
 STUDY_ENV = "NNUNET_GUIDE_STUDY"
@@ -34,9 +35,12 @@ def study_options() -> dict:
         options = json.loads(text)
     except json.JSONDecodeError as e:
         raise GuideSettingsError(f"${STUDY_ENV} is not valid JSON ({e}): {text[:200]!r}") from e
-    if not isinstance(options, dict) or set(options) - {"settings", "oversample"}:
-        raise GuideSettingsError(f"${STUDY_ENV} must be a JSON object with keys 'settings' and/or 'oversample', "
-                                 f"got {text[:200]!r}")
+    if not isinstance(options, dict) or set(options) - {"settings", "oversample", "click_selection"}:
+        raise GuideSettingsError(f"${STUDY_ENV} must be a JSON object with keys 'settings', 'oversample' and/or "
+                                 f"'click_selection', got {text[:200]!r}")
+    if "click_selection" in options and options["click_selection"] not in CLICK_SELECTIONS:
+        raise GuideSettingsError(f"${STUDY_ENV}: 'click_selection' must be one of {', '.join(CLICK_SELECTIONS)}, "
+                                 f"got {options['click_selection']!r}")
     return options
 
 
@@ -69,6 +73,7 @@ class nnUNetTrainerGuideStudy(_StudyCheckpoints, ShortSchedule, nnUNetTrainerGui
                                                       field_prefix="settings.")
         super().__init__(plans, configuration, fold, dataset_json, device)
         _apply_oversampling(self, options)
+        self.click_selection = options.get("click_selection", self.click_selection)
 
 
 class nnUNetTrainerStudy(_StudyCheckpoints, nnUNetTrainerShort):
