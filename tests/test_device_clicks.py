@@ -271,3 +271,16 @@ def test_too_many_clicks_for_the_rows_is_a_clear_error():
         for seed in range(20):
             select_training_clicks(torch.from_numpy(seg), [(1,), (2,)], GuideSettings(p_drop=0.0),
                                    torch.Generator().manual_seed(seed), capacity=1)
+
+
+@pytest.mark.parametrize("scale", [12, 100_000])   # a small histogram, and one too large: the sort
+def test_segment_medians_are_numpys(scale):
+    """Per-segment medians (numpy's convention: the mean of the two middle values) of integers and
+    half-integers, from the half-unit histogram and from the sort, whichever the size picks."""
+    from nnunet_guide.core.device_clicks import _segment_median
+    rng = np.random.default_rng(scale)
+    segment = rng.permutation(np.repeat(np.arange(40), rng.integers(1, 30, 40)))   # in no order
+    values = rng.integers(0, 24, segment.size) / 2.0           # 0 .. 11.5 in half units
+    got = _segment_median(torch.from_numpy(values).float(), torch.from_numpy(segment), 40, scale)
+    want = [np.median(values[segment == s]) for s in range(40)]
+    np.testing.assert_array_equal(got.numpy(), np.array(want, np.float32))

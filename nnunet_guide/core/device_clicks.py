@@ -199,7 +199,7 @@ def _class_mask(seg: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
 def _positive_rows(masks, settings, rand, objects, shape):
     """The positive clicks of every guided class at once (few, large operations: a GPU pays per
     launch). Per sample and class with objects, k ~ U{1..n} of its n objects, each with its robust
-    centre (medians and MADs of all axes and objects from two segment sorts), perturbed for the
+    centre (medians and MADs of all axes and objects, two segment medians), perturbed for the
     ``center`` policy or replaced by a uniform object voxel for ``random``, and U{0..max-1} more
     clicks at uniform voxels of it. ``masks``: per class, its guided voxels (B, *spatial)."""
     B, ndim, C = masks[0].shape[0], len(shape), len(masks)
