@@ -158,7 +158,7 @@ class nnUNetTrainerGuide(nnUNetTrainerExtraChannels):
     #: machines with few CPU cores per GPU. "split": the loader drops guides and labels the guided
     #: classes' objects of the samples it keeps (cc3d, the cheap half of choosing) and ships them as
     #: one int16 map, and the step chooses the clicks from them with the device's torch code (no
-    #: labelling there; 260-390 small torch operations per batch). Region-based datasets,
+    #: labelling there; about 350 small torch operations per batch). Region-based datasets,
     #: the "interior" click policy and simulated boxes/scribbles need "loader".
     click_selection: str = "loader"
 
