@@ -18,7 +18,8 @@ machine noise hits both sides:
    the three places of click selection (``click_selection``): ``loader`` (clicks chosen in the
    loader, shipped as coordinates; the share spent choosing them is printed), ``device`` (the
    loader is plain nnU-Net's) and ``split`` (the loader drops guides, labels the kept samples'
-   objects and ships them as one int16 map, the step chooses the clicks). Guides are never rendered in the loader.
+   objects and ships them as one int16 map, the step chooses the clicks). Guides are never
+   rendered in the loader.
 2. **step**: ms per training step on ``--device`` (clicks chosen there for ``device``, guides
    (or from the loader's objects for ``split``) rendered, forward with the extra input channels,
    loss, backward, optimizer step), guide vs plain, the full iteration (loader + step) ratio, and

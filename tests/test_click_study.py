@@ -154,7 +154,8 @@ def test_a_job_chooses_where_training_clicks_are_chosen(nnunet_paths, monkeypatc
     from helpers import make_trainer
     from nnunet_guide.settings import GuideSettingsError
     from nnunet_guide.trainers.study import STUDY_ENV, nnUNetTrainerGuideStudy, study_options
-    study = SimpleNamespace(spec={"base": {"max_object_clicks": 1}}, root="r", out="o", run_name=click_study.Study.run_name,
+    study = SimpleNamespace(spec={"base": {"max_object_clicks": 1}}, root="r", out="o",
+                            run_name=click_study.Study.run_name,
                             a=SimpleNamespace(da_workers=0, epochs=1, iters=1, val_iters=1, save_every=0))
     env = click_study.Study.env(study, {"name": "s", "settings": {"p_drop": 0.3}, "click_selection": "split"})
     assert json.loads(env[STUDY_ENV]) == {"click_selection": "split",
