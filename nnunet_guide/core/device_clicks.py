@@ -104,16 +104,16 @@ def _segment_median(values: torch.Tensor, segment: torch.Tensor, n_segments: int
     linear in the values) where it is not much larger than the values, else from one sort."""
     halves = torch.round(values * 2).long()
     bins = 2 * scale + 1
-    counts = torch.bincount(segment, minlength=n_segments)
-    lo_rank, hi_rank = (counts - 1) // 2, counts // 2  # the two middle ranks (0-based) of each segment
     if n_segments * bins <= 4 * values.numel() + 65536:
         cum = torch.bincount(segment * bins + halves, minlength=n_segments * bins).view(n_segments, bins).cumsum(1)
-        ranks = torch.stack((lo_rank, hi_rank), 1)
+        counts = cum[:, -1]
+        ranks = torch.stack(((counts - 1) // 2, counts // 2), 1)  # the two middle ranks (0-based) of each segment
         at = torch.searchsorted(cum, ranks, right=True)  # the first bin holding more than ``rank`` values
         return at.sum(1).float() / 4
+    counts = torch.bincount(segment, minlength=n_segments)
     ordered = values[torch.argsort(segment * bins + halves)]
     start = torch.cumsum(counts, 0) - counts
-    return 0.5 * (ordered[start + lo_rank] + ordered[start + hi_rank])
+    return 0.5 * (ordered[start + (counts - 1) // 2] + ordered[start + counts // 2])
 
 
 def select_training_clicks(seg: torch.Tensor, targets: Sequence[Sequence[int]], settings,
