@@ -57,7 +57,10 @@ CORRECTION = dict(p_correction=0.5, correction_rounds=2)
 
 class nnUNetTrainerGuideCorrection(nnUNetTrainerGuide):
     """Half of the samples also get 1-2 rounds of correction clicks at the current model's
-    largest errors (positive on misses, negative on false positives), as in DeepEdit/RITM."""
+    largest errors (positive on misses, negative on false positives), as in DeepEdit/RITM.
+    On 236 held-out hippocampus cases, trained for 1500 iterations (three folds), three click
+    steps added three times the base trainer's Dice at the same automatic Dice, and 5-9% of the
+    clicks harmed (base trainer: 1-3%; docs/evaluation.md)."""
     guide_settings = GuideSettings(**CORRECTION)
 
 
