@@ -147,7 +147,7 @@ class GuideSettings:
             where ``click_policy`` puts it, the others at uniformly random voxels of the object,
             as a user adds clicks to an object already clicked (the evaluation's second and
             third click steps on a structure). Default 3: on 236 held-out hippocampus cases it
-            halved the harmful clicks against one click per object (docs/evaluation.md). Settings
+            halved the harmful clicks against one click per object (docs/click-study.md). Settings
             files written before the field existed load with this default; 1 gives the older
             click streams exactly.
         consistency_weight: weight of the consistency term of guided training samples: beyond
@@ -184,7 +184,7 @@ class GuideSettings:
             clicks included, as nnU-Net normalises. A click then shifts every feature map's mean
             and variance, so it moves the output everywhere in the patch, not only within its
             reach; a model trained to follow clicks strongly learns to use this, and a click on
-            one lesion lowers the probability of lesions far from it (docs/evaluation.md).
+            one lesion lowers the probability of lesions far from it (docs/click-study.md).
             ``"automatic"``: from the same sample with its guides removed (an extra pass of the
             samples with clicks only; in training the statistics keep their gradient), so the
             statistics, and with them everything beyond a click's receptive field, are those of

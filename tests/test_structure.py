@@ -1,6 +1,7 @@
 """The package's structure: libraries never import commands or test helpers, the core never
 imports nnU-Net, and every trainer name the documentation gives resolves through nnU-Net's own
-trainer lookup (``nnUNetv2_train -tr NAME``)."""
+trainer lookup (``nnUNetv2_train -tr NAME``), and every link between the Markdown documents
+leads to a file and heading that exist."""
 import ast
 import os
 import re
@@ -98,6 +99,55 @@ def documented_trainer_names():
         # a model folder (TRAINER__PLANS__CONFIGURATION) names its trainer first
         names |= {m.split("__")[0] for m in re.findall(r"nnUNetTrainer\w*", text)}
     return sorted(names - EXAMPLES - {"nnUNetTrainer"})
+
+
+def markdown_anchors(path):
+    """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped,
+    spaces as hyphens, ``-1``, ``-2`` for repeats; lines inside code fences are not headings."""
+    anchors, seen, fence = set(), {}, False
+    for line in open(path):
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        heading = None if fence else re.match(r"#{1,6}\s+(.*)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchors.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def broken_links(paths):
+    """Relative links ``[text](file#anchor)`` of the Markdown files ``paths`` whose file or heading
+    does not exist, as (file, link, why)."""
+    broken = []
+    for path in paths:
+        for link in re.findall(r"\]\(([^)\s]+)\)", open(path).read()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            target, _, anchor = link.partition("#")
+            target = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+            if not os.path.exists(target):
+                broken.append((path, link, "no such file"))
+            elif anchor and target.endswith(".md") and anchor not in markdown_anchors(target):
+                broken.append((path, link, "no such heading"))
+    return broken
+
+
+def test_every_documentation_link_leads_to_a_file_and_heading_that_exist():
+    docs = os.path.join(T.REPO_ROOT, "docs")
+    paths = [os.path.join(T.REPO_ROOT, "README.md")]
+    paths += [os.path.join(docs, f) for f in sorted(os.listdir(docs)) if f.endswith(".md")]
+    assert not broken_links(paths)
+
+
+def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
+    (tmp_path / "other.md").write_text("# Title\n\n## What +0.10 Dice means (LiTS)\n\n```\n# not a heading\n```\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("[a](other.md#what-010-dice-means-lits) [b](other.md#title) [c](#local) [d](https://x.org/#y)\n"
+                   "[e](gone.md) [f](other.md#not-a-heading) [g](#nowhere)\n\n## Local\n")
+    assert broken_links([str(doc)]) == [(str(doc), "gone.md", "no such file"),
+                                        (str(doc), "other.md#not-a-heading", "no such heading"),
+                                        (str(doc), "#nowhere", "no such heading")]
 
 
 def test_the_documentation_names_only_trainers_that_exist():

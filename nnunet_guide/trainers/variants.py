@@ -61,7 +61,7 @@ class nnUNetTrainerGuideCorrection(nnUNetTrainerGuide):
     On 236 held-out hippocampus cases, trained for 1500 iterations (three folds), three click
     steps added three times the base trainer's Dice at the same automatic Dice, and 5-9% of the
     clicks harmed (base trainer: 1-3%); trained for 3000 iterations (two folds), 0.8-2.3% harmed
-    with the same gain (docs/evaluation.md)."""
+    with the same gain (docs/click-study.md)."""
     guide_settings = GuideSettings(**CORRECTION)
 
 
@@ -80,7 +80,7 @@ class nnUNetTrainerGuideTumorCorrection(nnUNetTrainerGuide):
     slabs trained for 3000 iterations (two folds) its automatic tumour Dice was nnUNetTrainerGuideTumor's
     and its clicks added more, but liver Dice (never clicked) was 0.04 lower on both folds; with half
     of the samples automatic (p_drop 0.67, p_correction 0.25) one fold's liver came back, the other's
-    did not (docs/evaluation.md)."""
+    did not (docs/click-study.md)."""
     guide_settings = GuideSettings(**TUMOR, **CORRECTION)
 
 
@@ -104,7 +104,7 @@ class nnUNetTrainerGuidePromptsCorrection(nnUNetTrainerGuide):
     (nnUNetTrainerGuideCorrection): the recipe for a model that people click, box and scribble.
     On 236 held-out hippocampus cases 4.4% (anterior) and 7.6% (posterior) of its clicks harmed,
     among the fewest of the variants studied, with the second-largest gain after three click steps
-    (one training; docs/evaluation.md). Not for lesion datasets yet: its tumour twin lost 3 lesions
+    (one training; docs/click-study.md). Not for lesion datasets yet: its tumour twin lost 3 lesions
     to clicks on other lesions on the LiTS slabs, where the tumour trainers lost none."""
     guide_settings = GuideSettings(**PROMPTS, **CORRECTION)
 
