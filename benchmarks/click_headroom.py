@@ -16,6 +16,8 @@ validation case it prints (``nnunet_guide.core.headroom``):
   apart from any object / attached to one;
 then, pooled over all cases and folds, the objects by volume: how many were missed, how many of those
 the clicks found, and the mean share of an object found without and with the clicks.
+Last, for every label of dataset.json, the guided ones and those nobody clicks (an organ around
+lesions): Dice and false-positive / false-negative volume (mm^3) per case, without and with the clicks.
 Prints numbers; asserts nothing.
 """
 import argparse
@@ -29,13 +31,24 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nnunet_guide.core.headroom import click_headroom, recall_by_size  # noqa: E402
+from nnunet_guide.core.metrics import dice_masks, error_volumes  # noqa: E402
+
+
+def label_errors(ref: np.ndarray, pred: np.ndarray, labels: List[int], spacing, case: str) -> Dict:
+    """Dice and false-positive / false-negative volume (mm^3) of one label (or region) in one case."""
+    r, q = np.isin(ref, labels), np.isin(pred, labels)
+    return {"dice": dice_masks(r, q, case).dice, **error_volumes(r, q, spacing, case).to_dict()}
 
 
 def analyse_fold(fold_dir: str, reference: str, reach_mm: float) -> List[Dict]:
+    """Per case: a "headroom" row per guided class, and an "errors" row per label of dataset.json."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     model = os.path.dirname(os.path.abspath(fold_dir))
     with open(os.path.join(model, "dataset.json")) as f:
-        ending = json.load(f)["file_ending"]
+        dataset = json.load(f)
+    ending = dataset["file_ending"]
+    label_values = {name: v if isinstance(v, list) else [v] for name, v in dataset["labels"].items()
+                    if name != "background"}
     settings = os.path.join(model, "guide_settings.json")
     if not os.path.isfile(settings):
         raise SystemExit(f"{fold_dir}: {settings} does not exist; give the fold_X folder of a guide model")
@@ -64,6 +77,11 @@ def analyse_fold(fold_dir: str, reference: str, reach_mm: float) -> List[Dict]:
                                None if guided is None else np.isin(guided, labels), reach_mm, case=case)
             rows.append({"fold": os.path.basename(os.path.normpath(fold_dir)), "case": case,
                          "class": t["name"], "headroom": h})
+        for name, values in label_values.items():
+            rows.append({"fold": os.path.basename(os.path.normpath(fold_dir)), "case": case, "label": name,
+                         "errors": {"auto": label_errors(ref[0], auto, values, props["spacing"], case),
+                                    "guided": None if guided is None else
+                                    label_errors(ref[0], guided, values, props["spacing"], case)}})
     return rows
 
 
@@ -93,8 +111,9 @@ def main(argv: List[str] = None) -> int:
             ref = os.path.join(nnUNet_raw, dataset, "labelsTr")
         rows += analyse_fold(d, ref, a.reach_mm)
 
-    for cname in dict.fromkeys(r["class"] for r in rows):
-        sel = [r for r in rows if r["class"] == cname]
+    headroom_rows = [r for r in rows if "headroom" in r]
+    for cname in dict.fromkeys(r["class"] for r in headroom_rows):
+        sel = [r for r in headroom_rows if r["class"] == cname]
         print(f"\n## {cname}: what one click per object could add (perfect response within {a.reach_mm:g} mm) "
               f"and added\n")
         print("| fold | case | Dice auto | with clicks | every missed object exact | every object exact | "
@@ -125,8 +144,19 @@ def main(argv: List[str] = None) -> int:
             hi = "" if b["to_mm3"] == float("inf") else f"{b['to_mm3']:g}"
             print(f"| {b['from_mm3']:g}-{hi} | {b['objects']} | {b['missed']} | {b['missed_found_by_clicks']} | "
                   f"{fmt(b['recall_auto'])} | {fmt(b['recall_guided'])} |")
+    print("\n## every label: Dice, false-positive / false-negative volume (mm^3) per case, without and with "
+          "the clicks\n")
+    print("| fold | case | label | Dice auto | FP / FN auto | Dice with clicks | FP / FN with clicks |\n"
+          "|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "errors" in r:
+            e = r["errors"]
+            cells = [f"{fmt(x['dice'])} | {x['fp_mm3']:.0f} / {x['fn_mm3']:.0f}" if x else "- | -"
+                     for x in (e["auto"], e["guided"])]
+            print(f"| {r['fold']} | {r['case']} | {r['label']} | {cells[0]} | {cells[1]} |")
     if a.json:
-        out = [{**{k: v for k, v in r.items() if k != "headroom"}, **r["headroom"].to_dict()} for r in rows]
+        out = [{**{k: v for k, v in r.items() if k != "headroom"}, **r["headroom"].to_dict()} if "headroom" in r
+               else r for r in rows]
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)

@@ -109,8 +109,15 @@ def test_benchmark_reads_a_models_validation_folders(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| fold_0 | c1 | 0.667 | 0.800 | 0.737 | 0.952 | 1 / 3 | 1 / 1 |" in text
     assert "## organ" not in text
-    (row,) = json.loads(out.read_text())
+    # every label, the unguided organ too: organ = all but the lesion, so the lesion's misses are its
+    # false positives (3 of A + B) and the lesion's false positives its misses (2)
+    assert "| fold_0 | c1 | organ | 0.967 | 4 / 2 | 0.978 | 2 / 2 |" in text
+    assert "| fold_0 | c1 | lesion | 0.667 | 2 / 4 | 0.800 | 2 / 2 |" in text
+    rows = json.loads(out.read_text())
+    (row,) = [r for r in rows if "class" in r]
     assert (row["class"], row["objects"][1]["recall_guided"]) == ("lesion", 1.0)
+    organ = [r["errors"] for r in rows if r.get("label") == "organ"][0]
+    assert (organ["auto"]["fp_voxels"], organ["auto"]["fn_voxels"], organ["guided"]["fp_mm3"]) == (4, 2, 2.0)
     os.remove(raw / "c1.nii.gz")
     with pytest.raises(SystemExit, match="case c1: no reference"):
         bench.main([str(model / "fold_0"), "--reference", str(raw)])
