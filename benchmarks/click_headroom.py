@@ -62,6 +62,7 @@ def analyse_fold(fold_dir: str, reference: str, reach_mm: float) -> List[Dict]:
     cases = sorted(n[:-len(ending)] for n in os.listdir(auto_dir) if n.endswith(ending))
     if not cases:
         raise SystemExit(f"{auto_dir}: no {ending} predictions")
+    fold = os.path.basename(os.path.normpath(fold_dir))
     rows = []
     for case in cases:
         ref_path = os.path.join(reference, case + ending)
@@ -75,10 +76,9 @@ def analyse_fold(fold_dir: str, reference: str, reach_mm: float) -> List[Dict]:
             labels = t["labels"]
             h = click_headroom(np.isin(ref[0], labels), np.isin(auto, labels), props["spacing"],
                                None if guided is None else np.isin(guided, labels), reach_mm, case=case)
-            rows.append({"fold": os.path.basename(os.path.normpath(fold_dir)), "case": case,
-                         "class": t["name"], "headroom": h})
+            rows.append({"fold": fold, "case": case, "class": t["name"], "headroom": h})
         for name, values in label_values.items():
-            rows.append({"fold": os.path.basename(os.path.normpath(fold_dir)), "case": case, "label": name,
+            rows.append({"fold": fold, "case": case, "label": name,
                          "errors": {"auto": label_errors(ref[0], auto, values, props["spacing"], case),
                                     "guided": None if guided is None else
                                     label_errors(ref[0], guided, values, props["spacing"], case)}})

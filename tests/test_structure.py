@@ -3,6 +3,7 @@ imports nnU-Net, and every trainer name the documentation gives resolves through
 trainer lookup (``nnUNetv2_train -tr NAME``), and every link between the Markdown documents
 leads to a file and heading that exist."""
 import ast
+import functools
 import os
 import re
 
@@ -90,17 +91,22 @@ def test_every_command_is_a_cli_module_with_a_main():
         assert callable(getattr(importlib.import_module(module), func)), name
 
 
-def documented_trainer_names():
-    texts = [open(os.path.join(T.REPO_ROOT, "README.md")).read()]
+def documentation_files():
+    """README.md and every Markdown file under docs/."""
     docs = os.path.join(T.REPO_ROOT, "docs")
-    texts += [open(os.path.join(docs, f)).read() for f in sorted(os.listdir(docs)) if f.endswith(".md")]
+    return [os.path.join(T.REPO_ROOT, "README.md")] + [os.path.join(docs, f) for f in sorted(os.listdir(docs))
+                                                      if f.endswith(".md")]
+
+
+def documented_trainer_names():
     names = set()
-    for text in texts:
+    for text in (open(path).read() for path in documentation_files()):
         # a model folder (TRAINER__PLANS__CONFIGURATION) names its trainer first
         names |= {m.split("__")[0] for m in re.findall(r"nnUNetTrainer\w*", text)}
     return sorted(names - EXAMPLES - {"nnUNetTrainer"})
 
 
+@functools.lru_cache(maxsize=None)
 def markdown_anchors(path):
     """The anchors GitHub gives the headings of a Markdown file: lower case, punctuation dropped,
     spaces as hyphens, ``-1``, ``-2`` for repeats; lines inside code fences are not headings."""
@@ -134,10 +140,7 @@ def broken_links(paths):
 
 
 def test_every_documentation_link_leads_to_a_file_and_heading_that_exist():
-    docs = os.path.join(T.REPO_ROOT, "docs")
-    paths = [os.path.join(T.REPO_ROOT, "README.md")]
-    paths += [os.path.join(docs, f) for f in sorted(os.listdir(docs)) if f.endswith(".md")]
-    assert not broken_links(paths)
+    assert not broken_links(documentation_files())
 
 
 def test_the_link_check_finds_a_missing_file_and_a_missing_heading(tmp_path):
