@@ -18,7 +18,10 @@ setup(
         "uvicorn>=0.27",
         "blosc2>=2.5",
     ],
-    extras_require={"test": ["pytest>=7", "nninteractive-client==2.6.0", "httpx>=0.24"]},
+    extras_require={"test": ["pytest>=7", "nninteractive-client==2.6.0", "httpx>=0.24",
+                             # the viewer test: napari-nninteractive's Remote mode under Xvfb
+                             "napari==0.9.2", "napari-nninteractive==2.5.4", "napari-nifti==0.0.20",
+                             "PyQt6==6.11.0"]},
     entry_points={
         "console_scripts": [
             "nnUNetv2_guide_env=nnunet_guide.cli.env:main",

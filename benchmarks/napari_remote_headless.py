@@ -1,18 +1,26 @@
-"""napari-nninteractive in Remote mode against nnUNetv2_guide_server, headless (issue 9).
+"""napari-nninteractive in Remote mode against nnUNetv2_guide_server, under Xvfb, as a user drives it.
 
-What a new user does, driven through the plugin's own widget (no protocol calls of ours):
-open the LiTS CT with the napari-nifti reader, dock the nnInteractive widget, switch to Remote,
-give the URL, press Initialize; then Manual Control: untick Auto run, press Run (the automatic
-mask); tick Auto run and place one positive point inside the largest tumour part that the automatic mask misses (through the plugin's point
-layer). A screenshot after each step, and the label layer's voxel counts.
+What a new user does, through the plugin's own widget (no protocol calls of ours): open the LiTS CT
+with the napari-nifti reader, dock the nnInteractive widget, switch to Remote, give the URL, press
+Initialize; then Manual Control: untick Auto run, press Run (the automatic mask); tick Auto run and,
+pressing the plugin's tool and sign buttons and drawing with the mouse on napari's canvas (Qt mouse
+events at the pixels where the voxels are shown):
+- one positive point inside the largest tumour part that the automatic mask misses (its most
+  interior voxel);
+- on that slice, around the largest tumour part: a positive box (dragged corner to corner), a
+  positive scribble along its middle row, a positive lasso along an octagon just inside its box;
+- a negative point on the slice's largest false positive (on liver if there is none).
 
-Needs a display: run under Xvfb (Debian package ``xvfb``) with a Qt binding, e.g. in a venv that
-sees this project's environment (torch, nnU-Net: the server runs in a subprocess of the same
-interpreter, with this checkout on its PYTHONPATH)::
+After each prompt the server's log line for it (``prompt +box [[...]] -> 1 click(s)``: what the
+client sent, in its array's voxel indices) is compared with what was drawn; the script fails if a
+prompt did not reach the server as drawn. Screenshots after the automatic mask, the point and the
+last prompt; the label layer's voxel counts and Dice after every step.
 
-    python -m venv --system-site-packages /tmp/napvenv
-    /tmp/napvenv/bin/pip install napari-nninteractive==2.5.4 napari napari-nifti pyqt6
-    xvfb-run -a -s "-screen 0 1600x1000x24" /tmp/napvenv/bin/python benchmarks/napari_remote_headless.py \\
+Needs the test extra (napari, napari-nninteractive, napari-nifti, PyQt6: ``pip install -e ".[test]"``)
+and a display: Xvfb and Qt's X libraries (README "Set up"). The server runs in a subprocess of the
+same interpreter, with this checkout on its PYTHONPATH::
+
+    xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/napari_remote_headless.py \\
         --model MODEL_FOLDER --label tumor --out docs/img
 
 PyQt6, not PyQt5: napari 0.9 deprecates PyQt5 and says so in a notification that covers the canvas
@@ -27,6 +35,7 @@ of this file relative to SimpleITK's array, and the script finds and applies the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -38,6 +47,134 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+
+
+#: napari-nninteractive's tools, in the order of its interaction buttons
+TOOLS = ("point", "bbox", "scribble", "lasso")
+#: what the server's log calls each tool's prompt
+SERVER_NAMES = {"point": "point", "bbox": "box", "scribble": "scribble", "lasso": "lasso"}
+
+
+class Mouse:
+    """A user's left mouse button on napari's canvas: Qt mouse events sent to the canvas widget at
+    the pixels where layer array indices of the shown slice are drawn, and Qt clicks on buttons."""
+
+    def __init__(self, viewer, layer, app):
+        from qtpy.QtCore import QEvent, QPointF, Qt
+        from qtpy.QtGui import QMouseEvent
+        self.viewer, self.layer, self.app = viewer, layer, app
+        self.native = viewer.window._qt_viewer.canvas.native
+        self.QEvent, self.QPointF, self.Qt, self.QMouseEvent = QEvent, QPointF, Qt, QMouseEvent
+
+    def press(self, button):
+        from qtpy.QtTest import QTest
+        QTest.mouseClick(button, self.Qt.MouseButton.LeftButton)
+        self.app.processEvents()
+
+    def pixel(self, index):
+        """Canvas pixel (x, y) of a layer array index on the shown slice (napari's 2D camera:
+        the world point ``camera.center`` at the canvas centre, ``camera.zoom`` pixels per unit)."""
+        world = np.asarray(self.layer.data_to_world(np.asarray(index, float)))
+        row, col = world[list(self.viewer.dims.displayed)]
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+        c_row, c_col = np.asarray(camera.center, float)[-2:]
+        zoom = camera.zoom
+        return ((col - c_col) * zoom + self.native.width() / 2, (row - c_row) * zoom + self.native.height() / 2)
+
+    def _send(self, kind, index, held):
+        Qt = self.Qt
+        p = self.QPointF(*self.pixel(index))
+        button = Qt.MouseButton.NoButton if kind == self.QEvent.Type.MouseMove else Qt.MouseButton.LeftButton
+        buttons = Qt.MouseButton.LeftButton if held else Qt.MouseButton.NoButton
+        ev = self.QMouseEvent(kind, p, self.native.mapToGlobal(p), button, buttons, Qt.KeyboardModifier.NoModifier)
+        self.app.sendEvent(self.native, ev)
+        self.app.processEvents()
+
+    def hover(self, index):
+        """Move the mouse there, and check that napari puts its cursor on that voxel."""
+        self._send(self.QEvent.Type.MouseMove, index, False)
+        seen = np.asarray(self.layer.world_to_data(self.viewer.cursor.position), float)
+        shown = list(self.viewer.dims.displayed)
+        if np.abs(seen[shown] - np.asarray(index, float)[shown]).max() > 0.5:
+            raise RuntimeError(f"the mouse at {np.round(self.pixel(index), 1).tolist()} px is on layer index "
+                               f"{np.round(seen, 2).tolist()} in napari, not on {list(index)}")
+
+    def click(self, index):
+        self.hover(index)
+        self._send(self.QEvent.Type.MouseButtonPress, index, True)
+        self._send(self.QEvent.Type.MouseButtonRelease, index, False)
+
+    def drag(self, path):
+        """Press at the path's first index, move through the others, release at the last."""
+        self.hover(path[0])
+        self._send(self.QEvent.Type.MouseButtonPress, path[0], True)
+        for index in path[1:]:
+            self._send(self.QEvent.Type.MouseMove, index, True)
+        self._send(self.QEvent.Type.MouseButtonRelease, path[-1], False)
+
+
+class ServerLog:
+    """The prompt lines the server logged since the last call (``prompt +box [[...]] -> N click(s)``)."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, 0
+
+    def prompts(self):
+        with open(self.path) as f:
+            lines = [ln.split("prompt ", 1)[1].strip() for ln in f if "INFO:" in ln and " prompt " in ln]
+        new, self.seen = lines[self.seen:], len(lines)
+        return new
+
+
+def line(*corners, step=1.0):
+    """Indices along the straight segments between corners (a mouse path), about ``step`` apart."""
+    path = []
+    for a, b in zip(corners[:-1], corners[1:]):
+        a, b = np.asarray(a, float), np.asarray(b, float)
+        n = max(int(np.ceil(np.abs(b - a).max() / step)), 1)
+        path += [tuple(a + (b - a) * t) for t in np.arange(n) / n]
+    return path + [tuple(np.asarray(corners[-1], float))]
+
+
+def octagon(z, r0, r1, c0, c1):
+    """A closed lasso path just inside a bounding box, its corners cut by a quarter of each side."""
+    dr, dc = (r1 - r0) / 4, (c1 - c0) / 4
+    v = [(r0, c0 + dc), (r0, c1 - dc), (r0 + dr, c1), (r1 - dr, c1), (r1, c1 - dc), (r1, c0 + dc), (r1 - dr, c0),
+         (r0 + dr, c0), (r0, c0 + dc)]
+    return line(*[(z, r, c) for r, c in v])
+
+
+def compare(what, kind, expect, got, mode):
+    """'ok ...' if the server's one logged prompt is what was drawn, else what differs."""
+    if len(got) != 1:
+        return f"MISMATCH {what}: the server logged {len(got)} prompts ({got}), expected one {kind}"
+    text = got[0]
+    head, _, rest = text.partition(" ")
+    if head != kind:
+        return f"MISMATCH {what}: the server logged {text!r}, expected a {kind} (layer mode {mode!r})"
+    geometry = json.loads(rest.split(" -> ")[0]) if kind.endswith(("point", "box")) else None
+    if "point" in expect:  # the clicked voxel, within half a voxel
+        err = np.abs(np.asarray(geometry, float) - np.asarray(expect["point"], float)).max()
+        ok = err <= 0.5
+    elif "box" in expect:  # the dragged corners, within half a voxel (one slice thick, as napari sends 2D boxes)
+        err = np.abs(np.asarray(geometry, float) - np.asarray(expect["box"], float)).max()
+        ok = err <= 0.5
+    else:  # "N voxels in [[lo, hi], ...]" of the painted stroke or the filled lasso
+        count = int(rest.split(" voxels in ")[0])
+        box = np.asarray(json.loads(rest.split(" voxels in ")[1].split(" -> ")[0]), float)
+        pts = np.asarray(expect.get("mask") or expect["polygon"], float)
+        want = np.stack([np.floor(pts.min(axis=0)), np.floor(pts.max(axis=0)) + 1], axis=1)
+        if "mask" in expect:  # the brush paints up to its radius around the path
+            err = np.abs(box - want).max()
+            ok = err <= expect["brush"] / 2 + 1 and count >= len({tuple(np.rint(p)) for p in pts})
+        else:  # the filled polygon: its box, and its area (shoelace) within a quarter
+            err = np.abs(box - want).max()
+            r, c = pts[:, 1], pts[:, 2]
+            area = 0.5 * abs(np.dot(r, np.roll(c, 1)) - np.dot(c, np.roll(r, 1)))
+            ok = err <= 1.5 and abs(count - area) <= 0.25 * area
+            rest += f" (polygon area {area:.0f} voxels)"
+    return f"{'ok' if ok else 'MISMATCH'} {what}: drawn in layer mode {mode!r}, the server got {kind} {rest} " \
+           f"(largest difference from the drawing {err:.2f} voxel)"
 
 
 def wait(cond, app, timeout=600.0, what="condition"):
@@ -167,13 +304,28 @@ def main(argv=None):
         app.processEvents()
         viewer.screenshot(os.path.join(args.out, "napari_remote_automatic.png"), canvas_only=False)
         w.auto_run_ckbx.setChecked(True)
-        # one positive point inside the missed tumour, through the plugin's point layer
-        w.interaction_button._check(0)
-        w.on_interaction_selected()
-        t0 = time.time()
-        viewer.layers[w.point_layer_name].add(np.asarray(target, float))
-        app.processEvents()
-        after = report("one positive point", time.time() - t0)
+        user = Mouse(viewer, image_layer, app)
+        server_log = ServerLog(os.path.join(work, "server.log"))
+        checks = []
+
+        def prompt(what, tool, sign, gesture, expect):
+            """Press the plugin's tool and sign buttons, draw with the mouse, then compare what
+            the server logged with what was drawn."""
+            user.press(w.prompt_button.buttons[0 if sign == "+" else 1])
+            user.press(w.interaction_button.buttons[TOOLS.index(tool)])
+            layer = viewer.layers[w.layer_dict[TOOLS.index(tool)]]
+            if "brush" in expect:  # the scribble layer exists once its tool is chosen
+                expect["brush"] = layer.brush_size
+            t0 = time.time()
+            gesture()
+            voxels = report(what, time.time() - t0)
+            got = server_log.prompts()
+            checks.append(compare(what, sign + SERVER_NAMES[tool], expect, got, layer.mode))
+            return voxels
+
+        # one positive point inside the missed tumour: a click of the point tool
+        after = prompt("one positive point", "point", "+", lambda: user.click(target),
+                       {"point": target})
         now = np.asarray(label_layer.data) > 0
         z = int(target[0])
         print(f"mask {auto} -> {after} voxels: {int((now & ~auto_mask).sum())} added, {int((auto_mask & ~now).sum())} "
@@ -181,13 +333,49 @@ def main(argv=None):
               f"in the mask: {bool(auto_mask[tuple(target)])} -> {bool(now[tuple(target)])}")
         app.processEvents()
         viewer.screenshot(os.path.join(args.out, "napari_remote_one_click.png"), canvas_only=False)
+        # the other tools on the same slice, around / through the largest tumour part on it
+        comps2d, n2d = ndimage.label(tumour[z])
+        part = comps2d == (np.argmax(ndimage.sum(np.ones_like(comps2d), comps2d, range(1, n2d + 1))) + 1)
+        rows, cols = np.nonzero(part)
+        r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
+        print(f"tumour part on slice {z}: {int(part.sum())} voxels, rows {r0}-{r1}, columns {c0}-{c1}")
+        # a box around it: dragged corner to corner on the voxel edges
+        lo, hi = (z, r0 - 0.5, c0 - 0.5), (z, r1 + 0.5, c1 + 0.5)
+        prompt("a positive box around it", "bbox", "+", lambda: user.drag(line(lo, (z, lo[1], hi[2]), hi)),
+               {"box": [[z, z + 1], [lo[1], hi[1]], [lo[2], hi[2]]]})
+        # a scribble along its middle row, inside it
+        r = int(np.median(rows))
+        inside = np.flatnonzero(ndimage.binary_erosion(part)[r]) if ndimage.binary_erosion(part)[r].any() \
+            else np.flatnonzero(part[r])
+        stroke = [(z, r, float(c)) for c in range(int(inside.min()), int(inside.max()) + 1)]
+        prompt("a positive scribble through it", "scribble", "+", lambda: user.drag(stroke),
+               {"mask": stroke, "brush": None})
+        # a lasso along its outline: an octagon just inside its bounding box
+        ring = octagon(z, r0, r1, c0, c1)
+        prompt("a positive lasso around it", "lasso", "+", lambda: user.drag(ring),
+               {"polygon": ring})
+        # a negative point on the largest false positive of the slice (liver if there is none)
+        fp = (np.asarray(label_layer.data)[z] > 0) & ~tumour[z]
+        where = fp if fp.any() else (lab[z] == 1)
+        fc, nf = ndimage.label(where)
+        big = np.argmax(ndimage.sum(np.ones_like(fc), fc, range(1, nf + 1))) + 1
+        d2 = ndimage.distance_transform_edt(fc == big)
+        neg = np.array([z, *np.unravel_index(np.argmax(d2), d2.shape)])
+        prompt(f"a negative point on {'a false positive' if fp.any() else 'liver'}", "point", "-",
+               lambda: user.click(neg), {"point": neg})
+        app.processEvents()
+        viewer.screenshot(os.path.join(args.out, "napari_remote_prompts.png"), canvas_only=False)
+        bad = [c for c in checks if not c.startswith("ok")]
+        print("prompts as the server got them:\n  " + "\n  ".join(checks))
+        if bad:
+            raise SystemExit(f"{len(bad)} prompt(s) drawn in napari did not reach the server as drawn")
         viewer.close()  # the plugin releases its lease
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
         with open(os.path.join(work, "server.log")) as f:
-            print(f.read()[-3000:])
+            print(f.read())  # its prompt and access lines: what the viewer sent
 
 
 if __name__ == "__main__":

@@ -123,8 +123,10 @@ class Reference:
 
 
 @pytest.mark.parametrize("spacing", [SPACING, [1.5, 1.2, 1.2]], ids=["resampled", "model_grid"])
-def test_whole_flow_equals_in_process_session(server, guide_model, image, spacing):
-    """On the model's own grid the responses only diff the updated region; resampled, everything."""
+def test_whole_flow_equals_in_process_session(server, guide_model, image, spacing, caplog):
+    """On the model's own grid the responses only diff the updated region; resampled, everything.
+    The server logs every prompt as the client drew it (voxel indices of the client's array)."""
+    caplog.set_level("INFO", logger="nnunet_guide.server")
     c, buf = connect(server.url, image, spacing)
     ref = Reference(guide_model, image, spacing)
     try:
@@ -169,6 +171,13 @@ def test_whole_flow_equals_in_process_session(server, guide_model, image, spacin
         c.add_lasso_interaction(lasso, False)
         ref.masked("lasso", lasso, False)
         np.testing.assert_array_equal(buf, ref.mask())
+        logged = [r.getMessage() for r in caplog.records if r.name == "nnunet_guide.server"]
+        assert logged[:2] == ["prompt +point [6, 15, 16] -> 1 click(s)", "prompt -point [3, 30, 5] -> 1 click(s)"]
+        assert logged[2] == "prompt +box [[6, 7], [8, 22], [10, 24]] -> 1 click(s)"
+        # the stroke: row 5 (12 voxels) and column 6 (10), crossing once, placed by the crop's box
+        assert logged[4].startswith("prompt +scribble 21 voxels in [[5, 6], [10, 20], [10, 22]] -> ")
+        assert logged[5].startswith("prompt -lasso 48 voxels in [[7, 8], [12, 18], [12, 20]] -> ")
+        assert all(int(m.split("-> ")[1].split()[0]) >= 1 for m in logged[4:6])
 
         # run_prediction=False queues; /predict applies
         before = buf.copy()
@@ -374,6 +383,7 @@ def test_the_command_serves(model_folder, image):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "serving class 'lesion'" in out
+    assert "INFO:     prompt +point [6, 15, 16] -> 1 click(s)" in out  # the command logs each prompt
 
 
 def test_wire_roundtrip_and_limits():
@@ -392,10 +402,12 @@ def test_wire_roundtrip_and_limits():
 
 
 def test_napari_remote_headless(tmp_path):
-    """napari-nninteractive's Remote mode against the server, headless, driven through the plugin's
-    widget (benchmarks/napari_remote_headless.py, untrained network: the plumbing). Needs Xvfb and an
-    interpreter with napari, napari-nninteractive, napari-nifti and a Qt binding: this one, or the one
-    $NNUNET_GUIDE_NAPARI_PYTHON names (e.g. the venv of the script's docstring); skipped otherwise."""
+    """napari-nninteractive's Remote mode against the server, under Xvfb, driven as a user drives it
+    (benchmarks/napari_remote_headless.py, untrained network: the plumbing): the plugin's buttons
+    clicked, a point, a box, a scribble, a lasso and a negative point drawn with mouse events on
+    napari's canvas; each must reach the server as drawn (its prompt log against the drawing).
+    Needs Xvfb (README "Set up") and napari, the plugin, napari-nifti and PyQt6 (the test extra) in
+    this interpreter or the one $NNUNET_GUIDE_NAPARI_PYTHON names; skipped without Xvfb or the LiTS case."""
     import os
     import shutil
     import subprocess
@@ -406,17 +418,21 @@ def test_napari_remote_headless(tmp_path):
     if shutil.which("xvfb-run") is None or T.shared_data_dir() is None:
         pytest.skip("needs xvfb-run and the shared LiTS case")
     probe = subprocess.run([python, "-c", "import napari, napari_nninteractive, napari_nifti, qtpy.QtWidgets"],
-                           check=False, capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{python} lacks napari / napari-nninteractive / napari-nifti / a Qt binding")
+                           check=False, capture_output=True, text=True)
+    assert probe.returncode == 0, f"{python} lacks the viewer (pip install -e '.[test]'): {probe.stderr[-2000:]}"
     script = os.path.join(T.REPO_ROOT, "benchmarks", "napari_remote_headless.py")
     out = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24", python, script,
-                          "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
+    assert out.returncode == 0, log[-6000:]
     assert "label layer 0 voxels" in log            # Initialize: the buffer is empty until a prediction
-    assert "Run without a prompt (the automatic mask)" in log and "one positive point" in log
-    for call in ("/set_image", "/predict", "/add_point_interaction", "/release"):
+    assert "Run without a prompt (the automatic mask)" in log
+    checked = log.split("prompts as the server got them:")[1].splitlines()[1:6]
+    for what, got in zip(("one positive point", "a positive box", "a positive scribble", "a positive lasso",
+                          "a negative point"), checked):
+        assert got.strip().startswith(f"ok {what}"), got
+    for call in ("/set_image", "/predict", "/add_point_interaction", "/add_bbox_interaction",
+                 "/add_scribble_interaction", "/add_lasso_interaction", "/release"):
         assert f'"POST {call} HTTP/1.1" 200' in log, call
-    for png in ("napari_remote_automatic.png", "napari_remote_one_click.png"):
+    for png in ("napari_remote_automatic.png", "napari_remote_one_click.png", "napari_remote_prompts.png"):
         assert (tmp_path / png).stat().st_size > 10_000

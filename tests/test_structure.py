@@ -181,3 +181,21 @@ def test_interior_and_random_click_trainers_do_what_their_names_say():
 def test_the_network_wrapper_keeps_its_former_name():
     from nnunet_guide.network import ExtraChannelNetwork, GuidedNetwork
     assert GuidedNetwork is ExtraChannelNetwork
+
+
+def readme_block(heading: str) -> list:
+    """The command lines of the first ```bash block under a README heading."""
+    with open(os.path.join(T.REPO_ROOT, "README.md")) as f:
+        text = f.read()
+    section = text.split(f"\n## {heading}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def test_ci_runs_the_readmes_set_up_and_test_commands_verbatim():
+    """CI's clean clone must be set up exactly as a user is told to (a missing step shows up there)."""
+    with open(os.path.join(T.REPO_ROOT, ".ci", "run")) as f:
+        ci = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    setup, tests = readme_block("Set up"), readme_block("Tests")
+    assert setup and tests == ["python -m pytest -q tests"]
+    assert [ln for ln in ci if ln in setup + tests] == setup + tests, (ci, setup, tests)

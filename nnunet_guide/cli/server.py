@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import os
 import socket
 import sys
@@ -101,6 +102,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     app = create_app(model, api_key, leases, limits)
     print(f"nnUNetv2_guide_server: serving class {model.label_name!r} of {args.model} on http://{args.host}:"
           f"{args.port} ({'API key required' if api_key else 'no API key'})", flush=True)
+    prompts = logging.getLogger("nnunet_guide.server")  # one line per prompt, beside uvicorn's access log
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    prompts.addHandler(handler)
+    prompts.setLevel(logging.INFO)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

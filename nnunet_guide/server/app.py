@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +43,9 @@ from .wire import WireError, pack, unpack
 
 META = "X-Meta"
 LEASE = "X-Lease-Token"
+
+#: one INFO line per prompt: what the client drew, in its array's voxel indices, and the clicks it became
+log = logging.getLogger("nnunet_guide.server")
 
 
 @dataclass
@@ -109,6 +113,23 @@ def _flag(d: dict, key: str, default: bool, what: str) -> bool:
     if not isinstance(v, bool):
         raise _err(422, f"{what}: {key!r} must be true or false, got {v!r}")
     return v
+
+
+def drawn(mask: np.ndarray, interaction_bbox=None) -> str:
+    """A scribble or lasso mask as the client drew it: its voxel count and tightest box
+    [[lo, hi), ...] in the client array's voxel indices (``interaction_bbox`` places a crop)."""
+    m = np.asarray(mask)
+    if m.ndim != 3:
+        return f"mask of shape {list(m.shape)}"  # refused by the prompt's own check
+    box = mask_bbox(m != 0)
+    if box is None:
+        return "0 voxels"
+    try:
+        off = [int(lo) for lo, _ in interaction_bbox] if interaction_bbox is not None else [0] * 3
+    except (TypeError, ValueError):
+        off = [0] * 3  # the prompt's own check names the malformed box
+    edges = [[o + b.start, o + b.stop] for o, b in zip(off, box)]
+    return f"{int(np.count_nonzero(m))} voxels in {edges}"
 
 
 def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optional[LeaseTable] = None,
@@ -351,6 +372,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
         def work():
             with lease.lock:
                 clicks = make(s)
+                log.info("prompt %s -> %d click(s)", description, len(clicks))
                 s.add_clicks(clicks, description, run=run_prediction)
                 if run_prediction:
                     return prediction_response(lease, True)
@@ -393,7 +415,7 @@ def create_app(model: GuideModel, api_key: Optional[str] = None, leases: Optiona
         runp = _flag(meta, "run_prediction", True, what)
         ibox = meta.get("interaction_bbox")
         return await prompt(request, lease, lambda s: model.mask_clicks(s, kind, mask, pos, ibox),
-                            f"{'+' if pos else '-'}{kind}", runp)
+                            f"{'+' if pos else '-'}{kind} {drawn(mask, ibox)}", runp)
 
     @app.post("/add_scribble_interaction")
     async def add_scribble(request: Request):
