@@ -1,7 +1,7 @@
 """The package's structure: libraries never import commands or test helpers, the core never
 imports nnU-Net, and every trainer name the documentation gives resolves through nnU-Net's own
-trainer lookup (``nnUNetv2_train -tr NAME``), and every link between the Markdown documents
-leads to a file and heading that exist."""
+trainer lookup (``nnUNetv2_train -tr NAME``), every link between the Markdown documents
+leads to a file and heading that exist, and CI sets up and tests as the README says."""
 import ast
 import functools
 import os
