@@ -44,6 +44,7 @@ import tempfile
 import time
 
 import numpy as np
+from scipy import ndimage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -144,6 +145,18 @@ def octagon(z, r0, r1, c0, c1):
     return line(*[(z, r, c) for r, c in v])
 
 
+def largest_component(mask):
+    """The largest connected part of a boolean mask (2D or 3D)."""
+    comps, n = ndimage.label(mask)
+    return comps == np.argmax(ndimage.sum(np.ones_like(comps), comps, range(1, n + 1))) + 1
+
+
+def most_interior(mask):
+    """Index of the voxel farthest from the mask's border."""
+    depth = ndimage.distance_transform_edt(mask)
+    return np.array(np.unravel_index(np.argmax(depth), depth.shape))
+
+
 def compare(what, kind, expect, got, mode):
     """'ok ...' if the server's one logged prompt is what was drawn, else what differs."""
     if len(got) != 1:
@@ -153,22 +166,19 @@ def compare(what, kind, expect, got, mode):
     if head != kind:
         return f"MISMATCH {what}: the server logged {text!r}, expected a {kind} (layer mode {mode!r})"
     geometry = json.loads(rest.split(" -> ")[0]) if kind.endswith(("point", "box")) else None
-    if "point" in expect:  # the clicked voxel, within half a voxel
-        err = np.abs(np.asarray(geometry, float) - np.asarray(expect["point"], float)).max()
-        ok = err <= 0.5
-    elif "box" in expect:  # the dragged corners, within half a voxel (one slice thick, as napari sends 2D boxes)
-        err = np.abs(np.asarray(geometry, float) - np.asarray(expect["box"], float)).max()
+    if geometry is not None:  # the clicked voxel or the dragged box corners (one slice thick, as napari sends
+        # 2D boxes), within half a voxel
+        err = np.abs(np.asarray(geometry, float) - np.asarray(expect.get("point", expect.get("box")), float)).max()
         ok = err <= 0.5
     else:  # "N voxels in [[lo, hi], ...]" of the painted stroke or the filled lasso
         count = int(rest.split(" voxels in ")[0])
         box = np.asarray(json.loads(rest.split(" voxels in ")[1].split(" -> ")[0]), float)
         pts = np.asarray(expect.get("mask") or expect["polygon"], float)
         want = np.stack([np.floor(pts.min(axis=0)), np.floor(pts.max(axis=0)) + 1], axis=1)
+        err = np.abs(box - want).max()
         if "mask" in expect:  # the brush paints up to its radius around the path
-            err = np.abs(box - want).max()
             ok = err <= expect["brush"] / 2 + 1 and count >= len({tuple(np.rint(p)) for p in pts})
         else:  # the filled polygon: its box, and its area (shoelace) within a quarter
-            err = np.abs(box - want).max()
             r, c = pts[:, 1], pts[:, 2]
             area = 0.5 * abs(np.dot(r, np.roll(c, 1)) - np.dot(c, np.roll(r, 1)))
             ok = err <= 1.5 and abs(count - area) <= 0.25 * area
@@ -234,7 +244,6 @@ def main(argv=None):
         import napari
         import SimpleITK as sitk
         from qtpy.QtWidgets import QApplication
-        from scipy import ndimage
         viewer = napari.Viewer(show=True)
         viewer.window.resize(args.width, args.height)
         app = QApplication.instance()
@@ -291,11 +300,9 @@ def main(argv=None):
         # interior voxel), in the layer's array; the largest tumour if nothing is missed
         missed = tumour & ~auto_mask
         region = missed if missed.any() else tumour
-        comps, n = ndimage.label(region)
-        big = np.argmax(ndimage.sum(np.ones_like(comps), comps, range(1, n + 1))) + 1
-        depth = ndimage.distance_transform_edt(comps == big)
-        target = np.array(np.unravel_index(np.argmax(depth), depth.shape))
-        print(f"click target: {'missed tumour' if missed.any() else 'tumour'} component of {int((comps == big).sum())} "
+        component = largest_component(region)
+        target = most_interior(component)
+        print(f"click target: {'missed tumour' if missed.any() else 'tumour'} component of {int(component.sum())} "
               f"voxels (of {int(missed.sum())} missed), its most interior voxel (layer array index) {target.tolist()}")
         # show the slice through it (dims work in world coordinates: the layer's scale is negative)
         world = image_layer.data_to_world(np.asarray(target, float))
@@ -334,8 +341,7 @@ def main(argv=None):
         app.processEvents()
         viewer.screenshot(os.path.join(args.out, "napari_remote_one_click.png"), canvas_only=False)
         # the other tools on the same slice, around / through the largest tumour part on it
-        comps2d, n2d = ndimage.label(tumour[z])
-        part = comps2d == (np.argmax(ndimage.sum(np.ones_like(comps2d), comps2d, range(1, n2d + 1))) + 1)
+        part = largest_component(tumour[z])
         rows, cols = np.nonzero(part)
         r0, r1, c0, c1 = rows.min(), rows.max(), cols.min(), cols.max()
         print(f"tumour part on slice {z}: {int(part.sum())} voxels, rows {r0}-{r1}, columns {c0}-{c1}")
@@ -345,8 +351,8 @@ def main(argv=None):
                {"box": [[z, z + 1], [lo[1], hi[1]], [lo[2], hi[2]]]})
         # a scribble along its middle row, inside it
         r = int(np.median(rows))
-        inside = np.flatnonzero(ndimage.binary_erosion(part)[r]) if ndimage.binary_erosion(part)[r].any() \
-            else np.flatnonzero(part[r])
+        core = ndimage.binary_erosion(part)[r]
+        inside = np.flatnonzero(core if core.any() else part[r])
         stroke = [(z, r, float(c)) for c in range(int(inside.min()), int(inside.max()) + 1)]
         prompt("a positive scribble through it", "scribble", "+", lambda: user.drag(stroke),
                {"mask": stroke, "brush": None})
@@ -357,10 +363,7 @@ def main(argv=None):
         # a negative point on the largest false positive of the slice (liver if there is none)
         fp = (np.asarray(label_layer.data)[z] > 0) & ~tumour[z]
         where = fp if fp.any() else (lab[z] == 1)
-        fc, nf = ndimage.label(where)
-        big = np.argmax(ndimage.sum(np.ones_like(fc), fc, range(1, nf + 1))) + 1
-        d2 = ndimage.distance_transform_edt(fc == big)
-        neg = np.array([z, *np.unravel_index(np.argmax(d2), d2.shape)])
+        neg = np.array([z, *most_interior(largest_component(where))])
         prompt(f"a negative point on {'a false positive' if fp.any() else 'liver'}", "point", "-",
                lambda: user.click(neg), {"point": neg})
         app.processEvents()
